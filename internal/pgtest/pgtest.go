@@ -1,0 +1,71 @@
+// Package pgtest gives each test its own freshly migrated Postgres database on
+// the local server, dropped when the test ends.
+//
+// The server is found through VIGIL_TEST_DATABASE_URL (default
+// postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable). Tests fail,
+// not skip, when it is unreachable: the suite's set-up starts it.
+package pgtest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"net/url"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/vigil-sh/vigil/store"
+)
+
+// AdminURL is the maintenance database used to create and drop test databases.
+func AdminURL() string {
+	if u := os.Getenv("VIGIL_TEST_DATABASE_URL"); u != "" {
+		return u
+	}
+	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+}
+
+// New creates an empty database with the full schema (control-plane tables
+// and vigil's) and returns its URL. The database is dropped at cleanup.
+func New(t testing.TB) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	admin, err := pgx.Connect(ctx, AdminURL())
+	if err != nil {
+		t.Fatalf("pgtest: connect to %s: %v", AdminURL(), err)
+	}
+	defer admin.Close(context.Background())
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	name := "vigil_test_" + hex.EncodeToString(b[:])
+	if _, err := admin.Exec(ctx, "create database "+name); err != nil {
+		t.Fatalf("pgtest: create database: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c, err := pgx.Connect(ctx, AdminURL())
+		if err != nil {
+			t.Logf("pgtest: drop %s: %v", name, err)
+			return
+		}
+		defer c.Close(context.Background())
+		if _, err := c.Exec(ctx, "drop database if exists "+name+" with (force)"); err != nil {
+			t.Logf("pgtest: drop %s: %v", name, err)
+		}
+	})
+	u, err := url.Parse(AdminURL())
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	u.Path = "/" + name
+	dbURL := u.String()
+	if err := store.Migrate(ctx, dbURL, true); err != nil {
+		t.Fatalf("pgtest: migrate: %v", err)
+	}
+	return dbURL
+}
