@@ -32,6 +32,19 @@ func AdminURL() string {
 // and vigil's) and returns its URL. The database is dropped at cleanup.
 func New(t testing.TB) string {
 	t.Helper()
+	dbURL := NewEmpty(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := store.Migrate(ctx, dbURL, true); err != nil {
+		t.Fatalf("pgtest: migrate: %v", err)
+	}
+	return dbURL
+}
+
+// NewEmpty creates an empty database without any schema and returns its URL.
+// The database is dropped at cleanup.
+func NewEmpty(t testing.TB) string {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	admin, err := pgx.Connect(ctx, AdminURL())
@@ -63,9 +76,5 @@ func New(t testing.TB) string {
 		t.Fatalf("pgtest: %v", err)
 	}
 	u.Path = "/" + name
-	dbURL := u.String()
-	if err := store.Migrate(ctx, dbURL, true); err != nil {
-		t.Fatalf("pgtest: migrate: %v", err)
-	}
-	return dbURL
+	return u.String()
 }

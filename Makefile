@@ -1,0 +1,48 @@
+GO       ?= go
+TOOLS    := $(GO) tool -modfile=tools/go.mod
+PKGS     := ./...
+BIN      := bin
+
+.PHONY: all build test test-short check fmt vet tidy generate generate-check bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+## test: the whole suite; starts the local Postgres if it is down.
+test:
+	./scripts/ensure-postgres.sh
+	$(GO) test -count=1 -timeout 20m $(PKGS)
+
+test-short:
+	./scripts/ensure-postgres.sh
+	$(GO) test -short -count=1 $(PKGS)
+
+bench:
+	./scripts/ensure-postgres.sh
+	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+
+## check: formatting, vet, module tidiness and generated-code drift.
+check: fmt vet tidy generate-check
+
+fmt:
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '^tools/')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet $(PKGS)
+
+tidy:
+	$(GO) mod tidy -diff
+	cd tools && $(GO) mod tidy -diff
+
+generate:
+	$(TOOLS) buf generate
+
+generate-check: generate
+	@git diff --exit-code -- proto || (echo "generated code is out of date: run make generate and commit"; exit 1)
+	@test -z "$$(git status --porcelain -- proto)" || (git status --porcelain -- proto; echo "untracked generated files"; exit 1)
+
+clean:
+	rm -rf $(BIN)

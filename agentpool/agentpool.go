@@ -1,0 +1,285 @@
+// Package agentpool owns vigil's connections to host agents: one Connect
+// client per host, all sharing one HTTP/1.1 transport, speaking the Connect
+// protocol with the binary protobuf codec (connect-go's defaults), over mutual
+// TLS when configured.
+//
+// Every call is bounded in time (Config.Timeout) and in response size
+// (Config.MaxResponseBytes), so one slow, hung or lying agent costs its caller
+// at most one timeout and a bounded amount of memory.
+package agentpool
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/google/uuid"
+	"github.com/hashicorp/go-hclog"
+
+	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
+	"github.com/vigil-sh/vigil/proto/hostagent/v1/hostagentv1connect"
+)
+
+// FenceHeader carries the caller's fencing token on side-effecting calls
+// (SPEC §3: "Vigil-Fence: <shard>:<token>").
+const FenceHeader = "Vigil-Fence"
+
+// ErrNoAddress reports a host whose address is empty (an agent that has not
+// registered yet). No request is made.
+var ErrNoAddress = errors.New("agentpool: host has no address")
+
+// Transport tuning. Each host gets few concurrent calls (its owner reconciles
+// it serially), so a couple of idle connections per agent suffice.
+const (
+	maxIdleConnsPerHost    = 2
+	idleConnTimeout        = 90 * time.Second
+	keepAlive              = 30 * time.Second
+	maxResponseHeaderBytes = 64 << 10
+)
+
+// Pool is a concurrency-safe cache of Connect clients to host agents, keyed by
+// host id. A client is built on first use and rebuilt whenever the host is
+// called with a different address than the one its client was built from.
+// All clients share one *http.Transport, so connections to an agent are
+// reused across calls.
+type Pool struct {
+	cfg       Config
+	log       hclog.Logger
+	scheme    string // "http" or "https": prepended to addresses without one
+	transport *http.Transport
+	http      *http.Client
+	metrics   *metrics // nil: no metrics
+
+	mu      sync.Mutex
+	clients map[uuid.UUID]cachedClient
+}
+
+type cachedClient struct {
+	address string // as passed by the caller, before normalisation
+	client  hostagentv1connect.HostAgentServiceClient
+}
+
+// New validates cfg (see Config.Validate), loads the TLS files when set, and
+// registers the metrics with cfg.Registerer when it is non-nil:
+//
+//	vigil_agent_rpc_duration_seconds{procedure,code}  histogram of calls that reached the transport
+//	vigil_agent_rpc_errors_total{procedure,code}      of those, the ones that failed
+//
+// procedure is "ListSandboxes" or "DestroySandbox"; code is "ok" or the
+// Connect code string ("deadline_exceeded", "unavailable", ...). A not_found
+// answer to DestroySandbox is observed with code "not_found" but is not an
+// error. Calls refused before any request (empty or unparsable address) are
+// not observed. If the metrics are already registered with the same
+// Registerer, the existing ones are shared.
+func New(cfg Config) (*Pool, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	p := &Pool{
+		cfg:     cfg,
+		log:     cfg.Logger.Named("agentpool"),
+		scheme:  "http",
+		clients: make(map[uuid.UUID]cachedClient),
+	}
+	dialer := &net.Dialer{Timeout: cfg.Timeout, KeepAlive: keepAlive}
+	p.transport = &http.Transport{
+		// Agents are dialled directly; an HTTP proxy from the environment
+		// would sit between every owner and its agents unnoticed.
+		Proxy:       nil,
+		DialContext: dialer.DialContext,
+		// HTTP/1.1 only: the agents disable HTTP/2 (SPEC §1.2). A non-nil
+		// empty TLSNextProto keeps net/http from negotiating h2 over TLS.
+		ForceAttemptHTTP2:      false,
+		TLSNextProto:           map[string]func(string, *tls.Conn) http.RoundTripper{},
+		MaxIdleConnsPerHost:    maxIdleConnsPerHost,
+		IdleConnTimeout:        idleConnTimeout,
+		TLSHandshakeTimeout:    cfg.Timeout,
+		MaxResponseHeaderBytes: maxResponseHeaderBytes,
+	}
+	if cfg.tlsEnabled() {
+		tlsCfg, err := loadTLS(cfg)
+		if err != nil {
+			return nil, err
+		}
+		p.transport.TLSClientConfig = tlsCfg
+		p.scheme = "https"
+	}
+	p.http = &http.Client{Transport: p.transport}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	p.metrics = m
+	return p, nil
+}
+
+// loadTLS builds the client TLS configuration: agents verified against the CA
+// bundle, the pool presenting its own certificate.
+func loadTLS(cfg Config) (*tls.Config, error) {
+	caPEM, err := os.ReadFile(cfg.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("agentpool: read CAFile: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("agentpool: CAFile %s holds no PEM certificate", cfg.CAFile)
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.CertFile, cfg.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("agentpool: load CertFile/KeyFile: %w", err)
+	}
+	return &tls.Config{
+		RootCAs:      roots,
+		Certificates: []tls.Certificate{cert},
+		MinVersion:   tls.VersionTLS12,
+	}, nil
+}
+
+// ListSandboxes asks the agent at address for every sandbox it knows. The call
+// is bounded by Config.Timeout (or ctx's sooner deadline) and its answer by
+// Config.MaxResponseBytes. Errors are wrapped as "agent <host> ListSandboxes:
+// ..." and keep their Connect code (connect.CodeOf) and sentinels
+// (errors.Is(err, ErrNoAddress)).
+func (p *Pool) ListSandboxes(ctx context.Context, hostID uuid.UUID, address string) (*hostagentv1.ListSandboxesResponse, error) {
+	client, err := p.client(hostID, address)
+	if err != nil {
+		return nil, fmt.Errorf("agent %s %s: %w", hostID, procListSandboxes, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+	defer cancel()
+	start := time.Now()
+	resp, err := client.ListSandboxes(ctx, connect.NewRequest(&hostagentv1.ListSandboxesRequest{}))
+	p.done(hostID, procListSandboxes, err, false, time.Since(start))
+	if err != nil {
+		return nil, fmt.Errorf("agent %s %s: %w", hostID, procListSandboxes, err)
+	}
+	return resp.Msg, nil
+}
+
+// DestroySandbox asks the agent at address to destroy sandboxID (the wire id,
+// "cl-..."). When fence is not empty it is sent as the Vigil-Fence request
+// header, so the agent can refuse a deposed owner. An agent answering
+// not_found no longer has the sandbox, which is what was asked: that returns
+// nil. Bounds and error wrapping are as for ListSandboxes; a call whose
+// deadline passes may or may not have destroyed the sandbox.
+func (p *Pool) DestroySandbox(ctx context.Context, hostID uuid.UUID, address, sandboxID, fence string) error {
+	client, err := p.client(hostID, address)
+	if err != nil {
+		return fmt.Errorf("agent %s %s: %w", hostID, procDestroySandbox, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+	defer cancel()
+	req := connect.NewRequest(&hostagentv1.DestroySandboxRequest{SandboxId: sandboxID})
+	if fence != "" {
+		req.Header().Set(FenceHeader, fence)
+	}
+	start := time.Now()
+	_, err = client.DestroySandbox(ctx, req)
+	notFound := err != nil && connect.CodeOf(err) == connect.CodeNotFound
+	p.done(hostID, procDestroySandbox, err, notFound, time.Since(start))
+	if err != nil && !notFound {
+		return fmt.Errorf("agent %s %s: %w", hostID, procDestroySandbox, err)
+	}
+	return nil
+}
+
+// done records the outcome of one call that reached the transport. ok says
+// an error still counts as success (not_found on DestroySandbox).
+func (p *Pool) done(hostID uuid.UUID, procedure string, err error, ok bool, elapsed time.Duration) {
+	if err == nil {
+		p.metrics.observe(procedure, codeOK, false, elapsed)
+		return
+	}
+	code := connect.CodeOf(err).String()
+	p.metrics.observe(procedure, code, !ok, elapsed)
+	if !ok {
+		p.log.Debug("agent call failed", "host", hostID, "procedure", procedure, "code", code, "error", err)
+	}
+}
+
+// client returns the cached client for hostID, building one when there is
+// none or when address differs from the one the cached client was built from.
+func (p *Pool) client(hostID uuid.UUID, address string) (hostagentv1connect.HostAgentServiceClient, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c, ok := p.clients[hostID]; ok && c.address == address {
+		return c.client, nil
+	}
+	base, err := p.baseURL(address)
+	if err != nil {
+		return nil, err
+	}
+	client := hostagentv1connect.NewHostAgentServiceClient(p.http, base,
+		connect.WithReadMaxBytes(p.cfg.MaxResponseBytes))
+	if old, ok := p.clients[hostID]; ok {
+		p.log.Debug("agent address changed", "host", hostID, "old", old.address, "new", address)
+	}
+	p.clients[hostID] = cachedClient{address: address, client: client}
+	return client, nil
+}
+
+// baseURL turns a hosts.address ("ip:port", or a full URL) into the base URL
+// the Connect client appends procedure paths to. An address without a scheme
+// gets "https://" when TLS is configured and "http://" otherwise; an explicit
+// http or https scheme is kept as given.
+func (p *Pool) baseURL(address string) (string, error) {
+	if strings.TrimSpace(address) == "" {
+		return "", ErrNoAddress
+	}
+	raw := address
+	if !strings.Contains(raw, "://") {
+		raw = p.scheme + "://" + raw
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "", fmt.Errorf("agentpool: bad address %q: %w", address, err)
+	}
+	switch {
+	case u.Scheme != "http" && u.Scheme != "https":
+		return "", fmt.Errorf("agentpool: bad address %q: scheme must be http or https", address)
+	case u.Host == "":
+		return "", fmt.Errorf("agentpool: bad address %q: no host", address)
+	case u.User != nil || u.RawQuery != "" || u.Fragment != "":
+		return "", fmt.Errorf("agentpool: bad address %q: must be host:port or a base URL without user info, query or fragment", address)
+	}
+	return strings.TrimSuffix(u.String(), "/"), nil
+}
+
+// Retain drops the cached client of every host that is absent from hosts or
+// whose address there differs from the one its client was built from. Call it
+// after each refresh of the host list so the cache does not outgrow the hosts
+// this replica watches. In-flight calls on dropped clients are unaffected.
+func (p *Pool) Retain(hosts map[uuid.UUID]string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for id, c := range p.clients {
+		if addr, ok := hosts[id]; !ok || addr != c.address {
+			delete(p.clients, id)
+		}
+	}
+}
+
+// Len returns the number of cached clients.
+func (p *Pool) Len() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.clients)
+}
+
+// Close closes the transport's idle connections. Calls in flight are not
+// interrupted; their connections return to the idle set when they finish and
+// close after IdleConnTimeout (or at the next Close). The Pool stays usable:
+// later calls dial anew. Call it on shutdown, after the callers have stopped.
+func (p *Pool) Close() {
+	p.transport.CloseIdleConnections()
+}

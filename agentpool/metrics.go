@@ -1,0 +1,80 @@
+package agentpool
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Procedure label values.
+const (
+	procListSandboxes  = "ListSandboxes"
+	procDestroySandbox = "DestroySandbox"
+)
+
+// codeOK is the code label of a call that succeeded.
+const codeOK = "ok"
+
+// metrics are the pool's collectors. A nil *metrics records nothing.
+//
+//	vigil_agent_rpc_duration_seconds{procedure,code}  histogram of every call that reached the transport
+//	vigil_agent_rpc_errors_total{procedure,code}      calls that failed (not_found on DestroySandbox is success)
+//
+// procedure is "ListSandboxes" or "DestroySandbox"; code is "ok" or the
+// Connect code string ("deadline_exceeded", "unavailable", ...).
+type metrics struct {
+	duration *prometheus.HistogramVec
+	errors   *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	if reg == nil {
+		return nil, nil
+	}
+	duration := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "vigil_agent_rpc_duration_seconds",
+		Help:    "Duration of host agent RPCs by procedure and result code.",
+		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+	}, []string{"procedure", "code"})
+	errs := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vigil_agent_rpc_errors_total",
+		Help: "Host agent RPCs that failed, by procedure and result code.",
+	}, []string{"procedure", "code"})
+	m := &metrics{}
+	var err error
+	if m.duration, err = register(reg, duration); err != nil {
+		return nil, err
+	}
+	if m.errors, err = register(reg, errs); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// register registers c, or returns the identical collector already registered
+// (several pools in one process, e.g. `vigil dev`, then share the series).
+func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(C); ok {
+				return existing, nil
+			}
+		}
+		return c, fmt.Errorf("agentpool: register metrics: %w", err)
+	}
+	return c, nil
+}
+
+// observe records one call. failed says whether the call counts as an error.
+func (m *metrics) observe(procedure, code string, failed bool, elapsed time.Duration) {
+	if m == nil {
+		return
+	}
+	m.duration.WithLabelValues(procedure, code).Observe(elapsed.Seconds())
+	if failed {
+		m.errors.WithLabelValues(procedure, code).Inc()
+	}
+}

@@ -1,0 +1,40 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/vigil-sh/vigil/internal/cli"
+	"github.com/vigil-sh/vigil/store"
+)
+
+func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlagSet("vigil migrate", "Create or update vigil's own tables and triggers. Safe to run from several replicas at once.", stderr)
+	dbURL := fs.String("database-url", "", "Postgres URL of the control plane's database (required)")
+	controlPlane := fs.Bool("control-plane-tables", false, "also create the control plane's hosts, sandboxes and audit_logs tables when absent (dev and tests only)")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	logLevel := fs.String("log-level", "info", "log level: trace, debug, info, warn, error")
+	if err := cli.Parse(fs, args); err != nil {
+		return usageErr(err)
+	}
+	log, err := cli.NewLogger("vigil", *logFormat, *logLevel, stderr)
+	if err != nil {
+		return usageErr(err)
+	}
+	if *dbURL == "" {
+		return usageErr(fmt.Errorf("--database-url (or $VIGIL_DATABASE_URL) is required"))
+	}
+	if err := store.Migrate(ctx, *dbURL, *controlPlane); err != nil {
+		return err
+	}
+	log.Info("schema up to date", "control_plane_tables", *controlPlane)
+	return nil
+}
+
+func usageErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", errUsage, err)
+}

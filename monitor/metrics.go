@@ -1,0 +1,58 @@
+package monitor
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// metrics are the reconcile's Prometheus series. All are documented in
+// docs/metrics.md.
+type metrics struct {
+	reconciles      *prometheus.CounterVec   // kind, result
+	duration        *prometheus.HistogramVec // kind, result
+	transitions     *prometheus.CounterVec   // from, to
+	markedDown      prometheus.Counter
+	fenceRejections prometheus.Counter
+	reportProblems  *prometheus.CounterVec // kind
+	zombies         prometheus.Counter
+	lastSuccess     *prometheus.GaugeVec // shard
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_reconciles_total",
+			Help: "Host reconciles by kind (active, passive) and result (ok, changed, skipped, agent_error, fenced, error).",
+		}, []string{"kind", "result"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "vigil_reconcile_duration_seconds",
+			Help:    "Duration of one host reconcile by kind and result.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}, []string{"kind", "result"}),
+		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_sandbox_transitions_total",
+			Help: "Sandbox status changes vigil committed, by from and to status.",
+		}, []string{"from", "to"}),
+		markedDown: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_hosts_marked_unreachable_total",
+			Help: "Hosts vigil marked unreachable for a stale heartbeat.",
+		}),
+		fenceRejections: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_fence_rejections_total",
+			Help: "Write transactions rejected because the shard's fence holds a newer token.",
+		}),
+		reportProblems: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_agent_report_problems_total",
+			Help: "Agent ListSandboxes entries that were tolerated but not trusted, by kind (malformed_id, unknown_status, duplicate_id).",
+		}, []string{"kind"}),
+		zombies: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_zombies_destroyed_total",
+			Help: "Sandboxes stopped in the database but paused on their agent that vigil destroyed on the agent.",
+		}),
+		lastSuccess: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "vigil_shard_last_reconcile_success_timestamp_seconds",
+			Help: "Unix time at which the owner last completed a reconcile pass over every host of the shard; exported by the shard's owner only.",
+		}, []string{"shard"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.reconciles, m.duration, m.transitions, m.markedDown, m.fenceRejections, m.reportProblems, m.zombies, m.lastSuccess)
+	}
+	return m
+}

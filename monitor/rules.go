@@ -1,0 +1,276 @@
+package monitor
+
+import (
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Sandbox statuses: the control plane's whole vocabulary (SPEC §1.1).
+const (
+	StatusPending      = "pending"
+	StatusStarting     = "starting"
+	StatusRunning      = "running"
+	StatusPausing      = "pausing"
+	StatusPaused       = "paused"
+	StatusResuming     = "resuming"
+	StatusSnapshotting = "snapshotting"
+	StatusStopping     = "stopping"
+	StatusStopped      = "stopped"
+	StatusError        = "error"
+	StatusMissing      = "missing"
+)
+
+// Host statuses vigil reads or writes.
+const (
+	HostPending     = "pending"
+	HostOnline      = "online"
+	HostUnreachable = "unreachable"
+)
+
+// KnownStatus reports whether s is in the control plane's sandbox vocabulary.
+func KnownStatus(s string) bool {
+	switch s {
+	case StatusPending, StatusStarting, StatusRunning, StatusPausing, StatusPaused,
+		StatusResuming, StatusSnapshotting, StatusStopping, StatusStopped, StatusError, StatusMissing:
+		return true
+	}
+	return false
+}
+
+// MissingOnHostDown lists the statuses a sandbox leaves for "missing" when its
+// host is marked unreachable.
+var MissingOnHostDown = []string{StatusRunning, StatusStarting, StatusPending, StatusPausing, StatusResuming, StatusStopping}
+
+// Presence is what an agent report says about one sandbox.
+type Presence int
+
+const (
+	// Absent: the agent does not report the sandbox, or reports it stopped
+	// or in error (no VM is alive).
+	Absent Presence = iota
+	// PresentUnknown: the agent reports the sandbox but its label does not
+	// settle its status — a transitional label (pausing, resuming, starting,
+	// stopping, snapshotting, pending, missing), a label outside the
+	// vocabulary, or contradicting duplicate entries. Never written to the
+	// database.
+	PresentUnknown
+	// PresentKnown: the agent reports the sandbox alive as running or paused.
+	PresentKnown
+)
+
+// Observed is the agent's view of one sandbox.
+type Observed struct {
+	Presence Presence
+	Status   string // running or paused when Presence == PresentKnown
+}
+
+// Report is a parsed ListSandboxes answer, keyed by sandbox UUID.
+type Report map[uuid.UUID]Observed
+
+// Alive reports whether the agent holds a live VM for the sandbox.
+func (r Report) Alive(id uuid.UUID) bool { return r[id].Presence != Absent }
+
+// HasPaused reports whether any sandbox is reported paused: the gate for
+// zombie clean-up.
+func (r Report) HasPaused() bool {
+	for _, o := range r {
+		if o.Presence == PresentKnown && o.Status == StatusPaused {
+			return true
+		}
+	}
+	return false
+}
+
+// PausedIDs lists the sandboxes the agent reports paused, sorted.
+func (r Report) PausedIDs() []uuid.UUID {
+	var out []uuid.UUID
+	for id, o := range r {
+		if o.Presence == PresentKnown && o.Status == StatusPaused {
+			out = append(out, id)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return lessUUID(out[i], out[j]) })
+	return out
+}
+
+// ClassifyLabel maps an agent status label to presence. Labels outside the
+// vocabulary return known=false so the caller can log and count them.
+func ClassifyLabel(label string) (o Observed, known bool) {
+	switch label {
+	case StatusRunning, StatusPaused:
+		return Observed{Presence: PresentKnown, Status: label}, true
+	case StatusStopped, StatusError:
+		return Observed{Presence: Absent}, true
+	case StatusPausing, StatusResuming, StatusStarting, StatusStopping,
+		StatusSnapshotting, StatusPending, StatusMissing:
+		return Observed{Presence: PresentUnknown}, true
+	}
+	return Observed{Presence: PresentUnknown}, false
+}
+
+// Merge folds a second report entry for the same sandbox into the first:
+// agreeing duplicates are harmless, contradicting ones make the sandbox
+// present with unknown status.
+func Merge(a, b Observed) Observed {
+	if a == b {
+		return a
+	}
+	if a.Presence == Absent && b.Presence == Absent {
+		return a
+	}
+	return Observed{Presence: PresentUnknown}
+}
+
+// Row is a sandbox row as read from the database.
+type Row struct {
+	ID          uuid.UUID
+	TeamID      uuid.UUID
+	Status      string
+	LastUpdated time.Time
+}
+
+// Rules holds the grace periods of SPEC §2.
+type Rules struct {
+	TransientGrace time.Duration // starting/resuming/pausing/stopping/snapshotting without a VM
+	SnapshotGrace  time.Duration // snapshotting with a live VM
+}
+
+// DefaultRules are the control plane's constants.
+var DefaultRules = Rules{TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute}
+
+// Kind says what an Action does.
+type Kind int
+
+const (
+	// Transition sets a sandbox row's status, compare-and-set on From and
+	// the LastUpdated the decision saw.
+	Transition Kind = iota
+	// DestroyOnAgent destroys a sandbox on the agent because the database
+	// says stopped but the agent still holds it paused.
+	DestroyOnAgent
+)
+
+func (k Kind) String() string {
+	if k == DestroyOnAgent {
+		return "destroy_on_agent"
+	}
+	return "transition"
+}
+
+// Audit is the audit row an action writes when (and only when) it happens.
+type Audit struct {
+	Action string // destroy, pause, error, snapshot
+	Status string // success, info, warning, error
+	Reason string
+	Phase  string // create, resume, snapshot on transient_timeout rows
+	Error  string // text on error rows
+}
+
+// Action is one decision of the rules for one sandbox.
+type Action struct {
+	Kind    Kind
+	Sandbox uuid.UUID
+	TeamID  uuid.UUID
+	From    string    // status the decision was based on
+	To      string    // new status (Transition); StatusStopped stays for DestroyOnAgent
+	Seen    time.Time // LastUpdated the decision was based on
+	Audit   *Audit    // nil: the change is silent
+}
+
+func (a Action) String() string {
+	return fmt.Sprintf("%s %s %s->%s", a.Kind, a.Sandbox, a.From, a.To)
+}
+
+// Decide applies the active reconcile rules (SPEC §2 items 3–6) to one online
+// host: its sandbox rows, the agent's report, and the database's clock. It is
+// pure. Rows in statuses the rules do not cover produce nothing. The actions
+// come out in row order, one at most per row.
+func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
+	hasPaused := report.HasPaused()
+	var out []Action
+	for _, r := range rows {
+		obs := report[r.ID]
+		age := now.Sub(r.LastUpdated)
+		act := func(to string, audit *Audit) {
+			out = append(out, Action{Kind: Transition, Sandbox: r.ID, TeamID: r.TeamID, From: r.Status, To: to, Seen: r.LastUpdated, Audit: audit})
+		}
+		switch r.Status {
+		case StatusMissing:
+			switch obs.Presence {
+			case Absent:
+				act(StatusStopped, &Audit{Action: "destroy", Status: "warning", Reason: "orphaned"})
+			case PresentKnown:
+				if obs.Status == StatusPaused {
+					act(StatusPaused, &Audit{Action: "pause", Status: "info", Reason: "restored_after_host_recovery"})
+				} else {
+					act(obs.Status, nil)
+				}
+			case PresentUnknown:
+				// Next time: the agent is mid-transition.
+			}
+		case StatusRunning:
+			switch obs.Presence {
+			case Absent:
+				act(StatusStopped, &Audit{Action: "destroy", Status: "warning", Reason: "orphaned"})
+			case PresentKnown:
+				if obs.Status == StatusPaused {
+					act(StatusPaused, &Audit{Action: "pause", Status: "info", Reason: "host_state_sync"})
+				}
+			}
+		case StatusStopped:
+			if hasPaused && obs.Presence == PresentKnown && obs.Status == StatusPaused {
+				out = append(out, Action{Kind: DestroyOnAgent, Sandbox: r.ID, TeamID: r.TeamID, From: StatusStopped, To: StatusStopped, Seen: r.LastUpdated,
+					Audit: &Audit{Action: "destroy", Status: "warning", Reason: "paused_zombie_cleanup"}})
+			}
+		case StatusStarting, StatusResuming:
+			if obs.Presence != Absent {
+				act(StatusRunning, nil)
+			} else if age > rules.TransientGrace {
+				phase := "create"
+				if r.Status == StatusResuming {
+					phase = "resume"
+				}
+				act(StatusError, &Audit{Action: "error", Status: "error", Reason: "transient_timeout", Phase: phase,
+					Error: fmt.Sprintf("sandbox not on its host %s after entering %s", age.Truncate(time.Second), r.Status)})
+			}
+		case StatusSnapshotting:
+			if obs.Presence != Absent {
+				if age > rules.SnapshotGrace {
+					to := StatusRunning
+					if obs.Presence == PresentKnown && obs.Status == StatusPaused {
+						to = StatusPaused
+					}
+					act(to, &Audit{Action: "snapshot", Status: "info", Reason: "snapshot_recovered"})
+				}
+			} else if age > rules.TransientGrace {
+				act(StatusError, &Audit{Action: "snapshot", Status: "error", Reason: "transient_timeout", Phase: "snapshot",
+					Error: fmt.Sprintf("sandbox not on its host %s after entering snapshotting", age.Truncate(time.Second))})
+			}
+		case StatusPausing:
+			if obs.Presence == Absent && age > rules.TransientGrace {
+				act(StatusPaused, &Audit{Action: "pause", Status: "info", Reason: "transient_timeout_inferred"})
+			}
+		case StatusStopping:
+			if obs.Presence == Absent && age > rules.TransientGrace {
+				act(StatusStopped, &Audit{Action: "destroy", Status: "warning", Reason: "transient_timeout_inferred"})
+			}
+		}
+	}
+	return out
+}
+
+// ActiveStatuses are the row statuses Decide acts on, besides stopped rows
+// the agent reports paused (zombies).
+var ActiveStatuses = []string{StatusMissing, StatusRunning, StatusStarting, StatusResuming, StatusSnapshotting, StatusPausing, StatusStopping}
+
+func lessUUID(a, b uuid.UUID) bool {
+	for i := range a {
+		if a[i] != b[i] {
+			return a[i] < b[i]
+		}
+	}
+	return false
+}

@@ -1,0 +1,237 @@
+// Package store is vigil's access to the control plane's Postgres: the
+// connection pool with owner-session timeouts, schema migrations, the shard
+// fences, and the reads the reconcile needs. Writes happen only inside
+// WithFence.
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// ErrFenced reports that the shard's fence in Postgres holds a token other
+// than the caller's: a newer owner has claimed the shard (or the caller never
+// raised it). Nothing was written. It is a sticky loss of the shard.
+var ErrFenced = errors.New("store: fenced: shard owned under a newer token")
+
+// Config configures the pool.
+type Config struct {
+	URL      string
+	MaxConns int32 // default 8
+	MinConns int32 // default 0
+	// Session timeouts set on every connection; all must stay well under
+	// the etcd lease TTL so a paused owner cannot hold a fence row.
+	LockTimeout                     time.Duration // default 2s
+	StatementTimeout                time.Duration // default 5s
+	IdleInTransactionSessionTimeout time.Duration // default 3s
+	ApplicationName                 string        // default "vigil"
+}
+
+// Validate fills defaults and checks the configuration.
+func (c *Config) Validate() error {
+	if c.URL == "" {
+		return errors.New("store: database URL is empty")
+	}
+	if c.MaxConns == 0 {
+		c.MaxConns = 8
+	}
+	if c.MaxConns < 0 || c.MinConns < 0 || c.MinConns > c.MaxConns {
+		return fmt.Errorf("store: pool limits min=%d max=%d are invalid", c.MinConns, c.MaxConns)
+	}
+	if c.LockTimeout == 0 {
+		c.LockTimeout = 2 * time.Second
+	}
+	if c.StatementTimeout == 0 {
+		c.StatementTimeout = 5 * time.Second
+	}
+	if c.IdleInTransactionSessionTimeout == 0 {
+		c.IdleInTransactionSessionTimeout = 3 * time.Second
+	}
+	if c.ApplicationName == "" {
+		c.ApplicationName = "vigil"
+	}
+	for name, d := range map[string]time.Duration{"lock_timeout": c.LockTimeout, "statement_timeout": c.StatementTimeout, "idle_in_transaction_session_timeout": c.IdleInTransactionSessionTimeout} {
+		if d < time.Millisecond {
+			return fmt.Errorf("store: %s %s must be at least 1ms", name, d)
+		}
+	}
+	return nil
+}
+
+// SessionTimeoutsFor derives the owner-session timeouts from the etcd lease
+// TTL: each a fraction of it, so a paused owner's session is killed (and its
+// fence row lock released) long before a successor's claim could wait on it.
+func SessionTimeoutsFor(leaseTTL time.Duration) (lock, statement, idle time.Duration) {
+	lock = leaseTTL / 5
+	statement = leaseTTL / 3
+	idle = leaseTTL / 4
+	return lock, statement, idle
+}
+
+// Store is a Postgres pool plus vigil's queries.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+// Open connects a pool. Every connection runs with the configured session
+// timeouts.
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	pc, err := pgxpool.ParseConfig(cfg.URL)
+	if err != nil {
+		return nil, fmt.Errorf("store: parse database URL: %w", err)
+	}
+	pc.MaxConns = cfg.MaxConns
+	pc.MinConns = cfg.MinConns
+	pc.MaxConnIdleTime = time.Minute
+	pc.HealthCheckPeriod = 10 * time.Second
+	rp := pc.ConnConfig.RuntimeParams
+	rp["application_name"] = cfg.ApplicationName
+	rp["lock_timeout"] = ms(cfg.LockTimeout)
+	rp["statement_timeout"] = ms(cfg.StatementTimeout)
+	rp["idle_in_transaction_session_timeout"] = ms(cfg.IdleInTransactionSessionTimeout)
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, fmt.Errorf("store: connect: %w", err)
+	}
+	return &Store{pool: pool}, nil
+}
+
+func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
+
+// Pool exposes the pool for callers that need a raw connection (LISTEN).
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+
+// Close closes the pool.
+func (s *Store) Close() { s.pool.Close() }
+
+// Ping checks that Postgres answers.
+func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }
+
+// Fence identifies the writer: the shard, its fencing token (the etcd create
+// revision of the owner key), and the replica holding it.
+type Fence struct {
+	Shard   int
+	Token   int64
+	Replica string
+}
+
+// Header is the Vigil-Fence header value for agent calls: "<shard>:<token>".
+func (f Fence) Header() string { return strconv.Itoa(f.Shard) + ":" + strconv.FormatInt(f.Token, 10) }
+
+// RaiseFence records a claim: it raises the shard's token to f.Token if the
+// stored token is lower (or absent). Raising to the token already stored is
+// a no-op success. A stored token higher than f.Token returns ErrFenced.
+//
+// The raise takes the fence row's lock, so it waits for any write
+// transaction of the previous owner still in flight; once it returns, no
+// write under an older token can commit.
+func (s *Store) RaiseFence(ctx context.Context, f Fence) error {
+	if f.Token <= 0 {
+		return fmt.Errorf("store: raise fence for shard %d: token %d must be positive", f.Shard, f.Token)
+	}
+	var token int64
+	err := s.pool.QueryRow(ctx, `
+		insert into vigil_shard_fences (shard, token, owner, updated_at)
+		values ($1, $2, $3, now())
+		on conflict (shard) do update
+		   set token = excluded.token, owner = excluded.owner, updated_at = now()
+		 where vigil_shard_fences.token < excluded.token
+		returning token`, f.Shard, f.Token, f.Replica).Scan(&token)
+	if errors.Is(err, pgx.ErrNoRows) {
+		// Not raised: the stored token is equal or higher.
+		var cur int64
+		if err := s.pool.QueryRow(ctx, `select token from vigil_shard_fences where shard = $1`, f.Shard).Scan(&cur); err != nil {
+			return fmt.Errorf("store: raise fence for shard %d: %w", f.Shard, err)
+		}
+		if cur == f.Token {
+			return nil
+		}
+		return fmt.Errorf("raise fence for shard %d to %d (stored %d): %w", f.Shard, f.Token, cur, ErrFenced)
+	}
+	if err != nil {
+		return fmt.Errorf("store: raise fence for shard %d: %w", f.Shard, err)
+	}
+	return nil
+}
+
+// FenceToken returns the shard's stored token, 0 when it has none.
+func (s *Store) FenceToken(ctx context.Context, shard int) (int64, error) {
+	var tok int64
+	err := s.pool.QueryRow(ctx, `select token from vigil_shard_fences where shard = $1`, shard).Scan(&tok)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, nil
+	}
+	return tok, err
+}
+
+// WithFence runs fn in a transaction that first takes the shard's fence row
+// FOR SHARE and checks that it still holds f.Token. The row lock is held
+// until commit, so a successor's RaiseFence waits for this transaction and a
+// transaction begun after the raise sees the new token and fails with
+// ErrFenced without writing. fn's error rolls everything back.
+func (s *Store) WithFence(ctx context.Context, f Fence, fn func(tx pgx.Tx) error) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var tok int64
+		err := tx.QueryRow(ctx, `select token from vigil_shard_fences where shard = $1 for share`, f.Shard).Scan(&tok)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("shard %d has no fence: %w", f.Shard, ErrFenced)
+		}
+		if err != nil {
+			return fmt.Errorf("store: check fence of shard %d: %w", f.Shard, err)
+		}
+		if tok != f.Token {
+			return fmt.Errorf("shard %d fence is %d, ours %d: %w", f.Shard, tok, f.Token, ErrFenced)
+		}
+		return fn(tx)
+	})
+}
+
+// Host is a row of hosts.
+type Host struct {
+	ID            uuid.UUID
+	Type          string
+	TeamID        uuid.NullUUID
+	Address       string
+	Status        string
+	LastHeartbeat *time.Time
+}
+
+// Hosts returns every host. Callers keep the ones in their shards.
+func (s *Store) Hosts(ctx context.Context) ([]Host, error) {
+	rows, err := s.pool.Query(ctx, `select id, type, team_id, address, status, last_heartbeat_at from hosts`)
+	if err != nil {
+		return nil, fmt.Errorf("store: list hosts: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Host, error) {
+		var h Host
+		err := r.Scan(&h.ID, &h.Type, &h.TeamID, &h.Address, &h.Status, &h.LastHeartbeat)
+		return h, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("store: list hosts: %w", err)
+	}
+	return out, nil
+}
+
+// Host returns one host; found is false when it does not exist.
+func (s *Store) Host(ctx context.Context, id uuid.UUID) (h Host, found bool, err error) {
+	err = s.pool.QueryRow(ctx, `select id, type, team_id, address, status, last_heartbeat_at from hosts where id = $1`, id).
+		Scan(&h.ID, &h.Type, &h.TeamID, &h.Address, &h.Status, &h.LastHeartbeat)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return h, false, nil
+	}
+	if err != nil {
+		return h, false, fmt.Errorf("store: read host %s: %w", id, err)
+	}
+	return h, true, nil
+}
