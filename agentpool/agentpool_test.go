@@ -12,6 +12,8 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
+	"log"
 	"math/big"
 	"net"
 	"net/http"
@@ -325,9 +327,14 @@ func TestHangingAgentHitsConfiguredTimeout(t *testing.T) {
 	p := newPool(t, Config{Timeout: 200 * time.Millisecond})
 
 	// The caller sets no deadline: the pool's Timeout is what ends the call.
-	_, err := p.ListSandboxes(context.Background(), uuid.New(), addr)
+	// The safety net only cancels (code canceled, a failure) if the pool
+	// applied no deadline at all, so the test fails instead of hanging.
+	ctx, cancel := context.WithCancel(t.Context())
+	defer time.AfterFunc(time.Minute, cancel).Stop()
+	defer cancel()
+	_, err := p.ListSandboxes(ctx, uuid.New(), addr)
 	wantCode(t, err, connect.CodeDeadlineExceeded)
-	err = p.DestroySandbox(context.Background(), uuid.New(), addr, "cl-x", "1:1")
+	err = p.DestroySandbox(ctx, uuid.New(), addr, "cl-x", "1:1")
 	wantCode(t, err, connect.CodeDeadlineExceeded)
 }
 
@@ -350,11 +357,20 @@ func bigList(n int) *fakeAgent {
 		for i := range n {
 			resp.Sandboxes = append(resp.Sandboxes, &hostagentv1.SandboxInfo{
 				SandboxId: fmt.Sprintf("cl-%025d", i),
-				Metadata:  map[string]string{"noise": rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text() + rand.Text()},
+				Metadata:  map[string]string{"noise": noise(1 << 10)},
 			})
 		}
 		return connect.NewResponse(resp), nil
 	}}
+}
+
+// noise returns at least n bytes of random base32 text.
+func noise(n int) string {
+	var b strings.Builder
+	for b.Len() < n {
+		b.WriteString(rand.Text())
+	}
+	return b.String()
 }
 
 func TestOversizedResponseIsResourceExhausted(t *testing.T) {
@@ -779,7 +795,7 @@ func startTLSAgent(t *testing.T, ca *certAuthority, agent hostagentv1connect.Hos
 		ClientCAs:    clientCAs,
 	}
 	// Handshake failures are the point of some tests; keep them out of the log.
-	srv.Config.ErrorLog = discardLogger()
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
 	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	return srv.Listener.Addr().String(), rec
@@ -933,10 +949,10 @@ func TestMetrics(t *testing.T) {
 
 	durations, errs := gather(t, reg)
 	wantDurations := map[string]uint64{
-		"ListSandboxes/ok":                  2,
-		"ListSandboxes/unavailable":         1,
-		"DestroySandbox/ok":                 1,
-		"DestroySandbox/not_found":          1,
+		"ListSandboxes/ok":                   2,
+		"ListSandboxes/unavailable":          1,
+		"DestroySandbox/ok":                  1,
+		"DestroySandbox/not_found":           1,
 		"DestroySandbox/failed_precondition": 1,
 	}
 	wantErrs := map[string]float64{

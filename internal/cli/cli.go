@@ -37,10 +37,34 @@ func NewFlagSet(name, synopsis string, out io.Writer) *flag.FlagSet {
 
 // Parse parses args, then fills every flag not given on the command line from
 // its environment twin. A bad environment value is an error naming both.
+// Positional arguments are an error.
 func Parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		return err
+	pos, err := ParsePositional(fs, args)
+	if err == nil && len(pos) > 0 {
+		err = fmt.Errorf("unexpected arguments: %s", strings.Join(pos, " "))
 	}
+	return err
+}
+
+// ParsePositional is Parse for commands that take positional arguments,
+// which may stand before, between or after the flags.
+func ParsePositional(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			break
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+	}
+	return pos, fillFromEnv(fs)
+}
+
+func fillFromEnv(fs *flag.FlagSet) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	var err error
@@ -54,9 +78,6 @@ func Parse(fs *flag.FlagSet, args []string) error {
 			}
 		}
 	})
-	if err == nil && fs.NArg() > 0 {
-		err = fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
-	}
 	return err
 }
 
