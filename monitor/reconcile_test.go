@@ -449,7 +449,7 @@ func TestZombieDestroyedWithFenceToken(t *testing.T) {
 func TestConcurrentTransitionWinsCompareAndSet(t *testing.T) {
 	e := newEnv(t, 1, time.Second)
 	h := e.hosts[0]
-	orphan := e.sandbox(h, "running", young, "")      // the decision: stopped
+	orphan := e.sandbox(h, "running", young, "")     // the decision: stopped
 	recovering := e.sandbox(h, "missing", young, "") // the decision: stopped
 	e.hook.afterList = func(uuid.UUID) {
 		// The control plane pauses one and touches the other's clock.
