@@ -1,6 +1,7 @@
 package agentsim
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"time"
@@ -137,7 +138,9 @@ func (m Mode) MarshalJSON() ([]byte, error) {
 // UnmarshalJSON accepts the form MarshalJSON writes.
 func (m *Mode) UnmarshalJSON(b []byte) error {
 	var j modeJSON
-	if err := json.Unmarshal(b, &j); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&j); err != nil {
 		return err
 	}
 	out := Mode{Kind: j.Kind, OversizeBytes: j.OversizeBytes, Label: j.Label, SkipHeartbeat: j.SkipHeartbeat}

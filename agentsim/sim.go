@@ -6,11 +6,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	mrand "math/rand/v2"
 	"math"
+	mrand "math/rand/v2"
 	"net/netip"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -125,6 +124,9 @@ type Sim struct {
 
 	rngMu sync.Mutex
 	rng   *mrand.Rand
+
+	churnDone atomic.Int64
+	inflight  atomic.Int64 // agent requests being handled
 }
 
 type host struct {
@@ -548,5 +550,3 @@ func (s *Sim) Run(ctx context.Context) error {
 	s.log.Info("stopped")
 	return err
 }
-
-func itoa(i int64) string { return strconv.FormatInt(i, 10) }

@@ -1,0 +1,300 @@
+package agentsim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/vigil-sh/vigil/internal/ids"
+	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
+	"github.com/vigil-sh/vigil/proto/hostagent/v1/hostagentv1connect"
+)
+
+// FenceHeader carries "<shard>:<token>" on DestroySandbox (SPEC §3).
+const FenceHeader = "Vigil-Fence"
+
+// malformedBody is not a protobuf message: a field tag whose varint never
+// terminates.
+var malformedBody = []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}
+
+type ctxKey struct{}
+
+// agentServer is the one HTTP/1.1 listener serving every host's agent.
+type agentServer struct {
+	ln         net.Listener
+	srv        *http.Server
+	cancelBase context.CancelFunc
+}
+
+// hostListener accepts only connections addressed to one of the Sim's hosts.
+type hostListener struct {
+	net.Listener
+	sim *Sim
+}
+
+func (l hostListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if l.sim.connHost(c) != nil {
+			return c, nil
+		}
+		_ = c.Close()
+	}
+}
+
+func (s *Sim) connHost(c net.Conn) *host {
+	ta, ok := c.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return nil
+	}
+	a, ok := netip.AddrFromSlice(ta.IP)
+	if !ok {
+		return nil
+	}
+	return s.hostAt(a)
+}
+
+func (s *Sim) listen() (*agentServer, error) {
+	ln, err := net.Listen("tcp", s.cfg.ListenAddr)
+	if err != nil {
+		return nil, fmt.Errorf("agentsim: listen on %s: %w", s.cfg.ListenAddr, err)
+	}
+	s.port.Store(int32(ln.Addr().(*net.TCPAddr).Port))
+
+	mux := http.NewServeMux()
+	mux.Handle(hostagentv1connect.NewHostAgentServiceHandler(&agentService{sim: s}))
+	base, cancel := context.WithCancel(context.Background())
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true) // the real agents disable HTTP/2
+	srv := &http.Server{
+		Handler:           s.faults(mux),
+		Protocols:         protocols,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          s.log.Named("http").StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+		BaseContext:       func(net.Listener) context.Context { return base },
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, ctxKey{}, s.connHost(c))
+		},
+	}
+	return &agentServer{ln: hostListener{Listener: ln, sim: s}, srv: srv, cancelBase: cancel}, nil
+}
+
+func (a *agentServer) addr() string { return a.ln.Addr().String() }
+
+// serve returns nil once shutdown has closed the listener.
+func (a *agentServer) serve() error {
+	if err := a.srv.Serve(a.ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// shutdown ends every request context (hung requests abort), then closes the
+// listener and waits briefly for handlers to return before closing the rest.
+func (a *agentServer) shutdown() {
+	a.cancelBase()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := a.srv.Shutdown(ctx); err != nil {
+		_ = a.srv.Close()
+	}
+}
+
+func hostFrom(ctx context.Context) *host {
+	h, _ := ctx.Value(ctxKey{}).(*host)
+	return h
+}
+
+// abort closes the connection without writing a response.
+func abort() { panic(http.ErrAbortHandler) }
+
+// faults applies the transport-level fault modes before the Connect handler
+// sees the request.
+func (s *Sim) faults(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := hostFrom(r.Context())
+		if h == nil {
+			abort()
+		}
+		s.inflight.Add(1)
+		defer s.inflight.Add(-1)
+		m := h.mode.Load()
+		switch m.phase(s.now()) {
+		case ModeDead:
+			abort()
+		case ModeHang:
+			<-r.Context().Done()
+			abort()
+		case ModeSlow:
+			t := time.NewTimer(m.Delay)
+			defer t.Stop()
+			select {
+			case <-t.C:
+			case <-r.Context().Done():
+				abort()
+			}
+		case ModeMalformed:
+			w.Header().Set("Content-Type", "application/proto")
+			w.WriteHeader(http.StatusOK)
+			_, _ = w.Write(malformedBody)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// agentService answers the RPCs for the host the connection is addressed to.
+type agentService struct {
+	sim *Sim
+}
+
+var _ hostagentv1connect.HostAgentServiceHandler = (*agentService)(nil)
+
+func (a *agentService) ListSandboxes(ctx context.Context, _ *connect.Request[hostagentv1.ListSandboxesRequest]) (*connect.Response[hostagentv1.ListSandboxesResponse], error) {
+	h := hostFrom(ctx)
+	h.mu.Lock()
+	vms := h.snapshot()
+	h.mu.Unlock()
+
+	m := h.mode.Load()
+	resp := &hostagentv1.ListSandboxesResponse{Sandboxes: make([]*hostagentv1.SandboxInfo, 0, len(vms))}
+	for _, vm := range vms {
+		info := a.info(h, vm)
+		switch m.Kind {
+		case ModeUnknownStatus:
+			info.Status = m.Label
+		case ModeDuplicateIDs:
+			dup := a.info(h, vm)
+			dup.Status = StatusPaused
+			if vm.Status == StatusPaused {
+				dup.Status = StatusRunning
+			}
+			resp.Sandboxes = append(resp.Sandboxes, info)
+			info = dup
+		}
+		resp.Sandboxes = append(resp.Sandboxes, info)
+	}
+	if m.Kind == ModeOversized {
+		resp.AutoPausedSandboxIds = append(resp.AutoPausedSandboxIds, padding(m.OversizeBytes+1))
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (a *agentService) info(h *host, vm VM) *hostagentv1.SandboxInfo {
+	return &hostagentv1.SandboxInfo{
+		SandboxId:        ids.Sandbox(vm.ID),
+		Status:           vm.Status,
+		Template:         vm.Template,
+		Vcpus:            vm.VCPUs,
+		MemoryMb:         vm.MemoryMB,
+		HostIp:           h.ip.String(),
+		CreatedAtUnix:    vm.CreatedAt.Unix(),
+		LastActiveAtUnix: vm.LastActiveAt.Unix(),
+		TimeoutSec:       300,
+		TeamId:           vm.TeamID.String(),
+		TemplateId:       "tpl-" + vm.Template,
+		Metadata:         cloneMap(vm.Metadata),
+	}
+}
+
+var (
+	padMu    sync.Mutex
+	padCache string
+)
+
+// padding returns n bytes of poorly compressible ASCII, so a gzip-negotiating
+// client still receives a large body.
+func padding(n int) string {
+	padMu.Lock()
+	defer padMu.Unlock()
+	if len(padCache) < n {
+		const alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+		b := make([]byte, n)
+		x := uint64(0x9e3779b97f4a7c15)
+		for i := range b {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			b[i] = alphabet[x%uint64(len(alphabet))]
+		}
+		padCache = string(b)
+	}
+	return padCache[:n]
+}
+
+func (a *agentService) DestroySandbox(ctx context.Context, req *connect.Request[hostagentv1.DestroySandboxRequest]) (*connect.Response[hostagentv1.DestroySandboxResponse], error) {
+	h := hostFrom(ctx)
+	rec := DestroyRecord{Host: h.id, Sandbox: req.Msg.GetSandboxId(), Time: a.sim.now()}
+	shard, token, fenced, ferr := parseFence(req.Header().Values(FenceHeader))
+	rec.Shard, rec.Token, rec.Fenced = shard, token, fenced
+
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	reject := func(res DestroyResult, code connect.Code, err error) error {
+		rec.Result = res
+		h.rejected = appendRecord(h.rejected, rec)
+		a.sim.log.Warn("destroy rejected", "host", h.id, "sandbox", rec.Sandbox, "result", res, "error", err)
+		return connect.NewError(code, err)
+	}
+	if ferr != nil {
+		return nil, reject(DestroyBadFence, connect.CodeInvalidArgument, ferr)
+	}
+	if fenced && token < h.fence {
+		return nil, reject(DestroyStaleFence, connect.CodeFailedPrecondition,
+			fmt.Errorf("fence token %d for shard %d is below %d, the highest seen by this host", token, shard, h.fence))
+	}
+	id, err := ids.ParseSandbox(rec.Sandbox)
+	if err != nil {
+		return nil, reject(DestroyBadID, connect.CodeInvalidArgument, err)
+	}
+	if fenced {
+		h.fence = max(h.fence, token)
+	}
+	if _, ok := h.vms[id]; !ok {
+		rec.Result = DestroyNotFound
+		h.destroys = appendRecord(h.destroys, rec)
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("sandbox %s not found", rec.Sandbox))
+	}
+	delete(h.vms, id)
+	rec.Result = DestroyDestroyed
+	h.destroys = appendRecord(h.destroys, rec)
+	if !fenced {
+		a.sim.log.Warn("unfenced destroy accepted", "host", h.id, "sandbox", rec.Sandbox)
+	}
+	return connect.NewResponse(&hostagentv1.DestroySandboxResponse{}), nil
+}
+
+// parseFence parses the Vigil-Fence header; no header is not an error.
+func parseFence(values []string) (shard int, token int64, fenced bool, err error) {
+	switch len(values) {
+	case 0:
+		return 0, 0, false, nil
+	case 1:
+	default:
+		return 0, 0, true, fmt.Errorf("%d %s headers, want one", len(values), FenceHeader)
+	}
+	sh, tok, ok := strings.Cut(strings.TrimSpace(values[0]), ":")
+	if !ok {
+		return 0, 0, true, fmt.Errorf("%s %q: want <shard>:<token>", FenceHeader, values[0])
+	}
+	s, err1 := strconv.ParseUint(sh, 10, 31)
+	t, err2 := strconv.ParseInt(tok, 10, 64)
+	if err1 != nil || err2 != nil || t < 0 {
+		return 0, 0, true, fmt.Errorf("%s %q: want decimal <shard>:<token>", FenceHeader, values[0])
+	}
+	return int(s), t, true, nil
+}

@@ -1,0 +1,224 @@
+// Command agentsim runs simulated host agents for many hosts in one process:
+// it registers them in the control plane's database, heartbeats for them,
+// churns sandboxes, and serves the agent RPC plus a control API for fault
+// injection. See package agentsim for the behaviour and the control API.
+//
+// Every flag has an environment twin: --heartbeat-interval is
+// VIGIL_HEARTBEAT_INTERVAL, and so on. Command-line flags win over the
+// environment. Invalid settings exit with status 2 and name the flag.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/vigil-sh/vigil/agentsim"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.LookupEnv, os.Stderr))
+}
+
+// options are the parsed flags.
+type options struct {
+	cfg       agentsim.Config
+	adminAddr string
+	logLevel  string
+	logFormat string
+}
+
+// flagFor maps agentsim.Config fields to the flags that set them.
+var flagFor = map[string]string{
+	"DatabaseURL":       "database-url",
+	"Hosts":             "hosts",
+	"ListenAddr":        "listen",
+	"HeartbeatInterval": "heartbeat-interval",
+	"Teams":             "teams",
+	"SharedFraction":    "shared-fraction",
+	"SandboxesPerHost":  "sandboxes-per-host",
+	"ChurnPerSecond":    "churn",
+	"ChurnConcurrency":  "churn-concurrency",
+	"ChurnStepDelay":    "churn-step-delay",
+	"Seed":              "seed",
+}
+
+// envName is a flag's environment twin: --churn-step-delay is
+// VIGIL_CHURN_STEP_DELAY.
+func envName(flagName string) string {
+	return "VIGIL_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// usageError is a bad setting; the command exits 2.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func parseFlags(args []string, lookupEnv func(string) (string, bool), stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("agentsim", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	c := &o.cfg
+	fs.StringVar(&c.DatabaseURL, "database-url", "", "control plane Postgres URL (required)")
+	fs.IntVar(&c.Hosts, "hosts", 100, "number of simulated hosts")
+	fs.StringVar(&c.ListenAddr, "listen", agentsim.DefaultListenAddr, "agent RPC listener; must be a wildcard address, each host gets its own 127.x.y.z on this port")
+	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:7070", "control API listener (empty disables)")
+	fs.DurationVar(&c.HeartbeatInterval, "heartbeat-interval", agentsim.DefaultHeartbeatInterval, "heartbeat period; negative disables")
+	fs.IntVar(&c.Teams, "teams", agentsim.DefaultTeams, "number of distinct teams")
+	fs.Float64Var(&c.SharedFraction, "shared-fraction", 0.2, "fraction of hosts that are shared (team_id NULL), 0..1")
+	fs.IntVar(&c.SandboxesPerHost, "sandboxes-per-host", 2, "sandboxes seeded on each host at start")
+	fs.Float64Var(&c.ChurnPerSecond, "churn", 1, "sandbox operations per second (create, pause, resume, snapshot, destroy); 0 disables")
+	fs.IntVar(&c.ChurnConcurrency, "churn-concurrency", agentsim.DefaultChurnConcurrency, "churn operations in flight at most")
+	fs.DurationVar(&c.ChurnStepDelay, "churn-step-delay", 500*time.Millisecond, "time the agent spends between the steps of one operation; negative for none")
+	fs.Int64Var(&c.Seed, "seed", 0, "seed for host, team and sandbox ids; 0 is random, a fixed seed re-registers the same hosts")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: agentsim [flags]\n\nEvery flag can also be set through its VIGIL_* environment twin (--hosts is VIGIL_HOSTS).\n\n")
+		fs.PrintDefaults()
+	}
+
+	// Environment first, so the command line overrides it.
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		v, ok := lookupEnv(envName(f.Name))
+		if !ok || envErr != nil {
+			return
+		}
+		if err := fs.Set(f.Name, v); err != nil {
+			envErr = &usageError{fmt.Sprintf("invalid value %q for %s (--%s): %v", v, envName(f.Name), f.Name, err)}
+		}
+	})
+	if envErr != nil {
+		return o, envErr
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, &usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	}
+	if c.DatabaseURL == "" {
+		return o, &usageError{"--database-url (or VIGIL_DATABASE_URL) is required"}
+	}
+	if hclog.LevelFromString(o.logLevel) == hclog.NoLevel {
+		return o, &usageError{fmt.Sprintf("--log-level %q: want trace, debug, info, warn or error", o.logLevel)}
+	}
+	if o.logFormat != "text" && o.logFormat != "json" {
+		return o, &usageError{fmt.Sprintf("--log-format %q: want text or json", o.logFormat)}
+	}
+	if o.adminAddr != "" {
+		if _, _, err := net.SplitHostPort(o.adminAddr); err != nil {
+			return o, &usageError{fmt.Sprintf("--admin-addr %q: %v", o.adminAddr, err)}
+		}
+	}
+	return o, nil
+}
+
+func run(args []string, lookupEnv func(string) (string, bool), stderr io.Writer) int {
+	o, err := parseFlags(args, lookupEnv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		var ue *usageError
+		if errors.As(err, &ue) {
+			fmt.Fprintf(stderr, "agentsim: %v\n", err)
+		} // the flag package has already printed its own errors
+		return 2
+	}
+	log := hclog.New(&hclog.LoggerOptions{
+		Name:       "agentsim",
+		Level:      hclog.LevelFromString(o.logLevel),
+		JSONFormat: o.logFormat == "json",
+		Output:     stderr,
+	})
+	o.cfg.Logger = log
+	sim, err := agentsim.New(o.cfg)
+	if err != nil {
+		var ce *agentsim.ConfigError
+		if errors.As(err, &ce) {
+			name := flagFor[ce.Field]
+			fmt.Fprintf(stderr, "agentsim: invalid --%s: %s\n", name, ce.Msg)
+			return 2
+		}
+		fmt.Fprintf(stderr, "agentsim: %v\n", err)
+		return 1
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return sim.Run(ctx) })
+	if o.adminAddr != "" {
+		ln, err := net.Listen("tcp", o.adminAddr)
+		if err != nil {
+			log.Error("admin listener", "addr", o.adminAddr, "error", err)
+			stop()
+			_ = g.Wait()
+			return 1
+		}
+		g.Go(func() error { return serveAdmin(ctx, ln, sim, log) })
+	}
+	g.Go(func() error {
+		select {
+		case <-sim.Ready():
+			ids := sim.HostIDs()
+			log.Info("ready", "hosts", len(ids), "port", sim.Port(), "first_host", ids[0], "first_address", sim.Address(ids[0]))
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		log.Error("stopped", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// serveAdmin serves the control API plus /healthz and /readyz until ctx ends.
+func serveAdmin(ctx context.Context, ln net.Listener, sim *agentsim.Sim, log hclog.Logger) error {
+	mux := http.NewServeMux()
+	mux.Handle("/", sim.AdminHandler())
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-sim.Ready():
+			_, _ = io.WriteString(w, "ready\n")
+		default:
+			http.Error(w, "registering hosts", http.StatusServiceUnavailable)
+		}
+	})
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          log.Named("admin").StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
+	}
+	log.Info("control API listening", "addr", ln.Addr().String())
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("admin listener: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(sctx)
+	<-errc
+	return nil
+}
