@@ -20,6 +20,10 @@ type command struct {
 
 func commands() []command {
 	return []command{
+		{"run", "run one replica", runRun},
+		{"dev", "run a whole local cluster: embedded etcd, agent simulator, several replicas", runDev},
+		{"shards", "print shard ownership from etcd", runShards},
+		{"owner", "print the shard and owner of one host", runOwner},
 		{"migrate", "create or update vigil's tables (and, with --control-plane-tables, the control plane's for dev)", runMigrate},
 	}
 }

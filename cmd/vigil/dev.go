@@ -1,0 +1,206 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/vigil-sh/vigil/agentsim"
+	"github.com/vigil-sh/vigil/internal/cli"
+	"github.com/vigil-sh/vigil/internal/embedetcd"
+	"github.com/vigil-sh/vigil/store"
+)
+
+func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlagSet("vigil dev", "Run a whole local cluster in one process: embedded etcd, a migrated local database, simulated agents with sandbox churn, and several replicas. Ctrl-C stops everything.", stderr)
+	dbURL := fs.String("database-url", "postgres://postgres@127.0.0.1:5432/vigil_dev?sslmode=disable", "Postgres URL; the database is created if absent")
+	replicas := fs.Int("replicas", 3, "number of replicas")
+	hosts := fs.Int("hosts", 300, "simulated hosts")
+	sandboxes := fs.Int("sandboxes-per-host", 4, "sandboxes seeded per host")
+	churn := fs.Float64("churn", 5, "control-plane sandbox operations per second")
+	shards := fs.Int("shards", 256, "shard count")
+	ttl := fs.Duration("lease-ttl", 5*time.Second, "etcd lease TTL of the replicas")
+	interval := fs.Duration("interval", 10*time.Second, "active reconcile period")
+	etcdClient := fs.String("etcd-client-addr", "127.0.0.1:2379", "embedded etcd client address")
+	etcdPeer := fs.String("etcd-peer-addr", "127.0.0.1:2380", "embedded etcd peer address")
+	etcdDir := fs.String("etcd-dir", "", "embedded etcd data directory (default: a fresh temporary directory)")
+	httpBase := fs.Int("http-base-port", 9090, "admin port of the first replica; the others follow")
+	simAdmin := fs.String("agentsim-admin-addr", "127.0.0.1:7070", "agent simulator control API")
+	cluster := fs.String("cluster", "dev", "cluster name")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	logLevel := fs.String("log-level", "info", "log level")
+	if err := cli.Parse(fs, args); err != nil {
+		return usageErr(err)
+	}
+	log, err := cli.NewLogger("vigil-dev", *logFormat, *logLevel, stderr)
+	if err != nil {
+		return usageErr(err)
+	}
+	if *replicas < 1 || *replicas > 32 {
+		return usageErr(fmt.Errorf("--replicas %d out of range 1..32", *replicas))
+	}
+
+	if err := createDatabase(ctx, *dbURL); err != nil {
+		return err
+	}
+	if err := store.Migrate(ctx, *dbURL, true); err != nil {
+		return err
+	}
+	log.Info("database ready", "url", *dbURL)
+
+	dir := *etcdDir
+	if dir == "" {
+		d, err := os.MkdirTemp("", "vigil-dev-etcd-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	}
+	etcd, err := embedetcd.StartEmbedded(ctx, embedetcd.EmbedConfig{Name: "vigil-dev", Dir: dir, ClientURL: "http://" + *etcdClient, PeerURL: "http://" + *etcdPeer})
+	if err != nil {
+		return fmt.Errorf("embedded etcd: %w", err)
+	}
+	defer etcd.Close()
+	endpoint := *etcdClient
+	log.Info("embedded etcd ready", "endpoint", endpoint, "dir", dir)
+
+	sim, err := agentsim.New(agentsim.Config{
+		DatabaseURL: *dbURL, Hosts: *hosts, SandboxesPerHost: *sandboxes, ChurnPerSecond: *churn,
+		ChurnStepDelay: 500 * time.Millisecond, SharedFraction: 0.2, HeartbeatInterval: 5 * time.Second,
+		Logger: log.Named("agentsim"),
+	})
+	if err != nil {
+		return err
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, *replicas+2)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := sim.Run(runCtx); err != nil {
+			errs <- fmt.Errorf("agentsim: %w", err)
+		}
+	}()
+	select {
+	case <-sim.Ready():
+	case err := <-errs:
+		return err
+	case <-ctx.Done():
+		return nil
+	}
+	if *simAdmin != "" {
+		ln, err := net.Listen("tcp", *simAdmin)
+		if err != nil {
+			return fmt.Errorf("--agentsim-admin-addr: %w", err)
+		}
+		srv := newHTTPServer(sim.AdminHandler())
+		go func() { _ = srv.Serve(ln) }()
+		defer srv.Close()
+	}
+
+	var addrs []string
+	for i := 0; i < *replicas; i++ {
+		c := replicaConfig{
+			EtcdEndpoints: endpoint, EtcdPrefix: "/vigil", DatabaseURL: *dbURL, DBMaxConns: 8,
+			Cluster: *cluster, ReplicaID: fmt.Sprintf("dev-%d-%s", i+1, randSuffix()), Shards: *shards,
+			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: 30 * time.Second,
+			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, Concurrency: 16,
+			HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)), AgentTimeout: 2 * time.Second,
+			AgentMaxBytes: 4 << 20,
+		}
+		addrs = append(addrs, c.HTTPAddr)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := runReplica(runCtx, c, log.Named(c.ReplicaID), nil); err != nil {
+				errs <- fmt.Errorf("replica %s: %w", c.ReplicaID, err)
+			}
+		}()
+	}
+
+	fmt.Fprintf(stdout, `
+vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s.
+
+  metrics:    %s
+  readiness:  http://%s/readyz
+  ownership:  go tool etcdctl --endpoints=%s get --prefix /vigil/%s/shards/
+              go run ./cmd/vigil shards --etcd-endpoints=%s --cluster=%s
+  one host:   go run ./cmd/vigil owner <host-uuid> --etcd-endpoints=%s --cluster=%s
+  agents:     curl http://%s/hosts   (POST /hosts/<id>/mode {"kind":"dead"} to kill one)
+  database:   psql '%s'
+
+Ctrl-C stops everything.
+`, *replicas, *hosts, *shards, *ttl, metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL)
+
+	var first error
+	select {
+	case <-ctx.Done():
+	case first = <-errs:
+		log.Error("stopping after a failure", "error", first)
+	}
+	cancel()
+	wg.Wait()
+	log.Info("dev cluster stopped")
+	return first
+}
+
+func metricsURLs(addrs []string) string {
+	s := ""
+	for i, a := range addrs {
+		if i > 0 {
+			s += "\n              "
+		}
+		s += "http://" + a + "/metrics"
+	}
+	return s
+}
+
+func randSuffix() string {
+	var b [2]byte
+	_, _ = randRead(b[:])
+	return fmt.Sprintf("%x", b)
+}
+
+// createDatabase creates the URL's database if it does not exist, through
+// the server's postgres database.
+func createDatabase(ctx context.Context, dbURL string) error {
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		return usageErr(fmt.Errorf("--database-url: %w", err))
+	}
+	name := u.Path
+	if len(name) > 0 && name[0] == '/' {
+		name = name[1:]
+	}
+	if name == "" {
+		return usageErr(errors.New("--database-url names no database"))
+	}
+	admin := *u
+	admin.Path = "/postgres"
+	conn, err := pgx.Connect(ctx, admin.String())
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w (is PostgreSQL running? scripts/ensure-postgres.sh starts it)", admin.Redacted(), err)
+	}
+	defer conn.Close(context.Background())
+	var exists bool
+	if err := conn.QueryRow(ctx, `select exists (select 1 from pg_database where datname = $1)`, name).Scan(&exists); err != nil {
+		return err
+	}
+	if exists {
+		return nil
+	}
+	_, err = conn.Exec(ctx, "create database "+pgx.Identifier{name}.Sanitize())
+	return err
+}

@@ -1,0 +1,313 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/vigil-sh/vigil/agentpool"
+	"github.com/vigil-sh/vigil/election"
+	"github.com/vigil-sh/vigil/monitor"
+	"github.com/vigil-sh/vigil/shard"
+	"github.com/vigil-sh/vigil/store"
+)
+
+// replicaConfig is everything one replica needs; `vigil run` fills it from
+// flags, `vigil dev` builds several.
+type replicaConfig struct {
+	EtcdEndpoints    string
+	EtcdPrefix       string
+	EtcdCAFile       string
+	EtcdCertFile     string
+	EtcdKeyFile      string
+	DatabaseURL      string
+	DBMaxConns       int
+	Cluster          string
+	ReplicaID        string
+	Shards           int
+	LeaseTTL         time.Duration
+	Interval         time.Duration
+	StaleScan        time.Duration
+	UnreachableAfter time.Duration
+	TransientGrace   time.Duration
+	SnapshotGrace    time.Duration
+	Concurrency      int
+	HTTPAddr         string
+	AgentTimeout     time.Duration
+	AgentMaxBytes    int
+	AgentCAFile      string
+	AgentCertFile    string
+	AgentKeyFile     string
+}
+
+func defaultReplicaID() string {
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		h = "vigil"
+	}
+	h = strings.Map(func(r rune) rune {
+		if r <= ' ' || r > '~' || r == '/' {
+			return '-'
+		}
+		return r
+	}, h)
+	var b [4]byte
+	_, _ = randRead(b[:])
+	return fmt.Sprintf("%s-%x", h, b)
+}
+
+func (c *replicaConfig) flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.EtcdEndpoints, "etcd-endpoints", "127.0.0.1:2379", "comma-separated etcd endpoints; all are used")
+	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", "/vigil", "etcd key prefix")
+	fs.StringVar(&c.EtcdCAFile, "etcd-ca-file", "", "CA bundle for etcd TLS")
+	fs.StringVar(&c.EtcdCertFile, "etcd-cert-file", "", "client certificate for etcd TLS")
+	fs.StringVar(&c.EtcdKeyFile, "etcd-key-file", "", "client key for etcd TLS")
+	fs.StringVar(&c.DatabaseURL, "database-url", "", "Postgres URL of the control plane's database (required)")
+	fs.IntVar(&c.DBMaxConns, "db-max-conns", 8, "Postgres pool size")
+	fs.StringVar(&c.Cluster, "cluster", "default", "cluster name: replicas with the same prefix and cluster share the hosts")
+	fs.StringVar(&c.ReplicaID, "replica-id", defaultReplicaID(), "this replica's id (default: hostname plus a random suffix, new on every start)")
+	fs.IntVar(&c.Shards, "shards", shard.DefaultCount, "shard count; fixed when the cluster is created")
+	fs.DurationVar(&c.LeaseTTL, "lease-ttl", 10*time.Second, "etcd lease TTL (whole seconds): a lost replica's shards move within it")
+	fs.DurationVar(&c.Interval, "interval", 30*time.Second, "active reconcile period per host")
+	fs.DurationVar(&c.StaleScan, "stale-scan", 2*time.Second, "how often to look for hosts with stale heartbeats")
+	fs.DurationVar(&c.UnreachableAfter, "unreachable-after", 90*time.Second, "a host without heartbeat for this long becomes unreachable")
+	fs.DurationVar(&c.TransientGrace, "transient-grace", 2*time.Minute, "grace for starting/resuming/pausing/stopping/snapshotting sandboxes missing on their agent")
+	fs.DurationVar(&c.SnapshotGrace, "snapshot-grace", 15*time.Minute, "grace for a snapshotting sandbox still alive on its agent")
+	fs.IntVar(&c.Concurrency, "concurrency", 16, "hosts of one shard reconciled at once")
+	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9090", "admin HTTP listener: /metrics, /healthz, /readyz")
+	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 5*time.Second, "deadline of every agent RPC")
+	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", 4<<20, "largest agent answer accepted")
+	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
+	fs.StringVar(&c.AgentCertFile, "agent-cert-file", "", "client certificate for agent mutual TLS")
+	fs.StringVar(&c.AgentKeyFile, "agent-key-file", "", "client key for agent mutual TLS")
+}
+
+func (c *replicaConfig) validate() error {
+	if c.DatabaseURL == "" {
+		return errors.New("--database-url (or $VIGIL_DATABASE_URL) is required")
+	}
+	if strings.TrimSpace(c.EtcdEndpoints) == "" {
+		return errors.New("--etcd-endpoints is empty")
+	}
+	if err := election.ValidReplicaID(c.ReplicaID); err != nil {
+		return fmt.Errorf("--replica-id: %w", err)
+	}
+	if c.Cluster == "" || strings.Contains(c.Cluster, "/") {
+		return fmt.Errorf("--cluster %q must be non-empty without '/'", c.Cluster)
+	}
+	if c.Shards < 1 || c.Shards > 9999 {
+		return fmt.Errorf("--shards %d out of range 1..9999", c.Shards)
+	}
+	if c.LeaseTTL < time.Second || c.LeaseTTL%time.Second != 0 {
+		return fmt.Errorf("--lease-ttl %s must be whole seconds, at least 1s", c.LeaseTTL)
+	}
+	if c.Interval < 100*time.Millisecond {
+		return fmt.Errorf("--interval %s is too short", c.Interval)
+	}
+	if c.AgentTimeout <= 0 || c.AgentTimeout >= c.LeaseTTL {
+		// A destroy must finish well inside the lease.
+		return fmt.Errorf("--agent-timeout %s must be positive and under --lease-ttl %s", c.AgentTimeout, c.LeaseTTL)
+	}
+	if c.DBMaxConns < 1 {
+		return fmt.Errorf("--db-max-conns %d must be at least 1", c.DBMaxConns)
+	}
+	if (c.EtcdCertFile == "") != (c.EtcdKeyFile == "") {
+		return errors.New("--etcd-cert-file and --etcd-key-file go together")
+	}
+	return nil
+}
+
+func (c *replicaConfig) etcdTLS() (*tls.Config, error) {
+	if c.EtcdCAFile == "" && c.EtcdCertFile == "" {
+		return nil, nil
+	}
+	t := &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.EtcdCAFile != "" {
+		pem, err := os.ReadFile(c.EtcdCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--etcd-ca-file %s holds no PEM certificate", c.EtcdCAFile)
+		}
+		t.RootCAs = pool
+	}
+	if c.EtcdCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(c.EtcdCertFile, c.EtcdKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cert-file/--etcd-key-file: %w", err)
+		}
+		t.Certificates = []tls.Certificate{cert}
+	}
+	return t, nil
+}
+
+func splitEndpoints(s string) []string {
+	var out []string
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// newEtcdClient connects to every configured endpoint.
+func newEtcdClient(c *replicaConfig) (*clientv3.Client, error) {
+	tlsCfg, err := c.etcdTLS()
+	if err != nil {
+		return nil, err
+	}
+	return clientv3.New(clientv3.Config{
+		Endpoints:            splitEndpoints(c.EtcdEndpoints),
+		DialTimeout:          c.LeaseTTL / 2,
+		DialKeepAliveTime:    c.LeaseTTL / 2,
+		DialKeepAliveTimeout: c.LeaseTTL / 3,
+		TLS:                  tlsCfg,
+		Logger:               zap.NewNop(),
+	})
+}
+
+// runReplica runs one replica until ctx ends, then hands its shards over.
+// ready, when not nil, is called once the admin listener is bound.
+func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAddr func(string)) error {
+	if err := c.validate(); err != nil {
+		return usageErr(err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	lockT, stmtT, idleT := store.SessionTimeoutsFor(c.LeaseTTL)
+	st, err := store.Open(ctx, store.Config{
+		URL: c.DatabaseURL, MaxConns: int32(c.DBMaxConns),
+		LockTimeout: lockT, StatementTimeout: stmtT, IdleInTransactionSessionTimeout: idleT,
+		ApplicationName: "vigil " + c.ReplicaID,
+	})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	pool, err := agentpool.New(agentpool.Config{
+		Timeout: c.AgentTimeout, MaxResponseBytes: c.AgentMaxBytes,
+		CAFile: c.AgentCAFile, CertFile: c.AgentCertFile, KeyFile: c.AgentKeyFile,
+		Logger: log.Named("agents"), Registerer: reg,
+	})
+	if err != nil {
+		return usageErr(err)
+	}
+	defer pool.Close()
+	rec, err := monitor.New(monitor.Config{
+		Rules:            monitor.Rules{TransientGrace: c.TransientGrace, SnapshotGrace: c.SnapshotGrace},
+		UnreachableAfter: c.UnreachableAfter, Concurrency: c.Concurrency,
+		Logger: log.Named("reconcile"), Registerer: reg,
+	}, st, pool)
+	if err != nil {
+		return usageErr(err)
+	}
+	runner, err := monitor.NewRunner(monitor.RunnerConfig{
+		Replica: c.ReplicaID, Shards: c.Shards, Interval: c.Interval, StaleScan: c.StaleScan,
+		Logger: log.Named("monitor"),
+	}, rec)
+	if err != nil {
+		return usageErr(err)
+	}
+	cli, err := newEtcdClient(&c)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+
+	ln, err := net.Listen("tcp", c.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("--http-addr %s: %w", c.HTTPAddr, err)
+	}
+	node, err := election.New(election.Config{
+		Client: cli, Layout: election.NewLayout(c.EtcdPrefix, c.Cluster),
+		ReplicaID: c.ReplicaID, Addr: ln.Addr().String(), Shards: c.Shards, LeaseTTL: c.LeaseTTL,
+		Worker: runner, Logger: log.Named("election"), Registerer: reg,
+	})
+	if err != nil {
+		ln.Close()
+		return usageErr(err)
+	}
+	srv := &http.Server{Handler: adminMux(reg, node, st), ReadHeaderTimeout: 5 * time.Second}
+	if boundAddr != nil {
+		boundAddr(ln.Addr().String())
+	}
+	log.Info("replica starting", "replica", c.ReplicaID, "cluster", c.Cluster, "shards", c.Shards,
+		"lease_ttl", c.LeaseTTL, "admin", ln.Addr().String())
+
+	rctx, stopRunner := context.WithCancel(context.Background())
+	defer stopRunner()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = runner.Run(rctx) }()
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("admin listener failed", "error", err)
+		}
+	}()
+	// The node hands shards over when ctx ends; the runner's replica-wide
+	// loops and the admin listener outlive it so the handover is observable.
+	err = node.Run(ctx)
+	stopRunner()
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	_ = srv.Shutdown(sctx)
+	cancel()
+	wg.Wait()
+	if err != nil {
+		return err
+	}
+	log.Info("replica stopped", "replica", c.ReplicaID)
+	return nil
+}
+
+func adminMux(reg *prometheus.Registry, node *election.Node, st *store.Store) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		var problems []string
+		if !node.SessionValid() {
+			problems = append(problems, "etcd session not valid")
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), time.Second)
+		if err := st.Ping(ctx); err != nil {
+			problems = append(problems, "postgres unreachable: "+err.Error())
+		}
+		cancel()
+		if !node.InitialShardsAcquired() {
+			problems = append(problems, "initial shards not acquired yet")
+		}
+		if len(problems) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, strings.Join(problems, "\n"))
+			return
+		}
+		fmt.Fprintf(w, "ok: %d shards owned\n", len(node.Owned()))
+	})
+	return mux
+}
+
+func newHTTPServer(h http.Handler) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+}
