@@ -31,12 +31,12 @@ type tracker struct {
 	// owner learns of it a moment later (Postgres fencing covers that gap).
 	lenient  bool
 	overlaps int
-	mu      sync.Mutex
-	running map[int]string // shard -> replica
-	stopped map[int]time.Time
-	gaps    []time.Duration
-	starts  int
-	changed chan struct{}
+	mu       sync.Mutex
+	running  map[int]string // shard -> replica
+	stopped  map[int]time.Time
+	gaps     []time.Duration
+	starts   int
+	changed  chan struct{}
 }
 
 func newTracker(t *testing.T) *tracker {
