@@ -203,12 +203,13 @@ func (r *Runner) listen(ctx context.Context) error {
 		return err
 	}
 	// The connection carries LISTEN state: never return it to the pool.
-	defer conn.Hijack().Close(context.Background())
-	if _, err := conn.Exec(ctx, "listen vigil_host_online"); err != nil {
+	pc := conn.Hijack()
+	defer pc.Close(context.Background())
+	if _, err := pc.Exec(ctx, "listen vigil_host_online"); err != nil {
 		return err
 	}
 	for {
-		n, err := conn.Conn().WaitForNotification(ctx)
+		n, err := pc.WaitForNotification(ctx)
 		if err != nil {
 			return err
 		}

@@ -77,7 +77,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	sim, err := agentsim.New(agentsim.Config{
 		DatabaseURL: *dbURL, Hosts: *hosts, SandboxesPerHost: *sandboxes, ChurnPerSecond: *churn,
 		ChurnStepDelay: 500 * time.Millisecond, SharedFraction: 0.2, HeartbeatInterval: 5 * time.Second,
-		Logger: log.Named("agentsim"),
+		Logger: log.Named("agentsim"), Seed: 1, // the same hosts on every run
 	})
 	if err != nil {
 		return err
