@@ -3,12 +3,17 @@ TOOLS    := $(GO) tool -modfile=tools/go.mod
 PKGS     := ./...
 BIN      := bin
 
-.PHONY: all build test test-short check fmt vet tidy generate generate-check bench clean
+.PHONY: all build dev test test-short test-long check fmt vet tidy generate generate-check bench clean
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+## dev: a whole local cluster (embedded etcd, agentsim, three replicas); Ctrl-C stops it.
+dev:
+	./scripts/ensure-postgres.sh
+	$(GO) run ./cmd/vigil dev
 
 ## test: the whole suite; starts the local Postgres if it is down.
 test:
@@ -18,6 +23,11 @@ test:
 test-short:
 	./scripts/ensure-postgres.sh
 	$(GO) test -short -count=1 $(PKGS)
+
+## test-long: fault runs too long for the suite (repeated kills, latency distributions).
+test-long:
+	./scripts/ensure-postgres.sh
+	VIGIL_LONG=1 $(GO) test -count=1 -timeout 60m -run 'Long|Distribution' -v ./...
 
 bench:
 	./scripts/ensure-postgres.sh

@@ -432,9 +432,6 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 			if !v.validOwner(kv{value: desired, lease: v.members[desired].lease, createRev: 1}) {
 				desired = "" // names no member
 			}
-			if leaving {
-				desired = ""
-			}
 			if desired == me {
 				assignedToMe++
 			}
@@ -447,8 +444,13 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 				case key.createRev != o.token || key.value != me || key.lease != lease:
 					// Deleted, recreated or rewritten by someone else.
 					stopShard(s, o, "key_lost", false)
-				case desired != me && (desired != "" || leaving):
+				case desired != me && desired != "":
+					// The leader moved it: stop, wait for in-flight work,
+					// then delete our key; the new owner is watching.
 					stopShard(s, o, "reassigned", true)
+				case leaving && len(v.members) == 0:
+					// Last replica standing: nobody to hand over to.
+					stopShard(s, o, "shutdown", true)
 				default:
 					ownedOK++
 				}

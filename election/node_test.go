@@ -2,8 +2,12 @@ package election_test
 
 import (
 	"context"
+	"os"
+	"strings"
+
 	"errors"
 	"fmt"
+	"github.com/hashicorp/go-hclog"
 	"sort"
 	"sync"
 	"testing"
@@ -137,6 +141,21 @@ func summary(o map[string][]int) string {
 	return fmt.Sprint(parts)
 }
 
+// testLogger logs to the test's output when VIGIL_TEST_LOG is set.
+func testLogger(t *testing.T, name string) hclog.Logger {
+	if os.Getenv("VIGIL_TEST_LOG") == "" {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: name, Level: hclog.Debug, Output: tWriter{t}})
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}
+
 type cluster struct {
 	t      *testing.T
 	etcd   *etcdtest.Cluster
@@ -168,7 +187,7 @@ func (c *cluster) startWith(id string, shards int, fail func(int) error) *runnin
 	c.t.Helper()
 	n, err := election.New(election.Config{
 		Client: c.etcd.Client(c.t), Layout: c.layout, ReplicaID: id, Addr: "test", Shards: shards,
-		LeaseTTL: c.ttl, Worker: worker{tr: c.tr, replica: id, fail: fail},
+		LeaseTTL: c.ttl, Worker: worker{tr: c.tr, replica: id, fail: fail}, Logger: testLogger(c.t, id),
 	})
 	if err != nil {
 		c.t.Fatal(err)
