@@ -456,15 +456,17 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 				}
 				continue
 			}
+			if key.createRev != 0 && key.lease == lease && key.value == me {
+				// Ours from this session, yet no worker runs: a release
+				// whose delete failed. Drop it (and claim afresh if ours).
+				n.deleteIf(sctx, L.Shard(s), key.modRev, "stale_own_key")
+				continue
+			}
 			if desired != me {
 				continue
 			}
 			if key.createRev != 0 {
-				if key.lease == lease && key.value == me {
-					// Ours from this session, yet not running: a leftover of a
-					// failed release. Drop it and claim afresh.
-					n.deleteIf(sctx, L.Shard(s), key.modRev, "stale_own_key")
-				} else if !v.validOwner(key) {
+				if !v.validOwner(key) {
 					n.deleteIf(sctx, L.Shard(s), key.modRev, "invalid_owner_key")
 				}
 				continue // held by another owner: it releases, the watch wakes us
