@@ -373,7 +373,7 @@ func TestSessionLossStopsEverythingAndRejoins(t *testing.T) {
 	c.start("a")
 	c.start("b")
 	c.tr.waitFor(10*time.Second, "balanced", func() bool { return c.balanced("a", "b") })
-	for i := 0; i < 5; i++ {
+	for i := 0; i < 8; i++ {
 		resp, err := c.cli.Get(context.Background(), c.layout.Member("a"))
 		if err != nil || len(resp.Kvs) != 1 {
 			t.Fatalf("member key: %v %v", resp, err)

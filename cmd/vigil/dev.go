@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"go.uber.org/zap"
 
 	"github.com/vigil-sh/vigil/agentsim"
 	"github.com/vigil-sh/vigil/internal/cli"
@@ -66,7 +67,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		defer os.RemoveAll(d)
 		dir = d
 	}
-	etcd, err := embedetcd.StartEmbedded(ctx, embedetcd.EmbedConfig{Name: "vigil-dev", Dir: dir, ClientURL: "http://" + *etcdClient, PeerURL: "http://" + *etcdPeer})
+	etcd, err := embedetcd.StartEmbedded(ctx, embedetcd.EmbedConfig{Name: "vigil-dev", Dir: dir, ClientURL: "http://" + *etcdClient, PeerURL: "http://" + *etcdPeer,
+		Logger: zap.NewNop()}) // its shutdown chatter would bury the replicas' logs
 	if err != nil {
 		return fmt.Errorf("embedded etcd: %w", err)
 	}
