@@ -19,6 +19,7 @@ dev:
 test:
 	./scripts/ensure-postgres.sh
 	$(GO) test -count=1 -timeout 20m $(PKGS)
+	./deploy/check.sh
 
 test-short:
 	./scripts/ensure-postgres.sh

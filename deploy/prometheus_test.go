@@ -1,0 +1,228 @@
+package deploy
+
+import (
+	"io"
+	"log/slog"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/rulefmt"
+	"sigs.k8s.io/yaml"
+)
+
+const (
+	rulesFile     = "prometheus/vigil-rules.yml"
+	rulesTestFile = "prometheus/vigil-rules.test.yml"
+	promConfig    = "prometheus/prometheus.yml"
+	readmeFile    = "README.md"
+)
+
+// The alerts SPEC §5 and the deployment brief require, at least.
+var requiredAlerts = []string{
+	"VigilReconcileLagHigh",
+	"VigilShardsUnowned",
+	"VigilShardsDoublyClaimed",
+	"VigilNoLeader",
+	"VigilMultipleLeaders",
+	"VigilReplicaDown",
+}
+
+func loadRules(t *testing.T) *rulefmt.RuleGroups {
+	t.Helper()
+	groups, errs := rulefmt.ParseFile(rulesFile, false, model.LegacyValidation, promqlParser, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	for _, err := range errs {
+		t.Errorf("%s: %v", rulesFile, err)
+	}
+	if groups == nil {
+		t.FailNow()
+	}
+	return groups
+}
+
+func recordNames(g *rulefmt.RuleGroups) map[string]bool {
+	m := map[string]bool{}
+	for _, grp := range g.Groups {
+		for _, r := range grp.Rules {
+			if r.Record != "" {
+				m[r.Record] = true
+			}
+		}
+	}
+	return m
+}
+
+func alertRules(g *rulefmt.RuleGroups) []rulefmt.Rule {
+	var rules []rulefmt.Rule
+	for _, grp := range g.Groups {
+		for _, r := range grp.Rules {
+			if r.Alert != "" {
+				rules = append(rules, r)
+			}
+		}
+	}
+	return rules
+}
+
+// githubAnchor is the fragment GitHub gives a Markdown heading.
+func githubAnchor(heading string) string {
+	h := strings.ToLower(strings.TrimSpace(heading))
+	h = regexp.MustCompile(`[^a-z0-9 _-]`).ReplaceAllString(h, "")
+	return strings.ReplaceAll(h, " ", "-")
+}
+
+func TestPrometheusRules(t *testing.T) {
+	groups := loadRules(t)
+	records := recordNames(groups)
+	readme := string(readFile(t, readmeFile))
+	anchors := map[string]bool{}
+	for _, line := range strings.Split(readme, "\n") {
+		if h, ok := strings.CutPrefix(line, "#"); ok {
+			anchors[githubAnchor(strings.TrimLeft(h, "#"))] = true
+		}
+	}
+
+	seen := map[string]bool{}
+	for _, grp := range groups.Groups {
+		for _, r := range grp.Rules {
+			name := r.Record + r.Alert
+			where := rulesFile + ": " + name
+			checkPromQL(t, where, r.Expr, records)
+			if r.Record != "" {
+				if !strings.HasPrefix(r.Record, "vigil:") {
+					t.Errorf("%s: recording rules are named vigil:<metric>[:<operation>]", where)
+				}
+				continue
+			}
+			if seen[r.Alert] {
+				t.Errorf("%s: alert defined twice", where)
+			}
+			seen[r.Alert] = true
+			if sev := r.Labels["severity"]; !slices.Contains([]string{"critical", "warning", "info"}, sev) {
+				t.Errorf("%s: severity label %q, want critical, warning or info", where, sev)
+			}
+			for _, a := range []string{"summary", "description", "runbook"} {
+				if strings.TrimSpace(r.Annotations[a]) == "" {
+					t.Errorf("%s: no %s annotation", where, a)
+				}
+				checkVigilNamesInText(t, where+" annotation "+a, r.Annotations[a])
+			}
+			anchor := strings.ToLower(r.Alert)
+			if !strings.HasPrefix(r.Annotations["runbook"], readmeFile+"#"+anchor) && !strings.HasPrefix(r.Annotations["runbook"], "deploy/"+readmeFile+"#"+anchor) {
+				t.Errorf("%s: runbook annotation should start with deploy/README.md#%s", where, anchor)
+			}
+			if !anchors[anchor] {
+				t.Errorf("%s: deploy/README.md has no runbook heading %q", where, r.Alert)
+			}
+		}
+	}
+	for _, a := range requiredAlerts {
+		if !seen[a] {
+			t.Errorf("%s: required alert %s missing", rulesFile, a)
+		}
+	}
+}
+
+// ruleTests mirrors the parts of promtool's unit-test file this test reads.
+type ruleTests struct {
+	RuleFiles []string `json:"rule_files"`
+	Tests     []struct {
+		Name          string `json:"name"`
+		AlertRuleTest []struct {
+			EvalTime  string `json:"eval_time"`
+			Alertname string `json:"alertname"`
+			ExpAlerts []any  `json:"exp_alerts"`
+		} `json:"alert_rule_test"`
+	} `json:"tests"`
+}
+
+// TestRuleUnitTestsCoverEveryAlert: every alert is shown both firing and not
+// firing in vigil-rules.test.yml.
+func TestRuleUnitTestsCoverEveryAlert(t *testing.T) {
+	var rt ruleTests
+	if err := yaml.Unmarshal(readFile(t, rulesTestFile), &rt); err != nil {
+		t.Fatalf("%s: %v", rulesTestFile, err)
+	}
+	if !slices.Contains(rt.RuleFiles, filepath.Base(rulesFile)) {
+		t.Errorf("%s: rule_files %v does not load %s", rulesTestFile, rt.RuleFiles, filepath.Base(rulesFile))
+	}
+	firing, silent := map[string]int{}, map[string]int{}
+	for _, tc := range rt.Tests {
+		for _, a := range tc.AlertRuleTest {
+			if len(a.ExpAlerts) > 0 {
+				firing[a.Alertname]++
+			} else {
+				silent[a.Alertname]++
+			}
+		}
+	}
+	for _, r := range alertRules(loadRules(t)) {
+		if firing[r.Alert] == 0 {
+			t.Errorf("%s: no test shows %s firing", rulesTestFile, r.Alert)
+		}
+		if silent[r.Alert] == 0 {
+			t.Errorf("%s: no test shows %s not firing", rulesTestFile, r.Alert)
+		}
+	}
+}
+
+// TestPromtool runs promtool's own checks and the rule unit tests.
+func TestPromtool(t *testing.T) {
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Skip("promtool not on PATH: run deploy/check.sh, which installs it (Debian package prometheus), to check and unit-test the rules")
+	}
+	for _, args := range [][]string{
+		{"check", "rules", filepath.Base(rulesFile)},
+		{"test", "rules", filepath.Base(rulesTestFile)},
+		{"check", "config", filepath.Base(promConfig)},
+	} {
+		cmd := exec.Command(promtool, args...)
+		cmd.Dir = filepath.Dir(rulesFile)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+		} else {
+			t.Logf("promtool %s: ok", strings.Join(args, " "))
+		}
+	}
+}
+
+// promScrapeConfig is the part of prometheus.yml the tests read.
+type promScrapeConfig struct {
+	RuleFiles     []string `json:"rule_files"`
+	ScrapeConfigs []struct {
+		JobName       string `json:"job_name"`
+		StaticConfigs []struct {
+			Targets []string          `json:"targets"`
+			Labels  map[string]string `json:"labels"`
+		} `json:"static_configs"`
+	} `json:"scrape_configs"`
+}
+
+func loadPromConfig(t *testing.T) promScrapeConfig {
+	t.Helper()
+	var c promScrapeConfig
+	if err := yaml.Unmarshal(readFile(t, promConfig), &c); err != nil {
+		t.Fatalf("%s: %v", promConfig, err)
+	}
+	return c
+}
+
+func TestPrometheusConfig(t *testing.T) {
+	c := loadPromConfig(t)
+	if !slices.Contains(c.RuleFiles, filepath.Base(rulesFile)) {
+		t.Errorf("%s: rule_files %v does not load %s", promConfig, c.RuleFiles, filepath.Base(rulesFile))
+	}
+	jobs := map[string]bool{}
+	for _, sc := range c.ScrapeConfigs {
+		jobs[sc.JobName] = true
+	}
+	if !jobs["vigil"] {
+		t.Errorf(`%s: no job "vigil": the rules expect up{job="vigil"}`, promConfig)
+	}
+}
