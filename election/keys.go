@@ -56,6 +56,9 @@ type ClusterConfig struct {
 type MemberInfo struct {
 	Addr    string `json:"addr"`
 	Started string `json:"started"`
+	// Leaving marks a replica handing its shards over before it stops: its
+	// owner keys stay valid, but the leader assigns it nothing.
+	Leaving bool `json:"leaving,omitempty"`
 }
 
 // ValidReplicaID reports whether id can name a replica: non-empty, at most

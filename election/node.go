@@ -236,7 +236,7 @@ func (n *Node) runSession(ctx context.Context, first bool) error {
 		}
 		n.log.Error("cluster config cannot be trusted; carrying on with the configured shard count", "error", err)
 	}
-	sess, err := NewSession(ctx, n.cfg.Client, SessionConfig{TTL: n.cfg.LeaseTTL, Logger: n.log.Named("session")})
+	sess, err := NewSession(context.WithoutCancel(ctx), n.cfg.Client, SessionConfig{TTL: n.cfg.LeaseTTL, Logger: n.log.Named("session")})
 	if err != nil {
 		return err
 	}
@@ -310,6 +310,7 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 	me := n.cfg.ReplicaID
 	lease := sess.Lease()
 	owned := map[int]*ownership{}
+	releasedAt := map[int]int64{} // shard -> revision of our release's delete
 	finished := make(chan int, n.cfg.Shards)
 	resync := time.NewTicker(n.cfg.Resync)
 	defer resync.Stop()
@@ -367,7 +368,8 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 			handoverDeadline = time.After(n.cfg.HandoverTimeout)
 			// Resign and withdraw membership in one step: the next leader
 			// moves our shards away; we release each as it is reassigned.
-			ops := []clientv3.Op{clientv3.OpDelete(L.Member(me))}
+			leavingInfo, _ := json.Marshal(MemberInfo{Addr: n.cfg.Addr, Started: n.started.UTC().Format(time.RFC3339Nano), Leaving: true})
+			ops := []clientv3.Op{clientv3.OpPut(L.Member(me), string(leavingInfo), clientv3.WithLease(lease))}
 			ops = append(ops, clientv3.OpDelete(leaderKey))
 			ctx, cancel := context.WithTimeout(sctx, n.cfg.LeaseTTL)
 			_, err := n.cfg.Client.Txn(ctx).Then(ops...).Commit()
@@ -399,10 +401,13 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 			}
 			if o.release || o.reason == "" {
 				ctx, cancel := context.WithTimeout(sctx, n.cfg.LeaseTTL)
-				_, err := n.cfg.Client.Txn(ctx).
+				resp, err := n.cfg.Client.Txn(ctx).
 					If(clientv3.Compare(clientv3.CreateRevision(L.Shard(s)), "=", o.token)).
 					Then(clientv3.OpDelete(L.Shard(s))).Commit()
 				cancel()
+				if err == nil {
+					releasedAt[s] = resp.Header.Revision
+				}
 				if err != nil {
 					n.log.Warn("deleting released owner key failed; it expires with the lease", "shard", s, "error", err)
 				}
@@ -432,7 +437,7 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 			if !v.validOwner(kv{value: desired, lease: v.members[desired].lease, createRev: 1}) {
 				desired = "" // names no member
 			}
-			if desired == me {
+			if desired == me && !leaving {
 				assignedToMe++
 			}
 			key := v.owners[s]
@@ -441,14 +446,15 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 				switch {
 				case o.cancel == nil:
 					// Stopping; wait for the worker.
-				case key.createRev != o.token || key.value != me || key.lease != lease:
+				case v.rev >= o.token && (key.createRev != o.token || key.value != me || key.lease != lease):
+					// (A view older than our claim has not seen our key yet.)
 					// Deleted, recreated or rewritten by someone else.
 					stopShard(s, o, "key_lost", false)
 				case desired != me && desired != "":
 					// The leader moved it: stop, wait for in-flight work,
 					// then delete our key; the new owner is watching.
 					stopShard(s, o, "reassigned", true)
-				case leaving && len(v.members) == 0:
+				case leaving && len(v.memberIDs()) == 0:
 					// Last replica standing: nobody to hand over to.
 					stopShard(s, o, "shutdown", true)
 				default:
@@ -456,7 +462,7 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 				}
 				continue
 			}
-			if key.createRev != 0 && key.lease == lease && key.value == me {
+			if key.createRev != 0 && key.lease == lease && key.value == me && v.rev >= releasedAt[s] {
 				// Ours from this session, yet no worker runs: a release
 				// whose delete failed. Drop it (and claim afresh if ours).
 				n.deleteIf(sctx, L.Shard(s), key.modRev, "stale_own_key")
@@ -471,7 +477,7 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 				}
 				continue // held by another owner: it releases, the watch wakes us
 			}
-			if !sess.Valid() {
+			if !sess.Valid() || leaving {
 				continue
 			}
 			token, ok := n.claim(sctx, s, lease)

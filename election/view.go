@@ -1,6 +1,7 @@
 package election
 
 import (
+	"encoding/json"
 	"strings"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -24,6 +25,7 @@ type view struct {
 	layout  Layout
 	shards  int
 	members map[string]kv // replica id -> member key
+	leaving map[string]bool
 	leaders map[string]kv // full key -> election key
 	assign  []kv          // by shard; zero value = absent
 	owners  []kv          // by shard
@@ -42,6 +44,7 @@ func newView(layout Layout, shards int) *view {
 		layout:  layout,
 		shards:  shards,
 		members: map[string]kv{},
+		leaving: map[string]bool{},
 		leaders: map[string]kv{},
 		assign:  make([]kv, shards),
 		owners:  make([]kv, shards),
@@ -53,6 +56,10 @@ func (v *view) clone() *view {
 	c.members = make(map[string]kv, len(v.members))
 	for k, x := range v.members {
 		c.members[k] = x
+	}
+	c.leaving = make(map[string]bool, len(v.leaving))
+	for k := range v.leaving {
+		c.leaving[k] = true
 	}
 	c.leaders = make(map[string]kv, len(v.leaders))
 	for k, x := range v.leaders {
@@ -87,6 +94,7 @@ func (v *view) apply(key string, put bool, val kv) {
 		id := rest[len("members/"):]
 		if !put {
 			delete(v.members, id)
+			delete(v.leaving, id)
 			return
 		}
 		if err := ValidReplicaID(id); err != nil {
@@ -98,6 +106,12 @@ func (v *view) apply(key string, put bool, val kv) {
 			return
 		}
 		v.members[id] = val
+		var mi MemberInfo
+		if json.Unmarshal([]byte(val.value), &mi) == nil && mi.Leaving {
+			v.leaving[id] = true
+		} else {
+			delete(v.leaving, id)
+		}
 	case strings.HasPrefix(rest, "leader/"):
 		if put {
 			v.leaders[key] = val
@@ -165,7 +179,9 @@ func (v *view) leader() (key string, x kv, ok bool) {
 func (v *view) memberIDs() []string {
 	out := make([]string, 0, len(v.members))
 	for id := range v.members {
-		out = append(out, id)
+		if !v.leaving[id] {
+			out = append(out, id)
+		}
 	}
 	return out
 }
