@@ -95,6 +95,7 @@ type Node struct {
 	owned        map[int]int64 // shard -> token, shards whose worker runs
 	assignedToMe int
 	everReady    bool
+	joined       bool // registered at least once: later config trouble is not fatal
 	started      time.Time
 }
 
@@ -153,19 +154,17 @@ func (n *Node) InitialShardsAcquired() bool {
 // Run returns an error only for conditions a restart cannot fix, such as a
 // cluster created with another shard count.
 func (n *Node) Run(ctx context.Context) error {
-	first := true
 	for {
 		if ctx.Err() != nil {
 			return nil
 		}
-		err := n.runSession(ctx, first)
+		err := n.runSession(ctx)
 		if errors.Is(err, ErrShardCount) || errors.Is(err, ErrBadConfig) {
 			return err
 		}
 		if ctx.Err() != nil {
 			return nil
 		}
-		first = false
 		if err != nil {
 			n.log.Warn("session ended; rejoining with a fresh lease", "error", err)
 		}
@@ -229,12 +228,26 @@ func (n *Node) setSession(s *Session) {
 }
 
 // runSession is one lease's lifetime.
-func (n *Node) runSession(ctx context.Context, first bool) error {
-	if err := n.ensureConfig(clientv3.WithRequireLeader(ctx)); err != nil {
-		if first || errors.Is(err, ErrShardCount) {
+func (n *Node) runSession(ctx context.Context) error {
+	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), n.cfg.LeaseTTL)
+	err := n.ensureConfig(cctx)
+	cancel()
+	switch {
+	case err == nil:
+	case errors.Is(err, ErrShardCount):
+		return err
+	case errors.Is(err, ErrBadConfig):
+		// Refuse to start on it; once running, a config key someone broke
+		// is reported but does not stop a working replica.
+		n.mu.Lock()
+		joined := n.joined
+		n.mu.Unlock()
+		if !joined {
 			return err
 		}
 		n.log.Error("cluster config cannot be trusted; carrying on with the configured shard count", "error", err)
+	default:
+		return err // etcd unreachable: try again
 	}
 	sess, err := NewSession(context.WithoutCancel(ctx), n.cfg.Client, SessionConfig{TTL: n.cfg.LeaseTTL, Logger: n.log.Named("session")})
 	if err != nil {
@@ -261,6 +274,9 @@ func (n *Node) runSession(ctx context.Context, first bool) error {
 		return fmt.Errorf("election: register member: %w", err)
 	}
 	leaderRev := put.Header.Revision
+	n.mu.Lock()
+	n.joined = true
+	n.mu.Unlock()
 	log.Info("joined cluster", "replica", n.cfg.ReplicaID, "ttl", sess.TTL())
 
 	w := newWatcher(n, L)
