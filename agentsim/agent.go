@@ -16,6 +16,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/vigil-sh/vigil/internal/ids"
+	"github.com/vigil-sh/vigil/internal/status"
 	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/proto/hostagent/v1/hostagentv1connect"
 )
@@ -179,9 +180,9 @@ func (a *agentService) ListSandboxes(ctx context.Context, _ *connect.Request[hos
 			info.Status = m.Label
 		case ModeDuplicateIDs:
 			dup := a.info(h, vm)
-			dup.Status = StatusPaused
-			if vm.Status == StatusPaused {
-				dup.Status = StatusRunning
+			dup.Status = status.Paused
+			if vm.Status == status.Paused {
+				dup.Status = status.Running
 			}
 			resp.Sandboxes = append(resp.Sandboxes, info)
 			info = dup

@@ -8,6 +8,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 // churnOp is one control-plane sandbox operation.
@@ -94,13 +96,13 @@ func (s *Sim) churnOnce(ctx context.Context) {
 	case opCreate:
 		err = s.create(ctx, h, id, team)
 	case opPause:
-		err = s.step(ctx, h, id, StatusRunning, StatusPausing, StatusPaused, StatusPausing, StatusPaused)
+		err = s.step(ctx, h, id, status.Running, status.Pausing, status.Paused, status.Pausing, status.Paused)
 	case opResume:
-		err = s.step(ctx, h, id, StatusPaused, StatusResuming, StatusRunning, StatusResuming, StatusRunning)
+		err = s.step(ctx, h, id, status.Paused, status.Resuming, status.Running, status.Resuming, status.Running)
 	case opSnapshot:
-		err = s.step(ctx, h, id, StatusRunning, StatusSnapshotting, StatusRunning, StatusRunning, StatusRunning)
+		err = s.step(ctx, h, id, status.Running, status.Snapshotting, status.Running, status.Running, status.Running)
 	case opDestroy:
-		err = s.step(ctx, h, id, StatusRunning, StatusStopping, StatusStopped, StatusStopping, "")
+		err = s.step(ctx, h, id, status.Running, status.Stopping, status.Stopped, status.Stopping, "")
 	}
 	if err != nil {
 		if ctx.Err() == nil {
@@ -130,7 +132,7 @@ func (s *Sim) pickOp(h *host) (churnOp, uuid.UUID, uuid.UUID) {
 	}
 	var idle []*VM
 	for id, vm := range h.vms {
-		if !h.busy[id] && (vm.Status == StatusRunning || vm.Status == StatusPaused) {
+		if !h.busy[id] && (vm.Status == status.Running || vm.Status == status.Paused) {
 			idle = append(idle, vm)
 		}
 	}
@@ -139,7 +141,7 @@ func (s *Sim) pickOp(h *host) (churnOp, uuid.UUID, uuid.UUID) {
 	}
 	vm := idle[s.intn(len(idle))]
 	op := opResume
-	if vm.Status == StatusRunning {
+	if vm.Status == status.Running {
 		destroy := 0.15
 		if n > target {
 			destroy = 0.5
@@ -160,21 +162,21 @@ func (s *Sim) pickOp(h *host) (churnOp, uuid.UUID, uuid.UUID) {
 // create inserts a starting row, boots the VM, and moves the row to running.
 func (s *Sim) create(ctx context.Context, h *host, id, team uuid.UUID) error {
 	_, err := s.pool.Exec(ctx,
-		`insert into sandboxes (id, team_id, host_id, status, last_updated, created_at) values ($1, $2, $3, 'starting', now(), now())`,
-		pgtype.UUID{Bytes: id, Valid: true}, pgtype.UUID{Bytes: team, Valid: true}, pgtype.UUID{Bytes: h.id, Valid: true})
+		`insert into sandboxes (id, team_id, host_id, status, last_updated, created_at) values ($1, $2, $3, $4, now(), now())`,
+		pgtype.UUID{Bytes: id, Valid: true}, pgtype.UUID{Bytes: team, Valid: true}, pgtype.UUID{Bytes: h.id, Valid: true}, status.Starting)
 	if err != nil {
 		return fmt.Errorf("insert sandbox: %w", err)
 	}
 	h.mu.Lock()
-	h.vms[id] = newVM(id, StatusStarting, team, s.now())
+	h.vms[id] = newVM(id, status.Starting, team, s.now())
 	h.mu.Unlock()
 	if err := s.stepDelay(ctx); err != nil {
 		return err
 	}
-	if !s.agentStep(h, id, StatusStarting, StatusRunning) {
-		return fmt.Errorf("VM left %s", StatusStarting)
+	if !s.agentStep(h, id, status.Starting, status.Running) {
+		return fmt.Errorf("VM left %s", status.Starting)
 	}
-	return s.cas(ctx, id, StatusStarting, StatusRunning)
+	return s.cas(ctx, id, status.Starting, status.Running)
 }
 
 // step runs one operation: the row goes from -> via, the agent shows

@@ -7,19 +7,20 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 // The control plane's transitions, as churn must perform them.
 var validTransitions = map[[2]string]bool{
-	{StatusStarting, StatusRunning}:     true,
-	{StatusRunning, StatusPausing}:      true,
-	{StatusPausing, StatusPaused}:       true,
-	{StatusPaused, StatusResuming}:      true,
-	{StatusResuming, StatusRunning}:     true,
-	{StatusRunning, StatusSnapshotting}: true,
-	{StatusSnapshotting, StatusRunning}: true,
-	{StatusRunning, StatusStopping}:     true,
-	{StatusStopping, StatusStopped}:     true,
+	{status.Starting, status.Running}:     true,
+	{status.Running, status.Pausing}:      true,
+	{status.Pausing, status.Paused}:       true,
+	{status.Paused, status.Resuming}:      true,
+	{status.Resuming, status.Running}:     true,
+	{status.Running, status.Snapshotting}: true,
+	{status.Snapshotting, status.Running}: true,
+	{status.Running, status.Stopping}:     true,
+	{status.Stopping, status.Stopped}:     true,
 }
 
 func TestChurnMakesOnlyValidTransitionsAndKeepsAgentsInStep(t *testing.T) {
@@ -98,7 +99,7 @@ create trigger test_log_transition after update of status on sandboxes
 			t.Fatal(err)
 		}
 		db[id] = r
-		if !KnownStatus(r.status) {
+		if !status.Known(r.status) {
 			t.Errorf("sandbox %s has status %q", id, r.status)
 		}
 	}
@@ -117,11 +118,11 @@ create trigger test_log_transition after update of status on sandboxes
 	for id, r := range db {
 		a, onAgent := agent[id]
 		switch r.status {
-		case StatusRunning, StatusPaused:
+		case status.Running, status.Paused:
 			if !onAgent || a.status != r.status {
 				t.Errorf("sandbox %s is %s in the database, agent has %+v (present %v)", id, r.status, a, onAgent)
 			}
-		case StatusStopped:
+		case status.Stopped:
 			if onAgent {
 				t.Errorf("sandbox %s is stopped in the database, agent still has it as %s", id, a.status)
 			}

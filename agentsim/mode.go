@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"time"
+
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 // Kind names how a simulated host's agent behaves.
@@ -101,7 +103,7 @@ func (m Mode) normalize() (Mode, error) {
 		if m.Label == "" {
 			m.Label = DefaultUnknownLabel
 		}
-		if knownStatus[m.Label] {
+		if status.Known(m.Label) {
 			return m, fmt.Errorf("agentsim: mode unknown-status: %q is a known status", m.Label)
 		}
 	default:

@@ -8,6 +8,7 @@ import (
 
 	"github.com/vigil-sh/vigil/internal/ids"
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 func TestTenThousandHosts(t *testing.T) {
@@ -21,7 +22,7 @@ func TestTenThousandHosts(t *testing.T) {
 
 	var hosts, addrs, shared, sandboxes int
 	if err := pool.QueryRow(ctx, `select count(*), count(distinct address), count(*) filter (where team_id is null),
-		(select count(*) from sandboxes) from hosts where status = 'online'`).Scan(&hosts, &addrs, &shared, &sandboxes); err != nil {
+		(select count(*) from sandboxes) from hosts where status = $1`, status.HostOnline).Scan(&hosts, &addrs, &shared, &sandboxes); err != nil {
 		t.Fatal(err)
 	}
 	if hosts != n || addrs != n || shared != n/10 || sandboxes != n {

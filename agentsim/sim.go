@@ -17,6 +17,8 @@ import (
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 // Errors returned by the Sim's methods; test them with errors.Is.
@@ -26,30 +28,6 @@ var (
 	ErrNoDatabase     = errors.New("agentsim: no database configured")
 	ErrAlreadyRun     = errors.New("agentsim: Run called twice")
 )
-
-// The control plane's sandbox status vocabulary (SPEC §1.1).
-const (
-	StatusPending      = "pending"
-	StatusStarting     = "starting"
-	StatusRunning      = "running"
-	StatusPausing      = "pausing"
-	StatusPaused       = "paused"
-	StatusResuming     = "resuming"
-	StatusSnapshotting = "snapshotting"
-	StatusStopping     = "stopping"
-	StatusStopped      = "stopped"
-	StatusError        = "error"
-	StatusMissing      = "missing"
-)
-
-var knownStatus = map[string]bool{
-	StatusPending: true, StatusStarting: true, StatusRunning: true, StatusPausing: true,
-	StatusPaused: true, StatusResuming: true, StatusSnapshotting: true, StatusStopping: true,
-	StatusStopped: true, StatusError: true, StatusMissing: true,
-}
-
-// KnownStatus reports whether s is in the control plane's status vocabulary.
-func KnownStatus(s string) bool { return knownStatus[s] }
 
 // VM is one sandbox as a simulated agent knows it.
 type VM struct {
@@ -194,7 +172,7 @@ func New(cfg Config) (*Sim, error) {
 			if h.shared {
 				team = s.teams[rng.IntN(len(s.teams))]
 			}
-			h.vms[id] = newVM(id, StatusRunning, team, now)
+			h.vms[id] = newVM(id, status.Running, team, now)
 		}
 		s.hosts[i] = h
 		s.byID[h.id] = h
@@ -214,9 +192,9 @@ func randomUUID(r *mrand.Rand) uuid.UUID {
 	return u
 }
 
-func newVM(id uuid.UUID, status string, team uuid.UUID, now time.Time) *VM {
+func newVM(id uuid.UUID, label string, team uuid.UUID, now time.Time) *VM {
 	return &VM{
-		ID: id, Status: status, TeamID: team,
+		ID: id, Status: label, TeamID: team,
 		Template: "base", VCPUs: 2, MemoryMB: 512,
 		CreatedAt: now, LastActiveAt: now,
 	}
@@ -362,7 +340,7 @@ func (s *Sim) Restart(id uuid.UUID) (int, error) {
 	defer h.mu.Unlock()
 	n := 0
 	for vid, vm := range h.vms {
-		if vm.Status != StatusPaused {
+		if vm.Status != status.Paused {
 			delete(h.vms, vid)
 			n++
 		}
@@ -373,19 +351,19 @@ func (s *Sim) Restart(id uuid.UUID) (int, error) {
 
 // AddVM puts a VM on the host's agent (replacing one with the same id) with
 // any status label, known or not. It does not touch the database.
-func (s *Sim) AddVM(hostID, sandboxID uuid.UUID, status string, teamID uuid.UUID) error {
+func (s *Sim) AddVM(hostID, sandboxID uuid.UUID, label string, teamID uuid.UUID) error {
 	h, err := s.host(hostID)
 	if err != nil {
 		return err
 	}
 	h.mu.Lock()
-	h.vms[sandboxID] = newVM(sandboxID, status, teamID, s.now())
+	h.vms[sandboxID] = newVM(sandboxID, label, teamID, s.now())
 	h.mu.Unlock()
 	return nil
 }
 
 // SetVMStatus changes the label the agent reports for a VM.
-func (s *Sim) SetVMStatus(hostID, sandboxID uuid.UUID, status string) error {
+func (s *Sim) SetVMStatus(hostID, sandboxID uuid.UUID, label string) error {
 	h, err := s.host(hostID)
 	if err != nil {
 		return err
@@ -396,7 +374,7 @@ func (s *Sim) SetVMStatus(hostID, sandboxID uuid.UUID, status string) error {
 	if !ok {
 		return fmt.Errorf("%w %s on host %s", ErrUnknownSandbox, sandboxID, hostID)
 	}
-	vm.Status = status
+	vm.Status = label
 	vm.LastActiveAt = s.now()
 	return nil
 }

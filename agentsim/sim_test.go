@@ -18,6 +18,7 @@ import (
 
 	"github.com/vigil-sh/vigil/internal/ids"
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/status"
 	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 )
 
@@ -123,7 +124,7 @@ func TestRegistersHostsThatAnswerOnlyTheirOwnVMs(t *testing.T) {
 		if !ok {
 			t.Fatalf("host %s not registered", id)
 		}
-		if r.typ != "regular" || r.status != "online" || !r.beat {
+		if r.typ != "regular" || r.status != status.HostOnline || !r.beat {
 			t.Errorf("host %s: %+v, want regular, online, with a heartbeat", id, r)
 		}
 		if r.address != s.Address(id) || addrs[r.address] {
@@ -153,12 +154,12 @@ func TestRegistersHostsThatAnswerOnlyTheirOwnVMs(t *testing.T) {
 		}
 		for rows.Next() {
 			var sid, team uuid.UUID
-			var status string
-			if err := rows.Scan(&sid, &team, &status); err != nil {
+			var st string
+			if err := rows.Scan(&sid, &team, &st); err != nil {
 				t.Fatal(err)
 			}
-			if status != StatusRunning {
-				t.Errorf("seeded sandbox %s is %s, want running", sid, status)
+			if st != status.Running {
+				t.Errorf("seeded sandbox %s is %s, want running", sid, st)
 			}
 			want[ids.Sandbox(sid)] = team.String()
 		}
@@ -177,7 +178,7 @@ func TestRegistersHostsThatAnswerOnlyTheirOwnVMs(t *testing.T) {
 			if team, ok := want[vm.GetSandboxId()]; !ok || team != vm.GetTeamId() {
 				t.Errorf("host %s reports %s (team %s), not one of its rows %v", id, vm.GetSandboxId(), vm.GetTeamId(), want)
 			}
-			if vm.GetStatus() != StatusRunning || vm.GetHostIp() != host || vm.GetVcpus() == 0 || vm.GetMemoryMb() == 0 || vm.GetCreatedAtUnix() == 0 || vm.GetTemplate() == "" {
+			if vm.GetStatus() != status.Running || vm.GetHostIp() != host || vm.GetVcpus() == 0 || vm.GetMemoryMb() == 0 || vm.GetCreatedAtUnix() == 0 || vm.GetTemplate() == "" {
 				t.Errorf("host %s: incomplete SandboxInfo %v", id, vm)
 			}
 		}
@@ -194,7 +195,7 @@ func TestSameSeedReregistersTheSameHosts(t *testing.T) {
 	}
 	pool := newPool(t, url)
 	ctx := ctxTimeout(t, 30*time.Second)
-	if _, err := pool.Exec(ctx, `update hosts set status = 'unreachable'`); err != nil {
+	if _, err := pool.Exec(ctx, `update hosts set status = $1`, status.HostUnreachable); err != nil {
 		t.Fatal(err)
 	}
 	second := start(t, cfg)
@@ -202,7 +203,7 @@ func TestSameSeedReregistersTheSameHosts(t *testing.T) {
 		t.Fatal("same seed, different host ids")
 	}
 	var hosts, online, sandboxes int
-	if err := pool.QueryRow(ctx, `select count(*), count(*) filter (where status = 'online'), (select count(*) from sandboxes) from hosts`).Scan(&hosts, &online, &sandboxes); err != nil {
+	if err := pool.QueryRow(ctx, `select count(*), count(*) filter (where status = $1), (select count(*) from sandboxes) from hosts`, status.HostOnline).Scan(&hosts, &online, &sandboxes); err != nil {
 		t.Fatal(err)
 	}
 	if hosts != 4 || online != 4 || sandboxes != 8 {
@@ -222,8 +223,8 @@ func TestHeartbeatRevivesUnreachableHostsAndSkipsDeadOnes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := pool.Exec(ctx, `update hosts set status = case when id = $1 then 'pending' else 'unreachable' end,
-		last_heartbeat_at = null, updated_at = now() - interval '1 hour'`, h[4]); err != nil {
+	if _, err := pool.Exec(ctx, `update hosts set status = case when id = $1 then $2 else $3 end,
+		last_heartbeat_at = null, updated_at = now() - interval '1 hour'`, h[4], status.HostPending, status.HostUnreachable); err != nil {
 		t.Fatal(err)
 	}
 	n, err := s.Heartbeat(ctx)
@@ -236,15 +237,15 @@ func TestHeartbeatRevivesUnreachableHostsAndSkipsDeadOnes(t *testing.T) {
 	for i, want := range []struct {
 		status string
 		beat   bool
-	}{{"online", true}, {"unreachable", false}, {"unreachable", false}, {"online", true}, {"pending", true}, {"unreachable", false}} {
-		var status string
+	}{{status.HostOnline, true}, {status.HostUnreachable, false}, {status.HostUnreachable, false}, {status.HostOnline, true}, {status.HostPending, true}, {status.HostUnreachable, false}} {
+		var st string
 		var beat, touched bool
 		if err := pool.QueryRow(ctx, `select status, coalesce(last_heartbeat_at > now() - interval '1 minute', false), updated_at > now() - interval '1 minute'
-			from hosts where id = $1`, h[i]).Scan(&status, &beat, &touched); err != nil {
+			from hosts where id = $1`, h[i]).Scan(&st, &beat, &touched); err != nil {
 			t.Fatal(err)
 		}
-		if status != want.status || beat != want.beat || touched != want.beat {
-			t.Errorf("host %d: status %s, heartbeat %v, updated %v; want %s, %v, %v", i, status, beat, touched, want.status, want.beat, want.beat)
+		if st != want.status || beat != want.beat || touched != want.beat {
+			t.Errorf("host %d: status %s, heartbeat %v, updated %v; want %s, %v, %v", i, st, beat, touched, want.status, want.beat, want.beat)
 		}
 	}
 }
@@ -254,12 +255,12 @@ func TestHeartbeatLoopRunsOnItsInterval(t *testing.T) {
 	s := start(t, Config{DatabaseURL: url, Hosts: 2, HeartbeatInterval: 20 * time.Millisecond})
 	pool := newPool(t, url)
 	ctx := ctxTimeout(t, 30*time.Second)
-	if _, err := pool.Exec(ctx, `update hosts set status = 'unreachable', last_heartbeat_at = null`); err != nil {
+	if _, err := pool.Exec(ctx, `update hosts set status = $1, last_heartbeat_at = null`, status.HostUnreachable); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "the loop to heartbeat both hosts", func() bool {
 		var n int
-		err := pool.QueryRow(ctx, `select count(*) from hosts where status = 'online' and last_heartbeat_at is not null`).Scan(&n)
+		err := pool.QueryRow(ctx, `select count(*) from hosts where status = $1 and last_heartbeat_at is not null`, status.HostOnline).Scan(&n)
 		return err == nil && n == 2
 	})
 	_ = s
@@ -272,12 +273,12 @@ func TestFencedDestroy(t *testing.T) {
 	vms := make([]uuid.UUID, 6)
 	for i := range vms {
 		vms[i] = uuid.New()
-		if err := s.AddVM(h[0], vms[i], StatusRunning, team); err != nil {
+		if err := s.AddVM(h[0], vms[i], status.Running, team); err != nil {
 			t.Fatal(err)
 		}
 	}
 	other := uuid.New()
-	if err := s.AddVM(h[1], other, StatusRunning, team); err != nil {
+	if err := s.AddVM(h[1], other, status.Running, team); err != nil {
 		t.Fatal(err)
 	}
 	tr := http1(t)
@@ -367,7 +368,7 @@ func TestFaultModesAsSeenByAClient(t *testing.T) {
 	tr := http1(t)
 	c := client(t, tr, s.Address(h))
 	vms := s.VMs(h)
-	if err := s.SetVMStatus(h, vms[0].ID, StatusPaused); err != nil {
+	if err := s.SetVMStatus(h, vms[0].ID, status.Paused); err != nil {
 		t.Fatal(err)
 	}
 	setMode := func(t *testing.T, m Mode) {
@@ -457,7 +458,7 @@ func TestFaultModesAsSeenByAClient(t *testing.T) {
 			t.Fatalf("%d VMs, %v", len(got), err)
 		}
 		for _, vm := range got {
-			if vm.GetStatus() != DefaultUnknownLabel || KnownStatus(vm.GetStatus()) {
+			if vm.GetStatus() != DefaultUnknownLabel || status.Known(vm.GetStatus()) {
 				t.Errorf("%s reported %q, want %q", vm.GetSandboxId(), vm.GetStatus(), DefaultUnknownLabel)
 			}
 		}
@@ -473,11 +474,11 @@ func TestFaultModesAsSeenByAClient(t *testing.T) {
 			t.Fatalf("%d entries for %d ids, want 6 for 3", len(got), len(byID))
 		}
 		for id, st := range byID {
-			if len(st) != 2 || st[0] == st[1] || !KnownStatus(st[1]) {
+			if len(st) != 2 || st[0] == st[1] || !status.Known(st[1]) {
 				t.Errorf("%s reported as %v, want two different known statuses", id, st)
 			}
 		}
-		if st := byID[ids.Sandbox(vms[0].ID)]; st[0] != StatusPaused || st[1] != StatusRunning {
+		if st := byID[ids.Sandbox(vms[0].ID)]; st[0] != status.Paused || st[1] != status.Running {
 			t.Errorf("paused VM reported as %v, want [paused running]", st)
 		}
 	})
@@ -488,7 +489,7 @@ func TestFaultModesAsSeenByAClient(t *testing.T) {
 		}
 	})
 	t.Run("modes are rejected when they make no sense", func(t *testing.T) {
-		for _, m := range []Mode{{Kind: "sleepy"}, {Kind: ModeSlow, Delay: -1}, {Kind: ModeUnknownStatus, Label: StatusRunning}} {
+		for _, m := range []Mode{{Kind: "sleepy"}, {Kind: ModeSlow, Delay: -1}, {Kind: ModeUnknownStatus, Label: status.Running}} {
 			if err := s.SetMode(h, m); err == nil {
 				t.Errorf("SetMode(%+v) accepted", m)
 			}
@@ -504,15 +505,15 @@ func TestRestartKeepsOnlyPausedVMs(t *testing.T) {
 	h := s.HostIDs()
 	team := uuid.New()
 	keep := uuid.New()
-	for _, st := range []string{StatusRunning, StatusStarting, StatusPausing, "hibernating"} {
+	for _, st := range []string{status.Running, status.Starting, status.Pausing, "hibernating"} {
 		if err := s.AddVM(h[0], uuid.New(), st, team); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := s.AddVM(h[0], keep, StatusPaused, team); err != nil {
+	if err := s.AddVM(h[0], keep, status.Paused, team); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.AddVM(h[1], uuid.New(), StatusRunning, team); err != nil {
+	if err := s.AddVM(h[1], uuid.New(), status.Running, team); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.SetMode(h[0], Mode{Kind: ModeSlow, Delay: time.Millisecond}); err != nil {
@@ -523,7 +524,7 @@ func TestRestartKeepsOnlyPausedVMs(t *testing.T) {
 		t.Fatalf("Restart dropped %d, %v; want 4", n, err)
 	}
 	got, err := list(ctxTimeout(t, 10*time.Second), client(t, http1(t), s.Address(h[0])))
-	if err != nil || len(got) != 1 || got[0].GetSandboxId() != ids.Sandbox(keep) || got[0].GetStatus() != StatusPaused {
+	if err != nil || len(got) != 1 || got[0].GetSandboxId() != ids.Sandbox(keep) || got[0].GetStatus() != status.Paused {
 		t.Fatalf("after restart: %v, %v; want only the paused VM", got, err)
 	}
 	if len(s.VMs(h[1])) != 1 {
@@ -538,13 +539,13 @@ func TestVMManipulation(t *testing.T) {
 	s := start(t, Config{Hosts: 1, HeartbeatInterval: -1})
 	h := s.HostIDs()[0]
 	id, team := uuid.New(), uuid.New()
-	if err := s.AddVM(h, id, StatusStarting, team); err != nil {
+	if err := s.AddVM(h, id, status.Starting, team); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.SetVMStatus(h, id, StatusRunning); err != nil {
+	if err := s.SetVMStatus(h, id, status.Running); err != nil {
 		t.Fatal(err)
 	}
-	if vms := s.VMs(h); len(vms) != 1 || vms[0].Status != StatusRunning || vms[0].TeamID != team {
+	if vms := s.VMs(h); len(vms) != 1 || vms[0].Status != status.Running || vms[0].TeamID != team {
 		t.Fatalf("VMs = %+v", vms)
 	}
 	if err := s.RemoveVM(h, id); err != nil {
@@ -553,10 +554,10 @@ func TestVMManipulation(t *testing.T) {
 	if err := s.RemoveVM(h, id); !errors.Is(err, ErrUnknownSandbox) {
 		t.Errorf("RemoveVM twice: %v", err)
 	}
-	if err := s.SetVMStatus(h, id, StatusPaused); !errors.Is(err, ErrUnknownSandbox) {
+	if err := s.SetVMStatus(h, id, status.Paused); !errors.Is(err, ErrUnknownSandbox) {
 		t.Errorf("SetVMStatus of a removed VM: %v", err)
 	}
-	if err := s.AddVM(uuid.New(), id, StatusRunning, team); !errors.Is(err, ErrUnknownHost) {
+	if err := s.AddVM(uuid.New(), id, status.Running, team); !errors.Is(err, ErrUnknownHost) {
 		t.Errorf("AddVM on an unknown host: %v", err)
 	}
 	if _, err := s.Heartbeat(context.Background()); !errors.Is(err, ErrNoDatabase) {

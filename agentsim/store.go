@@ -7,6 +7,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 // batch bounds the rows one registration statement carries.
@@ -32,12 +34,12 @@ func (s *Sim) register(ctx context.Context) error {
 		}
 		_, err := s.pool.Exec(ctx, `
 insert into hosts (id, type, team_id, address, status, last_heartbeat_at, created_at, updated_at)
-select id, 'regular', team_id, address, 'online', now(), now(), now()
+select id, 'regular', team_id, address, $4::text, now(), now(), now()
 from unnest($1::uuid[], $2::uuid[], $3::text[]) as t(id, team_id, address)
 on conflict (id) do update set
     type = excluded.type, team_id = excluded.team_id, address = excluded.address,
-    status = 'online', last_heartbeat_at = now(), updated_at = now()`,
-			idArr, teams, addrs)
+    status = excluded.status, last_heartbeat_at = now(), updated_at = now()`,
+			idArr, teams, addrs, status.HostOnline)
 		if err != nil {
 			return fmt.Errorf("agentsim: register hosts: %w", err)
 		}
@@ -51,11 +53,11 @@ on conflict (id) do update set
 		}
 		_, err := s.pool.Exec(ctx, `
 insert into sandboxes (id, team_id, host_id, status, last_updated, created_at)
-select id, team_id, host_id, 'running', now(), created_at
+select id, team_id, host_id, $5::text, now(), created_at
 from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[]) as t(id, team_id, host_id, created_at)
 on conflict (id) do update set
-    team_id = excluded.team_id, host_id = excluded.host_id, status = 'running', last_updated = now()`,
-			sbIDs, sbTeams, sbHosts, created)
+    team_id = excluded.team_id, host_id = excluded.host_id, status = excluded.status, last_updated = now()`,
+			sbIDs, sbTeams, sbHosts, created, status.Running)
 		sbIDs, sbTeams, sbHosts, created = sbIDs[:0], sbTeams[:0], sbHosts[:0], created[:0]
 		if err != nil {
 			return fmt.Errorf("agentsim: seed sandboxes: %w", err)
@@ -104,9 +106,9 @@ func (s *Sim) Heartbeat(ctx context.Context) (int, error) {
 	}
 	_, err := s.pool.Exec(ctx, `
 update hosts set last_heartbeat_at = now(),
-    status = case when status = 'unreachable' then 'online' else status end,
+    status = case when status = $2::text then $3::text else status end,
     updated_at = now()
-where id = any($1)`, alive)
+where id = any($1)`, alive, status.HostUnreachable, status.HostOnline)
 	if err != nil {
 		return 0, fmt.Errorf("agentsim: heartbeat: %w", err)
 	}
