@@ -1,9 +1,11 @@
 package agentsim
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -30,7 +32,8 @@ var malformedBody = []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
 
 type ctxKey struct{}
 
-// agentServer is the one HTTP/1.1 listener serving every host's agent.
+// agentServer is the one HTTP/1.1 listener serving every host's agent, over
+// mutual TLS when srv.TLSConfig is set.
 type agentServer struct {
 	ln         net.Listener
 	srv        *http.Server
@@ -85,6 +88,7 @@ func (s *Sim) listen() (*agentServer, error) {
 		Protocols:         protocols,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
+		TLSConfig:         s.tlsConfig,
 		ErrorLog:          s.log.Named("http").StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true}),
 		BaseContext:       func(net.Listener) context.Context { return base },
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
@@ -96,9 +100,17 @@ func (s *Sim) listen() (*agentServer, error) {
 
 func (a *agentServer) addr() string { return a.ln.Addr().String() }
 
-// serve returns nil once shutdown has closed the listener.
+// serve returns nil once shutdown has closed the listener. With TLS, the
+// handshake runs on each connection's own goroutine, after hostListener has
+// dropped connections to addresses that are not hosts.
 func (a *agentServer) serve() error {
-	if err := a.srv.Serve(a.ln); !errors.Is(err, http.ErrServerClosed) {
+	var err error
+	if a.srv.TLSConfig != nil {
+		err = a.srv.ServeTLS(a.ln, "", "")
+	} else {
+		err = a.srv.Serve(a.ln)
+	}
+	if !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
 	return nil
@@ -123,8 +135,9 @@ func hostFrom(ctx context.Context) *host {
 // abort closes the connection without writing a response.
 func abort() { panic(http.ErrAbortHandler) }
 
-// faults applies the transport-level fault modes before the Connect handler
-// sees the request.
+// faults applies the transport-level fault modes and Config.Latency before
+// the Connect handler sees the request. A request whose context ends while
+// it waits is dropped without an answer and without side effects.
 func (s *Sim) faults(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := hostFrom(r.Context())
@@ -134,21 +147,26 @@ func (s *Sim) faults(next http.Handler) http.Handler {
 		s.inflight.Add(1)
 		defer s.inflight.Add(-1)
 		m := h.mode.Load()
-		switch m.phase(s.now()) {
-		case ModeDead:
+		phase := m.phase(s.now())
+		if phase == ModeDead {
 			abort()
+		}
+		// net/http notices a client that gives up (r.Context() ends) only
+		// once the request body has been read to its end; read it now so a
+		// hung or delayed request ends with its client, not with the Sim.
+		r.Body = readAhead(r.Body)
+		delay := s.cfg.Latency
+		switch phase {
 		case ModeHang:
 			<-r.Context().Done()
 			abort()
 		case ModeSlow:
-			t := time.NewTimer(m.Delay)
-			defer t.Stop()
-			select {
-			case <-t.C:
-			case <-r.Context().Done():
-				abort()
-			}
-		case ModeMalformed:
+			delay += m.Delay
+		}
+		if !wait(r.Context(), delay) {
+			abort()
+		}
+		if phase == ModeMalformed {
 			w.Header().Set("Content-Type", "application/proto")
 			w.WriteHeader(http.StatusOK)
 			_, _ = w.Write(malformedBody)
@@ -156,6 +174,44 @@ func (s *Sim) faults(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// maxReadAhead bounds the request body faults reads before the handler
+// does; the agent RPC's requests are a few bytes.
+const maxReadAhead = 64 << 10
+
+// readAhead reads up to maxReadAhead bytes of body, hitting its end for any
+// request of the agent RPC, and returns a body that yields the same bytes.
+// A read error is left for the handler to meet.
+func readAhead(body io.ReadCloser) io.ReadCloser {
+	buf, err := io.ReadAll(io.LimitReader(body, maxReadAhead))
+	rest := io.Reader(body)
+	if err != nil {
+		rest = errReader{err}
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(buf), rest), body}
+}
+
+type errReader struct{ err error }
+
+func (e errReader) Read([]byte) (int, error) { return 0, e.err }
+
+// wait blocks for d and reports true, or false as soon as ctx ends first.
+func wait(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // agentService answers the RPCs for the host the connection is addressed to.

@@ -44,6 +44,27 @@ type Config struct {
 	// are closed at once.
 	ListenAddr string
 
+	// CAFile, CertFile and KeyFile turn on mutual TLS on the agent listener,
+	// the way production agents are reached (HTTP/1.1 and Connect's own
+	// protocol either way). Set all three or none. CAFile is the PEM bundle
+	// that verifies client certificates: a client must present one it signs
+	// (tls.RequireAndVerifyClientCert). CertFile and KeyFile are the PEM
+	// serving certificate (with any chain after it) and its key. If that
+	// certificate is a CA (IsCA with KeyUsageCertSign), each host is served
+	// a leaf for its own 127.x.y.z, minted from it on the host's first
+	// handshake (see the package documentation); otherwise every host serves
+	// the certificate as is. New reads the files.
+	CAFile   string
+	CertFile string
+	KeyFile  string
+
+	// Latency delays every answer of a host whose mode answers (every mode
+	// but dead, hang and flap's dead phase), on top of the mode's own delay:
+	// the network and agent time of a real agent. Default 0. A request whose
+	// context ends first is dropped without side effects. Must not be
+	// negative.
+	Latency time.Duration
+
 	// HeartbeatInterval is the period of the background heartbeat round,
 	// default 5s. Negative disables the background loop; Heartbeat still
 	// works on demand.
@@ -149,5 +170,25 @@ func (c *Config) validate() error {
 	if c.ChurnConcurrency < 1 {
 		return bad("ChurnConcurrency", "must be at least 1, got %d", c.ChurnConcurrency)
 	}
+	if c.Latency < 0 {
+		return bad("Latency", "must not be negative, got %v", c.Latency)
+	}
+	return c.validateTLS()
+}
+
+// validateTLS enforces "all three or none" on the TLS files and names the
+// first one missing.
+func (c *Config) validateTLS() error {
+	if c.CAFile == "" && c.CertFile == "" && c.KeyFile == "" {
+		return nil
+	}
+	for _, f := range []struct{ field, value string }{{"CAFile", c.CAFile}, {"CertFile", c.CertFile}, {"KeyFile", c.KeyFile}} {
+		if f.value == "" {
+			return &ConfigError{Field: f.field, Msg: "is required once any TLS file is set: mutual TLS needs the client CA bundle, the serving certificate and its key"}
+		}
+	}
 	return nil
 }
+
+// tlsEnabled reports whether mutual TLS is configured; valid after validate.
+func (c *Config) tlsEnabled() bool { return c.CAFile != "" }

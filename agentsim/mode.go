@@ -23,8 +23,9 @@ const (
 	// context ends (client deadline, disconnect, or the Sim stopping), then
 	// closes the connection without answering. It has no side effects.
 	ModeHang Kind = "hang"
-	// ModeSlow answers correctly after Mode.Delay (default 2s); a request
-	// whose context ends first is dropped without side effects.
+	// ModeSlow answers correctly after Mode.Delay (default 2s) plus
+	// Config.Latency; a request whose context ends first is dropped without
+	// side effects.
 	ModeSlow Kind = "slow"
 	// ModeFlap is dead for Mode.Period (default 10s) from the moment it is
 	// set, then healthy for a Period, and so on.

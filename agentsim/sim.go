@@ -3,6 +3,7 @@ package agentsim
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -95,6 +96,9 @@ type Sim struct {
 	pool    *pgxpool.Pool
 	ownPool bool
 
+	tlsConfig *tls.Config // nil: plain HTTP
+	issuer    *leafIssuer // nil: hosts serve the configured certificate as is
+
 	port    atomic.Int32
 	ready   chan struct{}
 	started atomic.Bool
@@ -120,6 +124,8 @@ type host struct {
 	fence    int64              // highest token seen
 	destroys []DestroyRecord
 	rejected []DestroyRecord
+
+	leaf atomic.Pointer[tls.Certificate] // serving certificate minted by Sim.issuer
 }
 
 // New builds a Sim: host ids, teams and the seeded VMs are decided here; the
@@ -180,6 +186,11 @@ func New(cfg Config) (*Sim, error) {
 	if len(s.byID) != len(s.hosts) {
 		return nil, fmt.Errorf("agentsim: duplicate host id from seed %d", seed)
 	}
+	tlsConfig, err := s.loadTLS()
+	if err != nil {
+		return nil, err
+	}
+	s.tlsConfig = tlsConfig
 	return s, nil
 }
 
@@ -505,7 +516,7 @@ func (s *Sim) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	serveErr := make(chan error, 1)
 	wg.Go(func() { serveErr <- srv.serve() })
-	s.log.Info("agent listener bound", "addr", srv.addr(), "hosts", len(s.hosts))
+	s.log.Info("agent listener bound", "addr", srv.addr(), "hosts", len(s.hosts), "tls", s.tlsMode(), "latency", s.cfg.Latency)
 
 	err = s.register(ctx)
 	if err == nil {

@@ -36,6 +36,7 @@ func TestConfigRejectsWhatItCannotSimulate(t *testing.T) {
 		{"negative sandboxes", Config{Hosts: 1, SandboxesPerHost: -1}, "SandboxesPerHost"},
 		{"churn needs a database", Config{Hosts: 1, ChurnPerSecond: 1}, "ChurnPerSecond"},
 		{"negative teams", Config{Hosts: 1, Teams: -1}, "Teams"},
+		{"negative latency", Config{Hosts: 1, Latency: -time.Millisecond}, "Latency"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := New(tc.cfg)
