@@ -2,6 +2,8 @@
 // it registers them in the control plane's database, heartbeats for them,
 // churns sandboxes, and serves the agent RPC plus a control API for fault
 // injection. See package agentsim for the behaviour and the control API.
+// The agent RPC is plain HTTP/1.1, or mutual TLS with --tls-ca-file,
+// --tls-cert-file and --tls-key-file; --latency delays every answer.
 //
 // Every flag has an environment twin: --heartbeat-interval is
 // VIGIL_HEARTBEAT_INTERVAL, and so on. Command-line flags win over the
@@ -53,6 +55,10 @@ var flagFor = map[string]string{
 	"ChurnConcurrency":  "churn-concurrency",
 	"ChurnStepDelay":    "churn-step-delay",
 	"Seed":              "seed",
+	"CAFile":            "tls-ca-file",
+	"CertFile":          "tls-cert-file",
+	"KeyFile":           "tls-key-file",
+	"Latency":           "latency",
 }
 
 // envName is a flag's environment twin: --churn-step-delay is
@@ -83,10 +89,17 @@ func parseFlags(args []string, lookupEnv func(string) (string, bool), stderr io.
 	fs.IntVar(&c.ChurnConcurrency, "churn-concurrency", agentsim.DefaultChurnConcurrency, "churn operations in flight at most")
 	fs.DurationVar(&c.ChurnStepDelay, "churn-step-delay", 500*time.Millisecond, "time the agent spends between the steps of one operation; negative for none")
 	fs.Int64Var(&c.Seed, "seed", 0, "seed for host, team and sandbox ids; 0 is random, a fixed seed re-registers the same hosts")
+	fs.StringVar(&c.CAFile, "tls-ca-file", "", "mutual TLS on the agent listener: PEM CA bundle that client certificates must be signed by (with --tls-cert-file and --tls-key-file)")
+	fs.StringVar(&c.CertFile, "tls-cert-file", "", "mutual TLS: PEM serving certificate; if it is a CA, each host gets a certificate for its own IP minted from it")
+	fs.StringVar(&c.KeyFile, "tls-key-file", "", "mutual TLS: PEM private key of --tls-cert-file")
+	fs.DurationVar(&c.Latency, "latency", 0, "delay of every agent answer, on top of a fault mode's own (e.g. 2ms)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: agentsim [flags]\n\nEvery flag can also be set through its VIGIL_* environment twin (--hosts is VIGIL_HOSTS).\n\n")
+		fmt.Fprintf(stderr, "Usage: agentsim [flags]\n\nEvery flag can also be set through its VIGIL_* environment twin (--hosts is VIGIL_HOSTS).\n"+
+			"The agent listener is plain HTTP/1.1 unless --tls-ca-file, --tls-cert-file and --tls-key-file are all set:\n"+
+			"then it requires mutual TLS, as production agents do. A dev CA serves as both CA and serving certificate\n"+
+			"(--tls-ca-file ca.pem --tls-cert-file ca.pem --tls-key-file ca-key.pem).\n\n")
 		fs.PrintDefaults()
 	}
 

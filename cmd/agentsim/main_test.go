@@ -26,6 +26,43 @@ func TestEnvironmentTwinsAndPrecedence(t *testing.T) {
 	}
 }
 
+func TestTLSAndLatencyFlagsAndTheirTwins(t *testing.T) {
+	o, err := parseFlags([]string{"--database-url=x", "--tls-key-file", "/flag/key.pem"}, env(map[string]string{
+		"VIGIL_TLS_CA_FILE":   "/env/ca.pem",
+		"VIGIL_TLS_CERT_FILE": "/env/cert.pem",
+		"VIGIL_TLS_KEY_FILE":  "/env/key.pem",
+		"VIGIL_LATENCY":       "2ms",
+	}), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := o.cfg
+	if c.CAFile != "/env/ca.pem" || c.CertFile != "/env/cert.pem" || c.KeyFile != "/flag/key.pem" || c.Latency != 2*time.Millisecond {
+		t.Fatalf("parsed CAFile %q CertFile %q KeyFile %q Latency %v", c.CAFile, c.CertFile, c.KeyFile, c.Latency)
+	}
+	o, err = parseFlags([]string{"--database-url=x", "--latency=150ms"}, env(nil), &bytes.Buffer{})
+	if err != nil || o.cfg.Latency != 150*time.Millisecond || o.cfg.CAFile != "" {
+		t.Fatalf("--latency=150ms: %+v, %v", o.cfg, err)
+	}
+	for _, field := range []string{"CAFile", "CertFile", "KeyFile", "Latency"} {
+		if flagFor[field] == "" {
+			t.Errorf("agentsim.Config.%s has no flag in flagFor", field)
+		}
+	}
+}
+
+func TestHelpListsTheTLSAndLatencyFlags(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := run([]string{"-h"}, env(nil), &stderr); code != 0 {
+		t.Fatalf("-h exited %d", code)
+	}
+	for _, want := range []string{"-tls-ca-file", "-tls-cert-file", "-tls-key-file", "-latency", "mutual TLS"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("-h does not mention %q:\n%s", want, stderr.String())
+		}
+	}
+}
+
 func TestBadSettingsExit2NamingTheFlag(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -41,6 +78,12 @@ func TestBadSettingsExit2NamingTheFlag(t *testing.T) {
 		{"shared fraction", []string{"--database-url=x", "--shared-fraction=2"}, nil, "invalid --shared-fraction"},
 		{"log format", []string{"--database-url=x", "--log-format=xml"}, nil, "--log-format"},
 		{"stray argument", []string{"--database-url=x", "extra"}, nil, "unexpected argument"},
+		{"TLS CA without certificate", []string{"--database-url=x", "--tls-ca-file=/nonexistent/ca.pem"}, nil, "invalid --tls-cert-file"},
+		{"TLS certificate without key", []string{"--database-url=x", "--tls-ca-file=/a", "--tls-cert-file=/b"}, nil, "invalid --tls-key-file"},
+		{"TLS key and certificate without CA", []string{"--database-url=x"}, map[string]string{"VIGIL_TLS_CERT_FILE": "/b", "VIGIL_TLS_KEY_FILE": "/c"}, "invalid --tls-ca-file"},
+		{"unreadable TLS CA", []string{"--database-url=x", "--tls-ca-file=/nonexistent/ca.pem", "--tls-cert-file=/b", "--tls-key-file=/c"}, nil, "invalid --tls-ca-file"},
+		{"negative latency", []string{"--database-url=x", "--latency=-1ms"}, nil, "invalid --latency"},
+		{"unparsable latency", []string{"--database-url=x"}, map[string]string{"VIGIL_LATENCY": "soon"}, "VIGIL_LATENCY (--latency)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stderr bytes.Buffer
