@@ -38,20 +38,21 @@ const FenceHeader = "Vigil-Fence"
 // registered yet). No request is made.
 var ErrNoAddress = errors.New("agentpool: host has no address")
 
-// Transport tuning. Each host gets few concurrent calls (its owner reconciles
-// it serially), so a couple of idle connections per agent suffice.
+// Transport tuning. An agent is called by one owner at a time, about once
+// per interval, so one idle connection per agent is all reuse can use.
 const (
-	maxIdleConnsPerHost    = 2
-	idleConnTimeout        = 90 * time.Second
+	maxIdleConnsPerHost    = 1
 	keepAlive              = 30 * time.Second
 	maxResponseHeaderBytes = 64 << 10
 )
 
 // Pool is a concurrency-safe cache of Connect clients to host agents, keyed by
 // host id. A client is built on first use and rebuilt whenever the host is
-// called with a different address than the one its client was built from.
-// All clients share one *http.Transport, so connections to an agent are
-// reused across calls.
+// called with a different address than the one its client was built from; a
+// client not used for IdleTimeout is dropped. All clients share one
+// *http.Transport, so connections to an agent are reused across calls, and
+// the transport's idle connections are bounded (MaxIdleConns, IdleTimeout):
+// file descriptors and memory follow the calls in flight, not the fleet.
 type Pool struct {
 	cfg       Config
 	log       hclog.Logger
@@ -60,13 +61,17 @@ type Pool struct {
 	http      *http.Client
 	metrics   *metrics // nil: no metrics
 
-	mu      sync.Mutex
-	clients map[uuid.UUID]cachedClient
+	now func() time.Time // time.Now; tests move it
+
+	mu        sync.Mutex
+	clients   map[uuid.UUID]*cachedClient
+	lastSweep time.Time
 }
 
 type cachedClient struct {
-	address string // as passed by the caller, before normalisation
-	client  hostagentv1connect.HostAgentServiceClient
+	address  string // as passed by the caller, before normalisation
+	client   hostagentv1connect.HostAgentServiceClient
+	lastUsed time.Time
 }
 
 // New validates cfg (see Config.Validate), loads the TLS files when set, and
@@ -89,7 +94,8 @@ func New(cfg Config) (*Pool, error) {
 		cfg:     cfg,
 		log:     cfg.Logger.Named("agentpool"),
 		scheme:  "http",
-		clients: make(map[uuid.UUID]cachedClient),
+		clients: make(map[uuid.UUID]*cachedClient),
+		now:     time.Now,
 	}
 	dialer := &net.Dialer{Timeout: cfg.Timeout, KeepAlive: keepAlive}
 	p.transport = &http.Transport{
@@ -101,8 +107,9 @@ func New(cfg Config) (*Pool, error) {
 		// empty TLSNextProto keeps net/http from negotiating h2 over TLS.
 		ForceAttemptHTTP2:      false,
 		TLSNextProto:           map[string]func(string, *tls.Conn) http.RoundTripper{},
+		MaxIdleConns:           cfg.MaxIdleConns,
 		MaxIdleConnsPerHost:    maxIdleConnsPerHost,
-		IdleConnTimeout:        idleConnTimeout,
+		IdleConnTimeout:        cfg.IdleTimeout,
 		TLSHandshakeTimeout:    cfg.Timeout,
 		MaxResponseHeaderBytes: maxResponseHeaderBytes,
 	}
@@ -139,9 +146,10 @@ func loadTLS(cfg Config) (*tls.Config, error) {
 		return nil, fmt.Errorf("agentpool: load CertFile/KeyFile: %w", err)
 	}
 	return &tls.Config{
-		RootCAs:      roots,
-		Certificates: []tls.Certificate{cert},
-		MinVersion:   tls.VersionTLS12,
+		RootCAs:            roots,
+		Certificates:       []tls.Certificate{cert},
+		MinVersion:         tls.VersionTLS12,
+		ClientSessionCache: tls.NewLRUClientSessionCache(cfg.TLSSessions),
 	}, nil
 }
 
@@ -210,9 +218,14 @@ func (p *Pool) done(hostID uuid.UUID, procedure string, err error, ok bool, elap
 // client returns the cached client for hostID, building one when there is
 // none or when address differs from the one the cached client was built from.
 func (p *Pool) client(hostID uuid.UUID, address string) (hostagentv1connect.HostAgentServiceClient, error) {
+	now := p.now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if now.Sub(p.lastSweep) >= p.cfg.IdleTimeout {
+		p.sweep(now)
+	}
 	if c, ok := p.clients[hostID]; ok && c.address == address {
+		c.lastUsed = now
 		return c.client, nil
 	}
 	base, err := p.baseURL(address)
@@ -224,8 +237,19 @@ func (p *Pool) client(hostID uuid.UUID, address string) (hostagentv1connect.Host
 	if old, ok := p.clients[hostID]; ok {
 		p.log.Debug("agent address changed", "host", hostID, "old", old.address, "new", address)
 	}
-	p.clients[hostID] = cachedClient{address: address, client: client}
+	p.clients[hostID] = &cachedClient{address: address, client: client, lastUsed: now}
 	return client, nil
+}
+
+// sweep drops the clients not used for IdleTimeout, so the cache follows
+// the hosts this replica calls. p.mu must be held.
+func (p *Pool) sweep(now time.Time) {
+	for id, c := range p.clients {
+		if now.Sub(c.lastUsed) >= p.cfg.IdleTimeout {
+			delete(p.clients, id)
+		}
+	}
+	p.lastSweep = now
 }
 
 // baseURL turns a hosts.address ("ip:port", or a full URL) into the base URL
@@ -253,20 +277,6 @@ func (p *Pool) baseURL(address string) (string, error) {
 		return "", fmt.Errorf("agentpool: bad address %q: must be host:port or a base URL without user info, query or fragment", address)
 	}
 	return strings.TrimSuffix(u.String(), "/"), nil
-}
-
-// Retain drops the cached client of every host that is absent from hosts or
-// whose address there differs from the one its client was built from. Call it
-// after each refresh of the host list so the cache does not outgrow the hosts
-// this replica watches. In-flight calls on dropped clients are unaffected.
-func (p *Pool) Retain(hosts map[uuid.UUID]string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for id, c := range p.clients {
-		if addr, ok := hosts[id]; !ok || addr != c.address {
-			delete(p.clients, id)
-		}
-	}
 }
 
 // Len returns the number of cached clients.

@@ -566,42 +566,84 @@ func TestSameAddressReusesClient(t *testing.T) {
 	}
 }
 
-func TestRetainEvictsGoneAndMovedHosts(t *testing.T) {
-	addrA, _ := startAgent(t, &fakeAgent{})
-	addrB, _ := startAgent(t, &fakeAgent{})
-	p := newPool(t, Config{})
-	kept, moved, gone := uuid.New(), uuid.New(), uuid.New()
-	for _, call := range []struct {
-		host uuid.UUID
-		addr string
-	}{{kept, addrA}, {moved, addrA}, {gone, addrB}} {
-		if _, err := p.ListSandboxes(t.Context(), call.host, call.addr); err != nil {
+func TestIdleClientsAreDropped(t *testing.T) {
+	addr, _ := startAgent(t, &fakeAgent{})
+	p := newPool(t, Config{IdleTimeout: time.Minute})
+	now := time.Now()
+	p.now = func() time.Time { return now }
+	idle, busy := uuid.New(), uuid.New()
+	for _, h := range []uuid.UUID{idle, busy} {
+		if _, err := p.ListSandboxes(t.Context(), h, addr); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if p.Len() != 3 {
-		t.Fatalf("Len = %d, want 3", p.Len())
+	busyClient, _ := p.client(busy, addr)
+	now = now.Add(40 * time.Second)
+	if _, err := p.ListSandboxes(t.Context(), busy, addr); err != nil {
+		t.Fatal(err)
 	}
-	keptClient, _ := p.client(kept, addrA)
-
-	p.Retain(map[uuid.UUID]string{kept: addrA, moved: addrB, uuid.New(): addrB})
+	if p.Len() != 2 {
+		t.Fatalf("Len = %d before IdleTimeout, want 2", p.Len())
+	}
+	now = now.Add(30 * time.Second) // idle was last used 70 s ago, busy 30 s ago
+	if c, _ := p.client(busy, addr); c != busyClient {
+		t.Fatal("the client of a host in use was rebuilt")
+	}
 	if p.Len() != 1 {
-		t.Fatalf("Len = %d after Retain, want 1", p.Len())
+		t.Fatalf("Len = %d after IdleTimeout, want 1 (the idle host's client dropped)", p.Len())
 	}
 	p.mu.Lock()
-	c, ok := p.clients[kept]
+	_, kept := p.clients[idle]
 	p.mu.Unlock()
-	if !ok || c.client != keptClient {
-		t.Fatal("Retain dropped or rebuilt the client of an unchanged host")
-	}
-
-	p.Retain(nil)
-	if p.Len() != 0 {
-		t.Fatalf("Len = %d after Retain(nil), want 0", p.Len())
+	if kept {
+		t.Fatal("the idle host's client was kept")
 	}
 }
 
-func TestConcurrentCallsRetainAndLen(t *testing.T) {
+// The transport keeps at most MaxIdleConns idle connections, whatever the
+// number of agents called.
+func TestIdleConnectionsAreCapped(t *testing.T) {
+	var mu sync.Mutex
+	open := 0
+	var addrs []string
+	for range 6 {
+		srv := httptest.NewUnstartedServer(agentHandler(&fakeAgent{}, &recorder{}))
+		srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+			mu.Lock()
+			defer mu.Unlock()
+			switch st {
+			case http.StateNew:
+				open++
+			case http.StateClosed, http.StateHijacked:
+				open--
+			}
+		}
+		srv.Start()
+		t.Cleanup(srv.Close)
+		addrs = append(addrs, srv.Listener.Addr().String())
+	}
+	p := newPool(t, Config{MaxIdleConns: 2})
+	for _, a := range addrs {
+		if _, err := p.ListSandboxes(t.Context(), uuid.New(), a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		mu.Lock()
+		n := open
+		mu.Unlock()
+		if n <= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections still open to 6 agents, want at most MaxIdleConns=2", n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestConcurrentCallsAndLen(t *testing.T) {
 	addrA, recA := startAgent(t, &fakeAgent{})
 	addrB, recB := startAgent(t, &fakeAgent{})
 	p := newPool(t, Config{})
@@ -628,7 +670,6 @@ func TestConcurrentCallsRetainAndLen(t *testing.T) {
 					errs <- err
 				}
 				if i%5 == 0 {
-					p.Retain(map[uuid.UUID]string{hosts[0]: addrA, hosts[1]: addrB})
 					_ = p.Len()
 				}
 			}
@@ -659,6 +700,9 @@ func TestValidate(t *testing.T) {
 		{"CA alone", Config{CAFile: "ca"}, "agentpool: CAFile set without CertFile and KeyFile"},
 		{"negative timeout", Config{Timeout: -time.Second}, "agentpool: Timeout must not be negative"},
 		{"negative response cap", Config{MaxResponseBytes: -1}, "agentpool: MaxResponseBytes must not be negative"},
+		{"negative idle cap", Config{MaxIdleConns: -1}, "agentpool: MaxIdleConns must not be negative"},
+		{"negative idle timeout", Config{IdleTimeout: -time.Second}, "agentpool: IdleTimeout must not be negative"},
+		{"negative TLS sessions", Config{TLSSessions: -1}, "agentpool: TLSSessions must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.cfg.Validate()

@@ -13,10 +13,14 @@ import (
 const (
 	DefaultTimeout          = 5 * time.Second
 	DefaultMaxResponseBytes = 4 << 20 // 4 MiB
+	DefaultMaxIdleConns     = 128
+	DefaultIdleTimeout      = 90 * time.Second
+	DefaultTLSSessions      = 16384
 )
 
 // Config configures a Pool. The zero value is valid: plain HTTP, 5 s per call,
-// 4 MiB per response, no logs, no metrics.
+// 4 MiB per response, 128 idle connections idle for at most 90 s, no logs, no
+// metrics.
 type Config struct {
 	// Timeout bounds every call: each call runs under a deadline of Timeout
 	// from its start, or the caller's deadline when that is sooner. It also
@@ -27,6 +31,23 @@ type Config struct {
 	// decompression). A larger answer fails with connect.CodeResourceExhausted
 	// and is never held in memory whole. Zero means DefaultMaxResponseBytes.
 	MaxResponseBytes int
+
+	// MaxIdleConns caps the idle keep-alive connections kept across all
+	// agents (at most one per agent); beyond it the least recently used
+	// one is closed. Zero means DefaultMaxIdleConns. With many more agents
+	// than the cap, calls dial anew and TLS sessions are resumed instead.
+	MaxIdleConns int
+
+	// IdleTimeout closes an idle connection, and drops an agent's cached
+	// client, once the agent was not called for this long. Set it a little
+	// above the reconcile interval so a connection lives from one pass to
+	// the next and no longer. Zero means DefaultIdleTimeout.
+	IdleTimeout time.Duration
+
+	// TLSSessions is how many agents' TLS sessions are kept for resumption
+	// (a resumed handshake skips certificate signing and verification).
+	// Zero means DefaultTLSSessions; it matters only with mutual TLS.
+	TLSSessions int
 
 	// CAFile, CertFile and KeyFile enable mutual TLS: the agents' certificates
 	// are verified against the PEM CA bundle in CAFile, and the pool presents
@@ -56,6 +77,23 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxResponseBytes == 0 {
 		c.MaxResponseBytes = DefaultMaxResponseBytes
+	}
+	switch {
+	case c.MaxIdleConns < 0:
+		return fmt.Errorf("agentpool: MaxIdleConns must not be negative, got %d", c.MaxIdleConns)
+	case c.IdleTimeout < 0:
+		return fmt.Errorf("agentpool: IdleTimeout must not be negative, got %s", c.IdleTimeout)
+	case c.TLSSessions < 0:
+		return fmt.Errorf("agentpool: TLSSessions must not be negative, got %d", c.TLSSessions)
+	}
+	if c.MaxIdleConns == 0 {
+		c.MaxIdleConns = DefaultMaxIdleConns
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = DefaultIdleTimeout
+	}
+	if c.TLSSessions == 0 {
+		c.TLSSessions = DefaultTLSSessions
 	}
 	if err := c.validateTLS(); err != nil {
 		return err

@@ -34,7 +34,7 @@ func BenchmarkDecide1000Rows(b *testing.B) {
 	}
 }
 
-// BenchmarkReconcileHosts is one shard pass over 100 hosts with 10 running
+// BenchmarkReconcileHosts is one pass over 100 hosts with 10 running
 // sandboxes each, against the real Postgres and agentsim over Connect: the
 // steady state (nothing to change) a replica spends most of its time in.
 func BenchmarkReconcileHosts(b *testing.B) {
@@ -71,8 +71,14 @@ func BenchmarkReconcileHosts(b *testing.B) {
 			ids := sim.HostIDs()
 			b.ResetTimer()
 			for b.Loop() {
-				if failed, err := rec.ReconcileHosts(ctx, f, ids); err != nil || failed != 0 {
-					b.Fatalf("failed=%d err=%v", failed, err)
+				out, err := rec.Reconcile(ctx, f, ids)
+				if err != nil {
+					b.Fatal(err)
+				}
+				for _, o := range out {
+					if o.Err != nil {
+						b.Fatal(o.Err)
+					}
 				}
 			}
 			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/float64(hosts), "µs/host")

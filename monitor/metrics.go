@@ -12,7 +12,11 @@ type metrics struct {
 	fenceRejections prometheus.Counter
 	reportProblems  *prometheus.CounterVec // kind
 	zombies         prometheus.Counter
-	lastSuccess     *prometheus.GaugeVec // shard
+	badRows         *prometheus.CounterVec // kind
+	lastSuccess     *prometheus.GaugeVec   // shard
+	lastPass        *prometheus.GaugeVec   // shard
+	blindHosts      *prometheus.GaugeVec   // shard
+	shardHosts      *prometheus.GaugeVec   // shard
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -46,13 +50,30 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "vigil_zombies_destroyed_total",
 			Help: "Sandboxes stopped in the database but paused on their agent that vigil destroyed on the agent.",
 		}),
+		badRows: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_bad_rows_total",
+			Help: "Control-plane rows vigil will not act on, by kind (host_null_status, sandbox_null_team); counted once per pass that met them.",
+		}, []string{"kind"}),
 		lastSuccess: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "vigil_shard_last_reconcile_success_timestamp_seconds",
-			Help: "Unix time at which the owner last completed a reconcile pass over every host of the shard; exported by the shard's owner only.",
+			Help: "The oldest last-successful-reconcile time (Unix) among the shard's online hosts with an address, or the last completed pass when it has none; exported by the shard's owner only.",
+		}, []string{"shard"}),
+		lastPass: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "vigil_shard_last_pass_timestamp_seconds",
+			Help: "Unix time the owner last completed a full pass over the shard, whatever its hosts' outcomes; exported by the shard's owner only.",
+		}, []string{"shard"}),
+		blindHosts: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "vigil_shard_blind_hosts",
+			Help: "The shard's online hosts with an address not reconciled successfully for more than two intervals; exported by the shard's owner only.",
+		}, []string{"shard"}),
+		shardHosts: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "vigil_shard_hosts",
+			Help: "The shard's online hosts with an address (the ones its lag is made of); exported by the shard's owner only.",
 		}, []string{"shard"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.reconciles, m.duration, m.transitions, m.markedDown, m.fenceRejections, m.reportProblems, m.zombies, m.lastSuccess)
+		reg.MustRegister(m.reconciles, m.duration, m.transitions, m.markedDown, m.fenceRejections, m.reportProblems, m.zombies,
+			m.badRows, m.lastSuccess, m.lastPass, m.blindHosts, m.shardHosts)
 	}
 	return m
 }

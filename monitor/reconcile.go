@@ -1,6 +1,7 @@
 // Package monitor owns the reconcile: the rules of SPEC §2 as a pure decision
-// function (rules.go), and the Reconciler that reads a host's rows, asks its
-// agent, and applies the decisions in a fenced transaction.
+// function (rules.go), the pass that applies them to a set of hosts of one
+// shard (this file), and the Runner that schedules passes for the shards this
+// replica owns (runner.go).
 //
 // Ownership reaches this package only as a store.Fence (shard, token,
 // replica) and a context; it never imports etcd.
@@ -8,18 +9,15 @@ package monitor
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
-	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 
-	"github.com/vigil-sh/vigil/internal/ids"
+	"github.com/vigil-sh/vigil/internal/status"
 	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/store"
 )
@@ -39,9 +37,20 @@ type Agents interface {
 type Config struct {
 	Rules            Rules
 	UnreachableAfter time.Duration // heartbeat staleness threshold, default 90s
-	Concurrency      int           // hosts reconciled at once in ReconcileHosts, default 16
-	Logger           hclog.Logger
-	Registerer       prometheus.Registerer
+	// AgentConcurrency bounds the agent calls in flight across the whole
+	// replica, default 64. Passes wait for a slot in arrival order, so the
+	// owned shards share it fairly.
+	AgentConcurrency int
+	// Concurrency bounds one pass's agent calls in flight (within
+	// AgentConcurrency), default 16, so a shard full of hung agents cannot
+	// take every slot.
+	Concurrency int
+	// ApplyLinger is how long answers that arrived wait for the rest of
+	// their pass before their changes are applied anyway, default 100ms: a
+	// slow agent delays the others' writes by at most this much.
+	ApplyLinger time.Duration
+	Logger      hclog.Logger
+	Registerer  prometheus.Registerer
 }
 
 // Validate fills defaults and checks values.
@@ -55,8 +64,14 @@ func (c *Config) Validate() error {
 	if c.UnreachableAfter == 0 {
 		c.UnreachableAfter = 90 * time.Second
 	}
+	if c.AgentConcurrency == 0 {
+		c.AgentConcurrency = 64
+	}
 	if c.Concurrency == 0 {
-		c.Concurrency = 16
+		c.Concurrency = min(16, c.AgentConcurrency)
+	}
+	if c.ApplyLinger == 0 {
+		c.ApplyLinger = 100 * time.Millisecond
 	}
 	switch {
 	case c.Rules.TransientGrace < 0:
@@ -65,8 +80,12 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("monitor: snapshot grace %s must be positive", c.Rules.SnapshotGrace)
 	case c.UnreachableAfter < time.Second:
 		return fmt.Errorf("monitor: unreachable-after %s must be at least 1s", c.UnreachableAfter)
-	case c.Concurrency < 1:
-		return fmt.Errorf("monitor: concurrency %d must be at least 1", c.Concurrency)
+	case c.AgentConcurrency < 1:
+		return fmt.Errorf("monitor: agent concurrency %d must be at least 1", c.AgentConcurrency)
+	case c.Concurrency < 1 || c.Concurrency > c.AgentConcurrency:
+		return fmt.Errorf("monitor: per-shard concurrency %d must be between 1 and the agent concurrency %d", c.Concurrency, c.AgentConcurrency)
+	case c.ApplyLinger < 0:
+		return fmt.Errorf("monitor: apply linger %s must not be negative", c.ApplyLinger)
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
@@ -81,6 +100,9 @@ type Reconciler struct {
 	agents Agents
 	log    hclog.Logger
 	m      *metrics
+	// slots is the replica-wide bound on agent calls in flight: a call
+	// holds one from before it starts until it returns.
+	slots chan struct{}
 }
 
 // New builds a Reconciler.
@@ -88,374 +110,153 @@ func New(cfg Config, st *store.Store, agents Agents) (*Reconciler, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Reconciler{cfg: cfg, store: st, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer)}, nil
+	return &Reconciler{cfg: cfg, store: st, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer),
+		slots: make(chan struct{}, cfg.AgentConcurrency)}, nil
 }
 
-// Result says what one host reconcile did.
-type Result struct {
-	Skipped     string   // non-empty: why the host was not reconciled actively
-	Applied     []Action // actions that took effect
-	Missed      int      // compare-and-set misses: a concurrent transition won
-	Destroyed   int      // zombies destroyed on the agent
+// Outcome says what a pass did for one host.
+type Outcome struct {
+	Host uuid.UUID
+	// Counted: the host is online with an address, so its last successful
+	// reconcile is part of the shard's lag (SPEC §5).
+	Counted     bool
+	Skipped     string // not reconciled actively, and why ("" when it was)
+	MarkedDown  bool   // the passive rule marked it unreachable
+	MadeMissing int    // its sandboxes that became missing then
+	Applied     []Action
+	Missed      int // compare-and-set misses: a concurrent transition won
+	Destroyed   int // zombies destroyed on the agent
 	Problems    []Problem
-	MarkedDown  bool
-	MadeMissing int
+	// Err: the host could not be reconciled (agent, database or fence).
+	Err error
+	// Done is when the host counted as reconciled: its agent answered and
+	// every resulting write committed. Zero otherwise.
+	Done time.Time
+
+	start time.Time // its agent call's start, for the duration histogram
 }
 
-func (r *Reconciler) observe(kind string, start time.Time, res *Result, err error) {
-	result := "ok"
-	switch {
-	case errors.Is(err, ErrFenced):
-		result = "fenced"
-		r.m.fenceRejections.Inc()
-	case errors.Is(err, errAgent):
-		result = "agent_error"
-	case err != nil:
-		result = "error"
-	case res.Skipped != "":
-		result = "skipped"
-	case len(res.Applied) > 0 || res.Destroyed > 0 || res.MarkedDown:
-		result = "changed"
-	}
-	r.m.reconciles.WithLabelValues(kind, result).Inc()
-	r.m.duration.WithLabelValues(kind, result).Observe(time.Since(start).Seconds())
+func (o *Outcome) fail(err error) {
+	o.Err, o.Applied, o.Destroyed, o.Done = err, nil, 0, time.Time{}
 }
 
 var errAgent = errors.New("agent call failed")
 
-// MarkStale is the passive rule (SPEC §2 item 1) for one host: if its
-// heartbeat is older than the threshold by the database's clock (or absent)
-// and it is not already unreachable, it becomes unreachable and its live
-// sandboxes become missing, with the host's audit row when it has a team —
-// all in one fenced transaction, all conditional on the row really changing.
-func (r *Reconciler) MarkStale(ctx context.Context, f store.Fence, host uuid.UUID) (res Result, err error) {
-	start := time.Now()
-	defer func() { r.observe("passive", start, &res, err) }()
-	var moved []struct {
-		id   uuid.UUID
-		from string
+// Why a host was not reconciled actively (Outcome.Skipped).
+const (
+	errHostStale  = "heartbeat stale"
+	errHostGone   = "host gone"
+	errNoAddress  = "host has no address"
+	errNullStatus = "host status is NULL"
+)
+
+// Reconcile is one whole pass over hosts: Read, then Run.
+func (r *Reconciler) Reconcile(ctx context.Context, f store.Fence, hosts []uuid.UUID) ([]Outcome, error) {
+	p, err := r.Read(ctx, f, hosts)
+	if err != nil {
+		return nil, err
 	}
-	err = r.store.WithFence(ctx, f, func(tx pgx.Tx) error {
-		moved = moved[:0]
-		var team uuid.NullUUID
-		err := tx.QueryRow(ctx, `
-			update hosts set status = 'unreachable', updated_at = now()
-			 where id = $1
-			   and status <> 'unreachable'
-			   and (last_heartbeat_at is null or last_heartbeat_at < now() - make_interval(secs => $2))
-			returning team_id`, host, r.cfg.UnreachableAfter.Seconds()).Scan(&team)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil // fresh heartbeat, already unreachable, or gone
-		}
-		if err != nil {
-			return fmt.Errorf("mark host %s unreachable: %w", host, err)
-		}
-		res.MarkedDown = true
-		rows, err := tx.Query(ctx, `
-			with old as (
-				select id, status from sandboxes
-				 where host_id = $1 and status = any($2)
-				   for update)
-			update sandboxes s set status = 'missing', last_updated = now()
-			  from old where s.id = old.id
-			returning s.id, old.status`, host, MissingOnHostDown)
-		if err != nil {
-			return fmt.Errorf("mark sandboxes of host %s missing: %w", host, err)
-		}
-		for rows.Next() {
-			var m struct {
-				id   uuid.UUID
-				from string
-			}
-			if err := rows.Scan(&m.id, &m.from); err != nil {
-				rows.Close()
-				return err
-			}
-			moved = append(moved, m)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return fmt.Errorf("mark sandboxes of host %s missing: %w", host, err)
-		}
-		if team.Valid {
-			a := &Audit{Action: "marked_down", Status: "error", Reason: "heartbeat_timeout",
-				Error: fmt.Sprintf("no heartbeat for more than %s", r.cfg.UnreachableAfter)}
-			if err := insertAudit(ctx, tx, f, team.UUID, "host", ids.Host(host), a); err != nil {
-				return err
-			}
-		}
+	err = p.Run(ctx)
+	return p.Outcomes(), err
+}
+
+// MarkStale is the passive rule (SPEC §2 item 1) for a set of hosts, in one
+// fenced transaction: each host whose heartbeat is older than the threshold
+// by the database's clock (or absent) and which is not already unreachable
+// becomes unreachable and its live sandboxes missing, with the host's audit
+// row when it has a team, all conditional on the row really changing. It
+// returns one outcome per host; errors.Is(err, ErrFenced) is a loss of the
+// shard.
+func (r *Reconciler) MarkStale(ctx context.Context, f store.Fence, hosts []uuid.UUID) ([]Outcome, error) {
+	out := make([]Outcome, len(hosts))
+	for i, h := range hosts {
+		out[i] = Outcome{Host: h, Skipped: errHostStale, start: time.Now()}
+	}
+	err := r.markStale(ctx, f, out)
+	r.record(f, "passive", out)
+	return out, err
+}
+
+func (r *Reconciler) markStale(ctx context.Context, f store.Fence, out []Outcome) error {
+	if len(out) == 0 {
 		return nil
+	}
+	ids, rids := make([]uuid.UUID, len(out)), make([]string, len(out))
+	at := make(map[uuid.UUID]int, len(out))
+	for i, o := range out {
+		ids[i], rids[i], at[o.Host] = o.Host, hostResourceID(o.Host), i
+	}
+	marked, err := r.store.MarkUnreachable(ctx, f, store.MarkDown{
+		Hosts: ids, ResourceIDs: rids, StaleAfter: r.cfg.UnreachableAfter, Live: MissingOnHostDown,
+		Audit: store.Audit{ResourceType: "host", Action: "marked_down", Status: "error", Metadata: map[string]any{
+			"reason": "heartbeat_timeout", "error": fmt.Sprintf("no heartbeat for more than %s", r.cfg.UnreachableAfter)}},
 	})
 	if err != nil {
-		res.MarkedDown = false
-		return res, err
-	}
-	if res.MarkedDown {
-		r.m.markedDown.Inc()
-		res.MadeMissing = len(moved)
-		for _, m := range moved {
-			r.m.transitions.WithLabelValues(m.from, StatusMissing).Inc()
+		for i := range out {
+			out[i].fail(err)
 		}
-		r.log.Info("host marked unreachable", "host", host, "shard", f.Shard, "sandboxes_missing", len(moved))
+		return r.fenced(err)
 	}
-	return res, nil
-}
-
-// ReconcileHost is the active reconcile (SPEC §2 items 2–7) of one host. It
-// reads the host's rows first, then asks the agent, so any control-plane
-// transition after the read makes the compare-and-set miss instead of being
-// overwritten. Zombies are destroyed on the agent only after a fenced check
-// that they are still stopped, with the fence token in the Vigil-Fence header;
-// their audit rows follow in a second fenced transaction.
-func (r *Reconciler) ReconcileHost(ctx context.Context, f store.Fence, hostID uuid.UUID) (res Result, err error) {
-	start := time.Now()
-	defer func() { r.observe("active", start, &res, err) }()
-
-	host, found, err := r.store.Host(ctx, hostID)
-	if err != nil {
-		return res, err
-	}
-	switch {
-	case !found:
-		res.Skipped = "host gone"
-		return res, nil
-	case host.Status != HostOnline:
-		res.Skipped = "host " + host.Status
-		return res, nil
-	case host.Address == "":
-		res.Skipped = "host has no address"
-		return res, nil
-	}
-
-	rows, dbNow, err := r.loadRows(ctx, hostID)
-	if err != nil {
-		return res, err
-	}
-	resp, err := r.agents.ListSandboxes(ctx, hostID, host.Address)
-	if err != nil {
-		return res, fmt.Errorf("%w: %w", errAgent, err)
-	}
-	report, problems := ParseReport(resp)
-	res.Problems = problems
-	for _, p := range problems {
-		r.m.reportProblems.WithLabelValues(p.Kind).Inc()
-		r.log.Warn("agent report entry not trusted", "host", hostID, "problem", p.Kind, "sandbox", p.SandboxID, "detail", p.Detail)
-	}
-	if paused := report.PausedIDs(); len(paused) > 0 {
-		z, err := r.loadZombieCandidates(ctx, hostID, paused, dbNow)
-		if err != nil {
-			return res, err
+	for _, m := range marked {
+		o := &out[at[m.ID]]
+		o.MarkedDown, o.MadeMissing, o.Counted = true, len(m.Missing), false
+		for _, sb := range m.Missing {
+			o.Applied = append(o.Applied, Action{Kind: Transition, Sandbox: sb.ID, From: sb.From, To: status.Missing})
 		}
-		rows = append(rows, z...)
-	}
-
-	actions := Decide(r.cfg.Rules, rows, report, dbNow)
-	if len(actions) == 0 {
-		return res, nil
-	}
-	var zombies []Action
-	err = r.store.WithFence(ctx, f, func(tx pgx.Tx) error {
-		res.Applied, res.Missed, zombies = nil, 0, nil
-		for _, a := range actions {
-			ok, err := applyAction(ctx, tx, f, hostID, a)
-			if err != nil {
-				return err
-			}
-			switch {
-			case !ok:
-				res.Missed++
-			case a.Kind == DestroyOnAgent:
-				zombies = append(zombies, a)
-			default:
-				res.Applied = append(res.Applied, a)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		res.Applied = nil
-		return res, err
-	}
-	for _, a := range res.Applied {
-		r.m.transitions.WithLabelValues(a.From, a.To).Inc()
-		r.log.Debug("sandbox transition", "host", hostID, "sandbox", a.Sandbox, "from", a.From, "to", a.To)
-	}
-	if len(zombies) == 0 {
-		return res, nil
-	}
-
-	var destroyed []Action
-	for _, z := range zombies {
-		if err := r.agents.DestroySandbox(ctx, hostID, host.Address, ids.Sandbox(z.Sandbox), f.Header()); err != nil {
-			r.log.Warn("destroy zombie on agent failed", "host", hostID, "sandbox", z.Sandbox, "error", err)
-			continue
-		}
-		destroyed = append(destroyed, z)
-	}
-	if len(destroyed) == 0 {
-		return res, nil
-	}
-	err = r.store.WithFence(ctx, f, func(tx pgx.Tx) error {
-		for _, z := range destroyed {
-			if err := insertAudit(ctx, tx, f, z.TeamID, "sandbox", ids.Sandbox(z.Sandbox), z.Audit); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return res, err
-	}
-	res.Destroyed = len(destroyed)
-	r.m.zombies.Add(float64(len(destroyed)))
-	res.Applied = append(res.Applied, destroyed...)
-	return res, nil
-}
-
-func (r *Reconciler) loadRows(ctx context.Context, host uuid.UUID) ([]Row, time.Time, error) {
-	var dbNow time.Time
-	var out []Row
-	err := pgx.BeginTxFunc(ctx, r.store.Pool(), pgx.TxOptions{AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
-		if err := tx.QueryRow(ctx, `select now()`).Scan(&dbNow); err != nil {
-			return err
-		}
-		rows, err := tx.Query(ctx, `
-			select id, team_id, status, last_updated from sandboxes
-			 where host_id = $1 and status = any($2)
-			 order by id`, host, ActiveStatuses)
-		if err != nil {
-			return err
-		}
-		out, err = pgx.CollectRows(rows, scanRow)
-		return err
-	})
-	if err != nil {
-		return nil, dbNow, fmt.Errorf("read sandboxes of host %s: %w", host, err)
-	}
-	return out, dbNow, nil
-}
-
-// loadZombieCandidates reads rows stopped before the reconcile's first read
-// among the sandboxes the agent reports paused. A row stopped after that read
-// may be a destroy the control plane is finishing right now; it waits for the
-// next pass.
-func (r *Reconciler) loadZombieCandidates(ctx context.Context, host uuid.UUID, paused []uuid.UUID, before time.Time) ([]Row, error) {
-	rows, err := r.store.Pool().Query(ctx, `
-		select id, team_id, status, last_updated from sandboxes
-		 where host_id = $1 and status = 'stopped' and id = any($2) and last_updated <= $3
-		 order by id`, host, paused, before)
-	if err != nil {
-		return nil, fmt.Errorf("read stopped sandboxes of host %s: %w", host, err)
-	}
-	out, err := pgx.CollectRows(rows, scanRow)
-	if err != nil {
-		return nil, fmt.Errorf("read stopped sandboxes of host %s: %w", host, err)
-	}
-	return out, nil
-}
-
-func scanRow(r pgx.CollectableRow) (Row, error) {
-	var x Row
-	err := r.Scan(&x.ID, &x.TeamID, &x.Status, &x.LastUpdated)
-	return x, err
-}
-
-// applyAction performs one action inside a fenced transaction. ok is false
-// when the row no longer has the status and last_updated the decision saw.
-func applyAction(ctx context.Context, tx pgx.Tx, f store.Fence, host uuid.UUID, a Action) (ok bool, err error) {
-	if a.Kind == DestroyOnAgent {
-		var one int
-		err := tx.QueryRow(ctx, `
-			select 1 from sandboxes
-			 where id = $1 and host_id = $2 and status = 'stopped' and last_updated = $3
-			   for share`, a.Sandbox, host, a.Seen).Scan(&one)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return false, nil
-		}
-		if err != nil {
-			return false, fmt.Errorf("check zombie %s: %w", a.Sandbox, err)
-		}
-		return true, nil
-	}
-	tag, err := tx.Exec(ctx, `
-		update sandboxes set status = $3, last_updated = now()
-		 where id = $1 and host_id = $2 and status = $4 and last_updated = $5`,
-		a.Sandbox, host, a.To, a.From, a.Seen)
-	if err != nil {
-		return false, fmt.Errorf("set sandbox %s %s -> %s: %w", a.Sandbox, a.From, a.To, err)
-	}
-	if tag.RowsAffected() == 0 {
-		return false, nil
-	}
-	if a.Audit != nil {
-		if err := insertAudit(ctx, tx, f, a.TeamID, "sandbox", ids.Sandbox(a.Sandbox), a.Audit); err != nil {
-			return false, err
-		}
-	}
-	return true, nil
-}
-
-func insertAudit(ctx context.Context, tx pgx.Tx, f store.Fence, team uuid.UUID, resourceType, resourceID string, a *Audit) error {
-	meta := map[string]any{"reason": a.Reason, "replica": f.Replica, "fence": f.Token, "shard": f.Shard}
-	if a.Phase != "" {
-		meta["phase"] = a.Phase
-	}
-	if a.Status == "error" && a.Error != "" {
-		meta["error"] = a.Error
-	}
-	b, err := json.Marshal(meta)
-	if err != nil {
-		return err
-	}
-	_, err = tx.Exec(ctx, `
-		insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
-		values ($1, $2, 'system', null, '', $3, $4, $5, 'team', $6, $7, now())`,
-		uuid.New(), team, resourceType, resourceID, a.Action, a.Status, b)
-	if err != nil {
-		return fmt.Errorf("write audit row %s %s: %w", resourceID, a.Action, err)
+		r.log.Info("host marked unreachable", "host", m.ID, "shard", f.Shard, "sandboxes_missing", len(m.Missing))
 	}
 	return nil
 }
 
-// ReconcileHosts runs the passive rule on every host and then the active
-// reconcile on those still online, at most Concurrency hosts at once, each
-// host on its own so one hung agent delays only itself (every agent call has
-// a deadline). It returns ErrFenced as soon as any write is fenced — the
-// shard is lost and the rest is abandoned — and otherwise the number of
-// hosts whose reconcile failed.
-func (r *Reconciler) ReconcileHosts(ctx context.Context, f store.Fence, hosts []uuid.UUID) (failed int, err error) {
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(r.cfg.Concurrency)
-	results := make([]error, len(hosts))
-	for i, h := range hosts {
-		if gctx.Err() != nil {
-			break
+// record turns a pass's outcomes into metrics, in one place after every
+// write of the pass has committed or failed.
+func (r *Reconciler) record(f store.Fence, kind string, out []Outcome) {
+	now := time.Now()
+	for i := range out {
+		o := &out[i]
+		result := "ok"
+		switch {
+		case errors.Is(o.Err, ErrFenced):
+			result = "fenced"
+		case errors.Is(o.Err, errAgent):
+			result = "agent_error"
+		case o.Err != nil:
+			result = "error"
+		case o.MarkedDown || len(o.Applied) > 0:
+			result = "changed"
+		case o.Skipped != "" && kind == "active":
+			result = "skipped"
 		}
-		g.Go(func() error {
-			res, err := r.MarkStale(gctx, f, h)
-			if err == nil && !res.MarkedDown {
-				_, err = r.ReconcileHost(gctx, f, h)
+		r.m.reconciles.WithLabelValues(kind, result).Inc()
+		if !o.start.IsZero() {
+			end := o.Done
+			if end.IsZero() {
+				end = now
 			}
-			if errors.Is(err, ErrFenced) {
-				return err
+			r.m.duration.WithLabelValues(kind, result).Observe(end.Sub(o.start).Seconds())
+		}
+		if o.MarkedDown {
+			r.m.markedDown.Inc()
+		}
+		for _, a := range o.Applied {
+			if a.Kind == DestroyOnAgent {
+				continue
 			}
-			if err != nil && gctx.Err() == nil {
-				r.log.Warn("reconcile host failed", "host", h, "shard", f.Shard, "error", err)
-			}
-			results[i] = err
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return 0, err
-	}
-	if err := ctx.Err(); err != nil {
-		return 0, err
-	}
-	for _, e := range results {
-		if e != nil {
-			failed++
+			r.m.transitions.WithLabelValues(a.From, a.To).Inc()
+		}
+		if o.Destroyed > 0 {
+			r.m.zombies.Add(float64(o.Destroyed))
+		}
+		for _, p := range o.Problems {
+			r.m.reportProblems.WithLabelValues(p.Kind).Inc()
 		}
 	}
-	return failed, nil
+}
+
+// fenced counts a fence rejection once per rejected transaction.
+func (r *Reconciler) fenced(err error) error {
+	if errors.Is(err, ErrFenced) {
+		r.m.fenceRejections.Inc()
+	}
+	return err
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -28,6 +29,7 @@ type env struct {
 	t     *testing.T
 	ctx   context.Context
 	st    *store.Store
+	db    *pgxpool.Pool // the test's own connections, for fixtures and checks
 	sim   *agentsim.Sim
 	pool  *agentpool.Pool
 	rec   *monitor.Reconciler
@@ -65,6 +67,10 @@ func newEnv(t *testing.T, hosts int, agentTimeout time.Duration) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	db, err := pgxpool.New(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
 	sim, err := agentsim.New(agentsim.Config{DatabaseURL: url, Hosts: hosts, HeartbeatInterval: -1, SharedFraction: 0})
 	if err != nil {
 		t.Fatal(err)
@@ -86,7 +92,7 @@ func newEnv(t *testing.T, hosts int, agentTimeout time.Duration) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, ctx: ctx, st: st, sim: sim, pool: pool, rec: rec, reg: reg, hook: hook,
+	e := &env{t: t, ctx: ctx, st: st, db: db, sim: sim, pool: pool, rec: rec, reg: reg, hook: hook,
 		fence: store.Fence{Shard: 1, Token: 100, Replica: "replica-a"}, hosts: sim.HostIDs()}
 	if err := st.RaiseFence(ctx, e.fence); err != nil {
 		t.Fatal(err)
@@ -98,6 +104,7 @@ func newEnv(t *testing.T, hosts int, agentTimeout time.Duration) *env {
 		}
 		pool.Close()
 		st.Close()
+		db.Close()
 	})
 	return e
 }
@@ -108,7 +115,7 @@ func (e *env) sandbox(host uuid.UUID, status string, age time.Duration, vm strin
 	e.t.Helper()
 	id := uuid.New()
 	team := e.team(host)
-	_, err := e.st.Pool().Exec(e.ctx, `
+	_, err := e.db.Exec(e.ctx, `
 		insert into sandboxes (id, team_id, host_id, status, last_updated)
 		values ($1, $2, $3, $4, now() - make_interval(secs => $5))`, id, team, host, status, age.Seconds())
 	if err != nil {
@@ -124,7 +131,7 @@ func (e *env) sandbox(host uuid.UUID, status string, age time.Duration, vm strin
 
 func (e *env) team(host uuid.UUID) uuid.UUID {
 	var team uuid.NullUUID
-	if err := e.st.Pool().QueryRow(e.ctx, `select team_id from hosts where id = $1`, host).Scan(&team); err != nil {
+	if err := e.db.QueryRow(e.ctx, `select team_id from hosts where id = $1`, host).Scan(&team); err != nil {
 		e.t.Fatal(err)
 	}
 	if team.Valid {
@@ -136,7 +143,7 @@ func (e *env) team(host uuid.UUID) uuid.UUID {
 func (e *env) status(id uuid.UUID) string {
 	e.t.Helper()
 	var s string
-	if err := e.st.Pool().QueryRow(e.ctx, `select status from sandboxes where id = $1`, id).Scan(&s); err != nil {
+	if err := e.db.QueryRow(e.ctx, `select status from sandboxes where id = $1`, id).Scan(&s); err != nil {
 		e.t.Fatal(err)
 	}
 	return s
@@ -145,7 +152,7 @@ func (e *env) status(id uuid.UUID) string {
 func (e *env) hostStatus(id uuid.UUID) string {
 	e.t.Helper()
 	var s string
-	if err := e.st.Pool().QueryRow(e.ctx, `select status from hosts where id = $1`, id).Scan(&s); err != nil {
+	if err := e.db.QueryRow(e.ctx, `select status from hosts where id = $1`, id).Scan(&s); err != nil {
 		e.t.Fatal(err)
 	}
 	return s
@@ -166,7 +173,7 @@ type auditRow struct {
 
 func (e *env) audits(resourceID string) []auditRow {
 	e.t.Helper()
-	rows, err := e.st.Pool().Query(e.ctx, `
+	rows, err := e.db.Query(e.ctx, `
 		select team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata
 		  from audit_logs where resource_id = $1 order by created_at`, resourceID)
 	if err != nil {
@@ -223,13 +230,26 @@ func (e *env) wantAudit(id uuid.UUID, resourceType, action, status, reason strin
 	}
 }
 
-func (e *env) reconcile(host uuid.UUID) monitor.Result {
+// reconcile runs a pass over one host and returns its outcome.
+func (e *env) reconcile(host uuid.UUID) monitor.Outcome {
 	e.t.Helper()
-	res, err := e.rec.ReconcileHost(e.ctx, e.fence, host)
+	out, err := e.rec.Reconcile(e.ctx, e.fence, []uuid.UUID{host})
 	if err != nil {
 		e.t.Fatalf("reconcile %s: %v", host, err)
 	}
-	return res
+	if len(out) != 1 || out[0].Err != nil {
+		e.t.Fatalf("reconcile %s: %+v", host, out)
+	}
+	return out[0]
+}
+
+// markStale runs the passive rule on one host and returns its outcome.
+func (e *env) markStale(host uuid.UUID) (monitor.Outcome, error) {
+	out, err := e.rec.MarkStale(e.ctx, e.fence, []uuid.UUID{host})
+	if len(out) != 1 {
+		e.t.Fatalf("MarkStale: %d outcomes", len(out))
+	}
+	return out[0], err
 }
 
 func (e *env) setHeartbeat(host uuid.UUID, ago time.Duration, null bool) {
@@ -238,7 +258,7 @@ func (e *env) setHeartbeat(host uuid.UUID, ago time.Duration, null bool) {
 	if null {
 		q = `update hosts set last_heartbeat_at = null where id = $1 and $2::float8 >= 0`
 	}
-	if _, err := e.st.Pool().Exec(e.ctx, q, host, ago.Seconds()); err != nil {
+	if _, err := e.db.Exec(e.ctx, q, host, ago.Seconds()); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -254,7 +274,7 @@ const (
 func TestPassiveMarksStaleHostUnreachable(t *testing.T) {
 	e := newEnv(t, 3, time.Second)
 	h, fresh, shared := e.hosts[0], e.hosts[1], e.hosts[2]
-	if _, err := e.st.Pool().Exec(e.ctx, `update hosts set team_id = null where id = $1`, shared); err != nil {
+	if _, err := e.db.Exec(e.ctx, `update hosts set team_id = null where id = $1`, shared); err != nil {
 		t.Fatal(err)
 	}
 	live := map[string]uuid.UUID{}
@@ -267,7 +287,7 @@ func TestPassiveMarksStaleHostUnreachable(t *testing.T) {
 	e.setHeartbeat(fresh, 85*time.Second, false) // stale by 85 s: under the threshold
 	e.setHeartbeat(shared, 0, true)              // never heartbeated
 
-	res, err := e.rec.MarkStale(e.ctx, e.fence, h)
+	res, err := e.markStale(h)
 	if err != nil || !res.MarkedDown || res.MadeMissing != len(live) {
 		t.Fatalf("MarkStale = %+v, %v", res, err)
 	}
@@ -285,13 +305,13 @@ func TestPassiveMarksStaleHostUnreachable(t *testing.T) {
 	e.wantAudit(h, "host", "marked_down", "error", "heartbeat_timeout")
 
 	// Already unreachable: no change, no second audit row.
-	if res, err := e.rec.MarkStale(e.ctx, e.fence, h); err != nil || res.MarkedDown {
+	if res, err := e.markStale(h); err != nil || res.MarkedDown {
 		t.Fatalf("second MarkStale = %+v, %v", res, err)
 	}
 	e.wantAudit(h, "host", "marked_down", "error", "heartbeat_timeout")
 
 	// Fresh enough by the database clock: nothing.
-	if res, err := e.rec.MarkStale(e.ctx, e.fence, fresh); err != nil || res.MarkedDown {
+	if res, err := e.markStale(fresh); err != nil || res.MarkedDown {
 		t.Fatalf("fresh host MarkStale = %+v, %v", res, err)
 	}
 	if e.hostStatus(fresh) != "online" {
@@ -299,7 +319,7 @@ func TestPassiveMarksStaleHostUnreachable(t *testing.T) {
 	}
 
 	// Absent heartbeat on a shared host: marked down, no audit row.
-	if res, err := e.rec.MarkStale(e.ctx, e.fence, shared); err != nil || !res.MarkedDown {
+	if res, err := e.markStale(shared); err != nil || !res.MarkedDown {
 		t.Fatalf("shared host MarkStale = %+v, %v", res, err)
 	}
 	e.wantAudit(shared, "host", "", "", "")
@@ -323,8 +343,8 @@ func TestActiveSkipsHostsNotOnline(t *testing.T) {
 	a, b := e.hosts[0], e.hosts[1]
 	ra := e.sandbox(a, "running", young, "") // would be orphaned
 	rb := e.sandbox(b, "running", young, "")
-	e.st.Pool().Exec(e.ctx, `update hosts set status = 'unreachable' where id = $1`, a)
-	e.st.Pool().Exec(e.ctx, `update hosts set address = '' where id = $1`, b)
+	e.db.Exec(e.ctx, `update hosts set status = 'unreachable' where id = $1`, a)
+	e.db.Exec(e.ctx, `update hosts set address = '' where id = $1`, b)
 	if res := e.reconcile(a); res.Skipped == "" {
 		t.Error("unreachable host reconciled")
 	}
@@ -399,12 +419,12 @@ func TestActiveRulesEndToEnd(t *testing.T) {
 	}
 	// A second pass changes nothing and writes no more audit rows.
 	var before int
-	e.st.Pool().QueryRow(e.ctx, `select count(*) from audit_logs`).Scan(&before)
+	e.db.QueryRow(e.ctx, `select count(*) from audit_logs`).Scan(&before)
 	if res := e.reconcile(h); len(res.Applied) != 0 {
 		t.Errorf("second pass applied %v", res.Applied)
 	}
 	var after int
-	e.st.Pool().QueryRow(e.ctx, `select count(*) from audit_logs`).Scan(&after)
+	e.db.QueryRow(e.ctx, `select count(*) from audit_logs`).Scan(&after)
 	if before != after {
 		t.Errorf("second pass wrote %d audit rows", after-before)
 	}
@@ -453,8 +473,8 @@ func TestConcurrentTransitionWinsCompareAndSet(t *testing.T) {
 	recovering := e.sandbox(h, "missing", young, "") // the decision: stopped
 	e.hook.afterList = func(uuid.UUID) {
 		// The control plane pauses one and touches the other's clock.
-		e.st.Pool().Exec(e.ctx, `update sandboxes set status = 'pausing', last_updated = now() where id = $1`, orphan)
-		e.st.Pool().Exec(e.ctx, `update sandboxes set last_updated = now() where id = $1`, recovering)
+		e.db.Exec(e.ctx, `update sandboxes set status = 'pausing', last_updated = now() where id = $1`, orphan)
+		e.db.Exec(e.ctx, `update sandboxes set last_updated = now() where id = $1`, recovering)
 	}
 	res := e.reconcile(h)
 	if res.Missed != 2 || len(res.Applied) != 0 {
@@ -476,11 +496,11 @@ func TestFencedReconcileChangesNothing(t *testing.T) {
 	if err := e.st.RaiseFence(e.ctx, store.Fence{Shard: e.fence.Shard, Token: 200, Replica: "replica-b"}); err != nil {
 		t.Fatal(err)
 	}
-	_, err := e.rec.ReconcileHost(e.ctx, e.fence, h)
+	_, err := e.rec.Reconcile(e.ctx, e.fence, []uuid.UUID{h})
 	if !errors.Is(err, monitor.ErrFenced) {
 		t.Fatalf("err = %v, want ErrFenced", err)
 	}
-	if _, err := e.rec.MarkStale(e.ctx, e.fence, h); !errors.Is(err, monitor.ErrFenced) {
+	if _, err := e.markStale(h); !errors.Is(err, monitor.ErrFenced) {
 		t.Fatalf("MarkStale err = %v, want ErrFenced", err)
 	}
 	if e.status(orphan) != "running" || len(e.sim.Destroys(h)) != 0 || len(e.sim.VMs(h)) != 1 {
@@ -510,9 +530,9 @@ func TestBadAgentAnswersChangeNothing(t *testing.T) {
 		}
 	}
 	for i, m := range modes {
-		_, err := e.rec.ReconcileHost(e.ctx, e.fence, e.hosts[i])
-		if err == nil {
-			t.Errorf("%s: no error", m.Kind)
+		out, err := e.rec.Reconcile(e.ctx, e.fence, []uuid.UUID{e.hosts[i]})
+		if err != nil || len(out) != 1 || out[0].Err == nil {
+			t.Errorf("%s: outcome %+v, err %v; want the host failed", m.Kind, out, err)
 		}
 		if e.status(rows[i]) != "running" {
 			t.Errorf("%s: row changed to %s", m.Kind, e.status(rows[i]))
@@ -551,11 +571,11 @@ func TestHungAgentDelaysOnlyItself(t *testing.T) {
 	ctx, cancel := context.WithCancel(e.ctx)
 	defer cancel()
 	done := make(chan struct{})
-	var failed int
+	var out []monitor.Outcome
 	var err error
 	go func() {
 		defer close(done)
-		failed, err = e.rec.ReconcileHosts(ctx, e.fence, e.hosts)
+		out, err = e.rec.Reconcile(ctx, e.fence, e.hosts)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for _, o := range orphans {
@@ -568,13 +588,21 @@ func TestHungAgentDelaysOnlyItself(t *testing.T) {
 	}
 	select {
 	case <-done:
-		t.Fatal("ReconcileHosts returned before the hung agent's deadline")
+		t.Fatal("the pass returned before the hung agent's deadline")
 	default:
 	}
 	cancel() // shutting down the shard aborts the hung call
 	<-done
-	if err == nil && failed == 0 {
-		t.Errorf("hung host not reported: failed=%d err=%v", failed, err)
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("pass returned %v, want context.Canceled", err)
+	}
+	for _, o := range out {
+		switch {
+		case o.Host == hung && (o.Err == nil || !o.Done.IsZero()):
+			t.Errorf("hung host not reported failed: %+v", o)
+		case o.Host != hung && (o.Err != nil || o.Done.IsZero() || len(o.Applied) != 1):
+			t.Errorf("healthy host %s: %+v", o.Host, o)
+		}
 	}
 }
 

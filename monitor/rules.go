@@ -6,43 +6,16 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-)
 
-// Sandbox statuses: the control plane's whole vocabulary (SPEC §1.1).
-const (
-	StatusPending      = "pending"
-	StatusStarting     = "starting"
-	StatusRunning      = "running"
-	StatusPausing      = "pausing"
-	StatusPaused       = "paused"
-	StatusResuming     = "resuming"
-	StatusSnapshotting = "snapshotting"
-	StatusStopping     = "stopping"
-	StatusStopped      = "stopped"
-	StatusError        = "error"
-	StatusMissing      = "missing"
-)
-
-// Host statuses vigil reads or writes.
-const (
-	HostPending     = "pending"
-	HostOnline      = "online"
-	HostUnreachable = "unreachable"
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 // KnownStatus reports whether s is in the control plane's sandbox vocabulary.
-func KnownStatus(s string) bool {
-	switch s {
-	case StatusPending, StatusStarting, StatusRunning, StatusPausing, StatusPaused,
-		StatusResuming, StatusSnapshotting, StatusStopping, StatusStopped, StatusError, StatusMissing:
-		return true
-	}
-	return false
-}
+func KnownStatus(s string) bool { return status.Known(s) }
 
 // MissingOnHostDown lists the statuses a sandbox leaves for "missing" when its
 // host is marked unreachable.
-var MissingOnHostDown = []string{StatusRunning, StatusStarting, StatusPending, StatusPausing, StatusResuming, StatusStopping}
+var MissingOnHostDown = []string{status.Running, status.Starting, status.Pending, status.Pausing, status.Resuming, status.Stopping}
 
 // Presence is what an agent report says about one sandbox.
 type Presence int
@@ -70,14 +43,11 @@ type Observed struct {
 // Report is a parsed ListSandboxes answer, keyed by sandbox UUID.
 type Report map[uuid.UUID]Observed
 
-// Alive reports whether the agent holds a live VM for the sandbox.
-func (r Report) Alive(id uuid.UUID) bool { return r[id].Presence != Absent }
-
 // HasPaused reports whether any sandbox is reported paused: the gate for
 // zombie clean-up.
 func (r Report) HasPaused() bool {
 	for _, o := range r {
-		if o.Presence == PresentKnown && o.Status == StatusPaused {
+		if o.Presence == PresentKnown && o.Status == status.Paused {
 			return true
 		}
 	}
@@ -88,7 +58,7 @@ func (r Report) HasPaused() bool {
 func (r Report) PausedIDs() []uuid.UUID {
 	var out []uuid.UUID
 	for id, o := range r {
-		if o.Presence == PresentKnown && o.Status == StatusPaused {
+		if o.Presence == PresentKnown && o.Status == status.Paused {
 			out = append(out, id)
 		}
 	}
@@ -100,12 +70,12 @@ func (r Report) PausedIDs() []uuid.UUID {
 // vocabulary return known=false so the caller can log and count them.
 func ClassifyLabel(label string) (o Observed, known bool) {
 	switch label {
-	case StatusRunning, StatusPaused:
+	case status.Running, status.Paused:
 		return Observed{Presence: PresentKnown, Status: label}, true
-	case StatusStopped, StatusError:
+	case status.Stopped, status.Error:
 		return Observed{Presence: Absent}, true
-	case StatusPausing, StatusResuming, StatusStarting, StatusStopping,
-		StatusSnapshotting, StatusPending, StatusMissing:
+	case status.Pausing, status.Resuming, status.Starting, status.Stopping,
+		status.Snapshotting, status.Pending, status.Missing:
 		return Observed{Presence: PresentUnknown}, true
 	}
 	return Observed{Presence: PresentUnknown}, false
@@ -175,7 +145,7 @@ type Action struct {
 	Sandbox uuid.UUID
 	TeamID  uuid.UUID
 	From    string    // status the decision was based on
-	To      string    // new status (Transition); StatusStopped stays for DestroyOnAgent
+	To      string    // new status (Transition); status.Stopped stays for DestroyOnAgent
 	Seen    time.Time // LastUpdated the decision was based on
 	Audit   *Audit    // nil: the change is silent
 }
@@ -198,64 +168,64 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 			out = append(out, Action{Kind: Transition, Sandbox: r.ID, TeamID: r.TeamID, From: r.Status, To: to, Seen: r.LastUpdated, Audit: audit})
 		}
 		switch r.Status {
-		case StatusMissing:
+		case status.Missing:
 			switch obs.Presence {
 			case Absent:
-				act(StatusStopped, &Audit{Action: "destroy", Status: "warning", Reason: "orphaned"})
+				act(status.Stopped, &Audit{Action: "destroy", Status: "warning", Reason: "orphaned"})
 			case PresentKnown:
-				if obs.Status == StatusPaused {
-					act(StatusPaused, &Audit{Action: "pause", Status: "info", Reason: "restored_after_host_recovery"})
+				if obs.Status == status.Paused {
+					act(status.Paused, &Audit{Action: "pause", Status: "info", Reason: "restored_after_host_recovery"})
 				} else {
 					act(obs.Status, nil)
 				}
 			case PresentUnknown:
 				// Next time: the agent is mid-transition.
 			}
-		case StatusRunning:
+		case status.Running:
 			switch obs.Presence {
 			case Absent:
-				act(StatusStopped, &Audit{Action: "destroy", Status: "warning", Reason: "orphaned"})
+				act(status.Stopped, &Audit{Action: "destroy", Status: "warning", Reason: "orphaned"})
 			case PresentKnown:
-				if obs.Status == StatusPaused {
-					act(StatusPaused, &Audit{Action: "pause", Status: "info", Reason: "host_state_sync"})
+				if obs.Status == status.Paused {
+					act(status.Paused, &Audit{Action: "pause", Status: "info", Reason: "host_state_sync"})
 				}
 			}
-		case StatusStopped:
-			if hasPaused && obs.Presence == PresentKnown && obs.Status == StatusPaused {
-				out = append(out, Action{Kind: DestroyOnAgent, Sandbox: r.ID, TeamID: r.TeamID, From: StatusStopped, To: StatusStopped, Seen: r.LastUpdated,
+		case status.Stopped:
+			if hasPaused && obs.Presence == PresentKnown && obs.Status == status.Paused {
+				out = append(out, Action{Kind: DestroyOnAgent, Sandbox: r.ID, TeamID: r.TeamID, From: status.Stopped, To: status.Stopped, Seen: r.LastUpdated,
 					Audit: &Audit{Action: "destroy", Status: "warning", Reason: "paused_zombie_cleanup"}})
 			}
-		case StatusStarting, StatusResuming:
+		case status.Starting, status.Resuming:
 			if obs.Presence != Absent {
-				act(StatusRunning, nil)
+				act(status.Running, nil)
 			} else if age > rules.TransientGrace {
 				phase := "create"
-				if r.Status == StatusResuming {
+				if r.Status == status.Resuming {
 					phase = "resume"
 				}
-				act(StatusError, &Audit{Action: "error", Status: "error", Reason: "transient_timeout", Phase: phase,
+				act(status.Error, &Audit{Action: "error", Status: "error", Reason: "transient_timeout", Phase: phase,
 					Error: fmt.Sprintf("sandbox not on its host %s after entering %s", age.Truncate(time.Second), r.Status)})
 			}
-		case StatusSnapshotting:
+		case status.Snapshotting:
 			if obs.Presence != Absent {
 				if age > rules.SnapshotGrace {
-					to := StatusRunning
-					if obs.Presence == PresentKnown && obs.Status == StatusPaused {
-						to = StatusPaused
+					to := status.Running
+					if obs.Presence == PresentKnown && obs.Status == status.Paused {
+						to = status.Paused
 					}
 					act(to, &Audit{Action: "snapshot", Status: "info", Reason: "snapshot_recovered"})
 				}
 			} else if age > rules.TransientGrace {
-				act(StatusError, &Audit{Action: "snapshot", Status: "error", Reason: "transient_timeout", Phase: "snapshot",
+				act(status.Error, &Audit{Action: "snapshot", Status: "error", Reason: "transient_timeout", Phase: "snapshot",
 					Error: fmt.Sprintf("sandbox not on its host %s after entering snapshotting", age.Truncate(time.Second))})
 			}
-		case StatusPausing:
+		case status.Pausing:
 			if obs.Presence == Absent && age > rules.TransientGrace {
-				act(StatusPaused, &Audit{Action: "pause", Status: "info", Reason: "transient_timeout_inferred"})
+				act(status.Paused, &Audit{Action: "pause", Status: "info", Reason: "transient_timeout_inferred"})
 			}
-		case StatusStopping:
+		case status.Stopping:
 			if obs.Presence == Absent && age > rules.TransientGrace {
-				act(StatusStopped, &Audit{Action: "destroy", Status: "warning", Reason: "transient_timeout_inferred"})
+				act(status.Stopped, &Audit{Action: "destroy", Status: "warning", Reason: "transient_timeout_inferred"})
 			}
 		}
 	}
@@ -264,7 +234,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 
 // ActiveStatuses are the row statuses Decide acts on, besides stopped rows
 // the agent reports paused (zombies).
-var ActiveStatuses = []string{StatusMissing, StatusRunning, StatusStarting, StatusResuming, StatusSnapshotting, StatusPausing, StatusStopping}
+var ActiveStatuses = []string{status.Missing, status.Running, status.Starting, status.Resuming, status.Snapshotting, status.Pausing, status.Stopping}
 
 func lessUUID(a, b uuid.UUID) bool {
 	for i := range a {

@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"sync"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
-	"github.com/jackc/pgx/v5"
 
 	"github.com/vigil-sh/vigil/shard"
 	"github.com/vigil-sh/vigil/store"
@@ -27,12 +25,13 @@ type RunnerConfig struct {
 	// heartbeats; a host is marked unreachable within UnreachableAfter +
 	// StaleScan of its last heartbeat.
 	StaleScan time.Duration // default 2s
-	// HostRefresh is how often the host list (host -> shard, address) is
-	// re-read.
+	// HostRefresh is how often the host list (which hosts exist, hence
+	// which belong to each shard) is re-read.
 	HostRefresh time.Duration // default 5s
-	// WakeConcurrency bounds reconcile-on-reconnect work per shard.
-	WakeConcurrency int // default 4
-	Logger          hclog.Logger
+	// JournalRetention is how long an owner keeps its shards' journal rows;
+	// older ones are trimmed about once an hour. Zero keeps them forever.
+	JournalRetention time.Duration
+	Logger           hclog.Logger
 }
 
 func (c *RunnerConfig) validate() error {
@@ -45,9 +44,6 @@ func (c *RunnerConfig) validate() error {
 	if c.HostRefresh == 0 {
 		c.HostRefresh = 5 * time.Second
 	}
-	if c.WakeConcurrency == 0 {
-		c.WakeConcurrency = 4
-	}
 	switch {
 	case c.Replica == "":
 		return errors.New("monitor: replica id is empty")
@@ -57,6 +53,8 @@ func (c *RunnerConfig) validate() error {
 		return fmt.Errorf("monitor: --interval %s too short", c.Interval)
 	case c.StaleScan < 10*time.Millisecond, c.HostRefresh < 10*time.Millisecond:
 		return errors.New("monitor: scan periods too short")
+	case c.JournalRetention < 0:
+		return fmt.Errorf("monitor: journal retention %s must not be negative", c.JournalRetention)
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
@@ -67,21 +65,18 @@ func (c *RunnerConfig) validate() error {
 // Runner drives the reconcile for the shards this replica owns. Run does the
 // replica-wide work (host list, stale-heartbeat scan, reconnect
 // notifications); Own is called once per shard ownership with its fencing
-// token and does that shard's work until its context ends.
+// token and schedules that shard's passes until its context ends.
 type Runner struct {
 	cfg RunnerConfig
 	rec *Reconciler
 	log hclog.Logger
 
-	mu     sync.Mutex
-	owned  map[int]*shardWork
-	hosts  map[int][]uuid.UUID // shard -> hosts, from the last refresh
-	listed bool
-}
+	listed     chan struct{} // closed once the host list was read
+	listedOnce sync.Once
 
-type shardWork struct {
-	stale chan uuid.UUID // hosts to check passively
-	wake  chan uuid.UUID // hosts to reconcile now
+	mu    sync.Mutex // guards owned and hosts
+	owned map[int]*shardWork
+	hosts map[int][]uuid.UUID // shard -> hosts, from the last refresh
 }
 
 // NewRunner builds a Runner on a Reconciler.
@@ -89,18 +84,18 @@ func NewRunner(cfg RunnerConfig, rec *Reconciler) (*Runner, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	return &Runner{cfg: cfg, rec: rec, log: cfg.Logger, owned: map[int]*shardWork{}, hosts: map[int][]uuid.UUID{}}, nil
+	return &Runner{cfg: cfg, rec: rec, log: cfg.Logger, listed: make(chan struct{}),
+		owned: map[int]*shardWork{}, hosts: map[int][]uuid.UUID{}}, nil
 }
 
-// Run does the replica-wide work until ctx ends.
-func (r *Runner) Run(ctx context.Context) error {
+// Run does the replica-wide work until ctx ends, then returns once its
+// loops have stopped.
+func (r *Runner) Run(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Add(3)
-	go func() { defer wg.Done(); r.refreshLoop(ctx) }()
-	go func() { defer wg.Done(); r.staleLoop(ctx) }()
-	go func() { defer wg.Done(); r.listenLoop(ctx) }()
+	wg.Go(func() { r.refreshLoop(ctx) })
+	wg.Go(func() { r.staleLoop(ctx) })
+	wg.Go(func() { r.listenLoop(ctx) })
 	wg.Wait()
-	return nil
 }
 
 func (r *Runner) refreshLoop(ctx context.Context) {
@@ -118,28 +113,28 @@ func (r *Runner) refreshLoop(ctx context.Context) {
 	}
 }
 
-// refreshHosts re-reads every host and groups them by shard. Agent clients
-// of hosts that disappeared or moved are dropped.
+// refreshHosts re-reads the host ids and groups them by shard.
 func (r *Runner) refreshHosts(ctx context.Context) error {
-	hosts, err := r.rec.store.Hosts(ctx)
+	hosts, err := r.rec.store.HostIDs(ctx)
 	if err != nil {
 		return err
 	}
 	by := map[int][]uuid.UUID{}
-	addrs := make(map[uuid.UUID]string, len(hosts))
 	for _, h := range hosts {
-		s := shard.Of(h.ID, r.cfg.Shards)
-		by[s] = append(by[s], h.ID)
-		addrs[h.ID] = h.Address
+		s := shard.Of(h, r.cfg.Shards)
+		by[s] = append(by[s], h)
 	}
 	r.mu.Lock()
 	r.hosts = by
-	r.listed = true
 	r.mu.Unlock()
-	if p, ok := r.rec.agents.(interface{ Retain(map[uuid.UUID]string) }); ok {
-		p.Retain(addrs)
-	}
+	r.listedOnce.Do(func() { close(r.listed) })
 	return nil
+}
+
+func (r *Runner) shardHosts(s int) []uuid.UUID {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]uuid.UUID(nil), r.hosts[s]...)
 }
 
 func (r *Runner) staleLoop(ctx context.Context) {
@@ -151,7 +146,7 @@ func (r *Runner) staleLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		ids, err := r.staleHosts(ctx)
+		ids, err := r.rec.store.StaleHosts(ctx, r.rec.cfg.UnreachableAfter)
 		if err != nil {
 			if ctx.Err() == nil {
 				r.log.Warn("stale-heartbeat scan failed", "error", err)
@@ -159,30 +154,26 @@ func (r *Runner) staleLoop(ctx context.Context) {
 			continue
 		}
 		for _, id := range ids {
-			r.dispatch(id, func(w *shardWork) chan uuid.UUID { return w.stale })
+			if w := r.work(id); w != nil {
+				w.stale.add(id)
+			}
 		}
 	}
-}
-
-// staleHosts lists hosts whose heartbeat looks stale by the database clock.
-// It only picks candidates: MarkStale re-checks inside its UPDATE.
-func (r *Runner) staleHosts(ctx context.Context) ([]uuid.UUID, error) {
-	rows, err := r.rec.store.Pool().Query(ctx, `
-		select id from hosts
-		 where status <> 'unreachable'
-		   and (last_heartbeat_at is null or last_heartbeat_at < now() - make_interval(secs => $1))`,
-		r.rec.cfg.UnreachableAfter.Seconds())
-	if err != nil {
-		return nil, err
-	}
-	return pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
 }
 
 // listenLoop turns the reconnect trigger's notifications into immediate
 // reconciles on the owning shard.
 func (r *Runner) listenLoop(ctx context.Context) {
 	for ctx.Err() == nil {
-		err := r.listen(ctx)
+		err := r.rec.store.ListenHostOnline(ctx, func(id uuid.UUID, err error) {
+			if err != nil {
+				r.log.Warn("ignoring reconnect notification", "error", err)
+				return
+			}
+			if w := r.work(id); w != nil {
+				w.wake.add(id)
+			}
+		})
 		if ctx.Err() != nil {
 			return
 		}
@@ -197,159 +188,46 @@ func (r *Runner) listenLoop(ctx context.Context) {
 	}
 }
 
-func (r *Runner) listen(ctx context.Context) error {
-	conn, err := r.rec.store.Pool().Acquire(ctx)
-	if err != nil {
-		return err
-	}
-	// The connection carries LISTEN state: never return it to the pool.
-	pc := conn.Hijack()
-	defer pc.Close(context.Background())
-	if _, err := pc.Exec(ctx, "listen vigil_host_online"); err != nil {
-		return err
-	}
-	for {
-		n, err := pc.WaitForNotification(ctx)
-		if err != nil {
-			return err
-		}
-		id, err := uuid.Parse(n.Payload)
-		if err != nil {
-			r.log.Warn("ignoring malformed reconnect notification", "payload", n.Payload)
-			continue
-		}
-		r.dispatch(id, func(w *shardWork) chan uuid.UUID { return w.wake })
-	}
-}
-
-func (r *Runner) dispatch(host uuid.UUID, ch func(*shardWork) chan uuid.UUID) {
+// work is the shard work of host's shard, nil when this replica does not
+// own it.
+func (r *Runner) work(host uuid.UUID) *shardWork {
 	s := shard.Of(host, r.cfg.Shards)
 	r.mu.Lock()
-	w := r.owned[s]
-	r.mu.Unlock()
-	if w == nil {
-		return // not ours
-	}
-	select {
-	case ch(w) <- host:
-	default:
-		// Queue full: the periodic pass will cover it.
-	}
-}
-
-// Owned lists shards whose work currently runs here (for tests and status).
-func (r *Runner) shardHosts(s int) []uuid.UUID {
-	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]uuid.UUID(nil), r.hosts[s]...)
+	return r.owned[s]
 }
 
 // Own does one shard's work under token until ctx ends: it raises the
-// shard's fence in Postgres, then marks stale hosts unreachable as the scan
-// finds them, reconciles every host once per Interval (this shard's passes
-// offset by its number so shards spread over the interval), and reconciles a
-// host at once when it comes back online. It returns after all in-flight
-// reconciles have stopped: nil when ctx ended, ErrFenced (wrapped) when a
+// shard's fence in Postgres, waits for the first host list, then runs a full
+// pass every Interval (offset by the shard's number so shards spread over
+// the interval), marks hosts unreachable as the stale scan finds them, and
+// reconciles a host at once when it comes back online. It returns after
+// every pass has stopped: nil when ctx ended, ErrFenced (wrapped) when a
 // newer owner holds the shard.
 func (r *Runner) Own(ctx context.Context, s int, token int64) error {
 	f := store.Fence{Shard: s, Token: token, Replica: r.cfg.Replica}
-	log := r.log.With("shard", s, "token", token)
 	if err := r.raise(ctx, f); err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
 		return err
 	}
-	w := &shardWork{stale: make(chan uuid.UUID, 256), wake: make(chan uuid.UUID, 256)}
+	w := newShardWork(r, f)
 	r.mu.Lock()
 	r.owned[s] = w
 	r.mu.Unlock()
-	label := strconv.Itoa(s)
 	defer func() {
 		r.mu.Lock()
 		delete(r.owned, s)
 		r.mu.Unlock()
-		r.rec.m.lastSuccess.DeleteLabelValues(label)
+		w.lag.forget()
 	}()
-	log.Debug("shard work started")
-
-	wctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	sem := make(chan struct{}, r.cfg.WakeConcurrency)
-	fenced := func(err error) bool {
-		if errors.Is(err, ErrFenced) {
-			cancel(err)
-			return true
-		}
-		return false
+	select {
+	case <-r.listed:
+	case <-ctx.Done():
+		return nil
 	}
-	spawn := func(fn func(context.Context) error) {
-		select {
-		case sem <- struct{}{}:
-		case <-wctx.Done():
-			return
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			if err := fn(wctx); err != nil && !fenced(err) && wctx.Err() == nil {
-				log.Warn("host reconcile failed", "error", err)
-			}
-		}()
-	}
-
-	// First pass after this shard's offset within the interval.
-	offset := time.Duration(int64(r.cfg.Interval) * int64(s) / int64(r.cfg.Shards))
-	next := time.NewTimer(offset)
-	defer next.Stop()
-	passDone := make(chan error, 1)
-	passing := false
-	for {
-		select {
-		case <-wctx.Done():
-			wg.Wait()
-			if passing {
-				<-passDone
-			}
-			if cause := context.Cause(wctx); errors.Is(cause, ErrFenced) {
-				log.Warn("shard fenced by a newer owner", "error", cause)
-				return cause
-			}
-			return nil
-		case h := <-w.stale:
-			spawn(func(ctx context.Context) error { _, err := r.rec.MarkStale(ctx, f, h); return err })
-		case h := <-w.wake:
-			spawn(func(ctx context.Context) error {
-				res, err := r.rec.MarkStale(ctx, f, h)
-				if err == nil && !res.MarkedDown {
-					_, err = r.rec.ReconcileHost(ctx, f, h)
-				}
-				return err
-			})
-		case <-next.C:
-			if passing {
-				next.Reset(r.cfg.Interval)
-				continue
-			}
-			passing = true
-			hosts := r.shardHosts(s)
-			go func() {
-				_, err := r.rec.ReconcileHosts(wctx, f, hosts)
-				passDone <- err
-			}()
-			next.Reset(r.cfg.Interval)
-		case err := <-passDone:
-			passing = false
-			if err == nil {
-				r.rec.m.lastSuccess.WithLabelValues(label).Set(float64(time.Now().UnixNano()) / 1e9)
-			} else {
-				fenced(err)
-			}
-		}
-	}
+	return w.run(ctx)
 }
 
 // raise raises the fence, retrying while Postgres is unreachable. A higher
@@ -359,10 +237,7 @@ func (r *Runner) raise(ctx context.Context, f store.Fence) error {
 	for {
 		err := r.rec.store.RaiseFence(ctx, f)
 		if err == nil || errors.Is(err, ErrFenced) || ctx.Err() != nil {
-			if errors.Is(err, ErrFenced) {
-				r.rec.m.fenceRejections.Inc()
-			}
-			return err
+			return r.rec.fenced(err)
 		}
 		r.log.Warn("raising shard fence failed; retrying", "shard", f.Shard, "error", err)
 		t := time.NewTimer(delay)

@@ -28,7 +28,7 @@ func newRunner(t *testing.T, e *env, shards int, interval time.Duration) *monito
 func runOwned(t *testing.T, e *env, r *monitor.Runner, s int, token int64) <-chan error {
 	ctx, cancel := context.WithCancel(e.ctx)
 	runDone := make(chan struct{})
-	go func() { defer close(runDone); _ = r.Run(ctx) }()
+	go func() { defer close(runDone); r.Run(ctx) }()
 	own := make(chan error, 1)
 	go func() { own <- r.Own(ctx, s, token) }()
 	t.Cleanup(func() { cancel(); <-runDone })
@@ -57,7 +57,7 @@ func TestReconnectIsReconciledWithinASecond(t *testing.T) {
 	own := runOwned(t, e, r, s, 500)
 	poll(t, 5*time.Second, "LISTEN", func() bool {
 		var n int
-		e.st.Pool().QueryRow(e.ctx, `select count(*) from pg_stat_activity where datname = current_database() and query = 'listen vigil_host_online'`).Scan(&n)
+		e.db.QueryRow(e.ctx, `select count(*) from pg_stat_activity where datname = current_database() and query = 'listen vigil_host_online'`).Scan(&n)
 		return n == 1
 	})
 	// The shard's first pass runs at its offset within the hour: wait for
@@ -68,7 +68,7 @@ func TestReconnectIsReconciledWithinASecond(t *testing.T) {
 		})
 	}
 	// The host went down earlier; its sandbox is missing; the agent has it.
-	e.st.Pool().Exec(e.ctx, `update hosts set status = 'unreachable' where id = $1`, h)
+	e.db.Exec(e.ctx, `update hosts set status = 'unreachable' where id = $1`, h)
 	sb := e.sandbox(h, "missing", young, "running")
 	start := time.Now()
 	if _, err := e.sim.Heartbeat(e.ctx); err != nil { // the control plane: unreachable -> online
@@ -105,11 +105,11 @@ func TestStaleHostMarkedWithinThresholdPlusScan(t *testing.T) {
 		t.Fatal(err)
 	}
 	var beat time.Time
-	e.st.Pool().QueryRow(e.ctx, `select last_heartbeat_at from hosts where id = $1`, h).Scan(&beat)
+	e.db.QueryRow(e.ctx, `select last_heartbeat_at from hosts where id = $1`, h).Scan(&beat)
 	runOwned(t, e, r, 0, 600)
 	poll(t, 10*time.Second, "host unreachable", func() bool { return e.hostStatus(h) == "unreachable" })
 	var marked time.Time
-	e.st.Pool().QueryRow(e.ctx, `select updated_at from hosts where id = $1`, h).Scan(&marked)
+	e.db.QueryRow(e.ctx, `select updated_at from hosts where id = $1`, h).Scan(&marked)
 	lag := marked.Sub(beat)
 	t.Logf("marked unreachable %s after its last heartbeat (threshold 2s, scan 100ms)", lag)
 	if lag < 2*time.Second || lag > 2*time.Second+time.Second {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/vigil-sh/vigil/internal/pgtest"
 	"github.com/vigil-sh/vigil/store"
@@ -21,13 +22,33 @@ func open(t *testing.T, url string, idle time.Duration) *store.Store {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
+	dbs.Store(s, dbFor(t, url))
 	return s
+}
+
+// dbs holds the test's own pool beside each store under test, for fixtures
+// and checks: the store hands out no raw connections.
+var dbs sync.Map
+
+func dbFor(t *testing.T, url string) *pgxpool.Pool {
+	t.Helper()
+	db, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+	return db
+}
+
+func db(s *store.Store) *pgxpool.Pool {
+	v, _ := dbs.Load(s)
+	return v.(*pgxpool.Pool)
 }
 
 func insertSandbox(t *testing.T, s *store.Store, status string) uuid.UUID {
 	t.Helper()
 	id := uuid.New()
-	_, err := s.Pool().Exec(context.Background(), `insert into sandboxes (id, team_id, host_id, status) values ($1, $2, $3, $4)`, id, uuid.New(), uuid.New(), status)
+	_, err := db(s).Exec(context.Background(), `insert into sandboxes (id, team_id, host_id, status) values ($1, $2, $3, $4)`, id, uuid.New(), uuid.New(), status)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,7 +58,7 @@ func insertSandbox(t *testing.T, s *store.Store, status string) uuid.UUID {
 func status(t *testing.T, s *store.Store, id uuid.UUID) string {
 	t.Helper()
 	var st string
-	if err := s.Pool().QueryRow(context.Background(), `select status from sandboxes where id = $1`, id).Scan(&st); err != nil {
+	if err := db(s).QueryRow(context.Background(), `select status from sandboxes where id = $1`, id).Scan(&st); err != nil {
 		t.Fatal(err)
 	}
 	return st
@@ -111,7 +132,7 @@ func waitBlocked(t *testing.T, s *store.Store, query string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		var n int
-		err := s.Pool().QueryRow(context.Background(), `
+		err := db(s).QueryRow(context.Background(), `
 			select count(*) from pg_stat_activity
 			 where datname = current_database() and wait_event_type = 'Lock' and query like $1`, "%"+query+"%").Scan(&n)
 		if err != nil {
@@ -215,19 +236,33 @@ func TestPausedWriterCannotCommitAfterClaim(t *testing.T) {
 }
 
 func TestSessionTimeoutsSet(t *testing.T) {
-	s, err := store.Open(context.Background(), store.Config{URL: pgtest.New(t), LockTimeout: 1500 * time.Millisecond, StatementTimeout: 4 * time.Second, IdleInTransactionSessionTimeout: 2500 * time.Millisecond})
+	ctx := context.Background()
+	s, err := store.Open(ctx, store.Config{URL: pgtest.New(t), LockTimeout: 1500 * time.Millisecond, StatementTimeout: 4 * time.Second,
+		IdleInTransactionSessionTimeout: 2500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	for name, want := range map[string]string{"lock_timeout": "1500ms", "statement_timeout": "4s", "idle_in_transaction_session_timeout": "2500ms"} {
-		var got string
-		if err := s.Pool().QueryRow(context.Background(), "show "+name).Scan(&got); err != nil {
-			t.Fatal(err)
+	f := store.Fence{Shard: 1, Token: 1, Replica: "a"}
+	if err := s.RaiseFence(ctx, f); err != nil {
+		t.Fatal(err)
+	}
+	// Read the settings on the store's own session, inside its fenced
+	// transaction: the session every owner write runs on.
+	err = s.WithFence(ctx, f, func(tx pgx.Tx) error {
+		for name, want := range map[string]string{"lock_timeout": "1500ms", "statement_timeout": "4s", "idle_in_transaction_session_timeout": "2500ms"} {
+			var got string
+			if err := tx.QueryRow(ctx, "show "+name).Scan(&got); err != nil {
+				return err
+			}
+			if got != want {
+				t.Errorf("%s = %s, want %s", name, got, want)
+			}
 		}
-		if got != want {
-			t.Errorf("%s = %s, want %s", name, got, want)
-		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -258,7 +293,7 @@ func TestMigrateConcurrentlyAndTwice(t *testing.T) {
 	}
 	s := open(t, url, 0)
 	var n int
-	if err := s.Pool().QueryRow(context.Background(), `select count(*) from pg_trigger where tgname = 'vigil_host_online'`).Scan(&n); err != nil || n != 1 {
+	if err := db(s).QueryRow(context.Background(), `select count(*) from pg_trigger where tgname = 'vigil_host_online'`).Scan(&n); err != nil || n != 1 {
 		t.Fatalf("reconnect trigger installed %d times, err %v", n, err)
 	}
 }

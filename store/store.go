@@ -1,7 +1,7 @@
 // Package store is vigil's access to the control plane's Postgres: the
 // connection pool with owner-session timeouts, schema migrations, the shard
-// fences, and the reads the reconcile needs. Writes happen only inside
-// WithFence.
+// fences, and every statement the reconcile sends (shard.go). Writes happen
+// only inside WithFence.
 package store
 
 import (
@@ -11,9 +11,9 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // ErrFenced reports that the shard's fence in Postgres holds a token other
@@ -32,6 +32,8 @@ type Config struct {
 	StatementTimeout                time.Duration // default 5s
 	IdleInTransactionSessionTimeout time.Duration // default 3s
 	ApplicationName                 string        // default "vigil"
+	// Registerer receives the store's metrics (see Open); nil means none.
+	Registerer prometheus.Registerer
 }
 
 // Validate fills defaults and checks the configuration.
@@ -78,10 +80,14 @@ func SessionTimeoutsFor(leaseTTL time.Duration) (lock, statement, idle time.Dura
 // Store is a Postgres pool plus vigil's queries.
 type Store struct {
 	pool *pgxpool.Pool
+	m    *metrics
 }
 
 // Open connects a pool. Every connection runs with the configured session
-// timeouts.
+// timeouts. With cfg.Registerer set it registers:
+//
+//	vigil_db_statements_total                 statements sent (begin and commit included)
+//	vigil_db_write_transactions_total{result} fenced write transactions: committed, fenced, failed
 func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -99,17 +105,19 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	rp["lock_timeout"] = ms(cfg.LockTimeout)
 	rp["statement_timeout"] = ms(cfg.StatementTimeout)
 	rp["idle_in_transaction_session_timeout"] = ms(cfg.IdleInTransactionSessionTimeout)
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	pc.ConnConfig.Tracer = m
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("store: connect: %w", err)
 	}
-	return &Store{pool: pool}, nil
+	return &Store{pool: pool, m: m}, nil
 }
 
 func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
-
-// Pool exposes the pool for callers that need a raw connection (LISTEN).
-func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 
 // Close closes the pool.
 func (s *Store) Close() { s.pool.Close() }
@@ -180,7 +188,7 @@ func (s *Store) FenceToken(ctx context.Context, shard int) (int64, error) {
 // transaction begun after the raise sees the new token and fails with
 // ErrFenced without writing. fn's error rolls everything back.
 func (s *Store) WithFence(ctx context.Context, f Fence, fn func(tx pgx.Tx) error) error {
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var tok int64
 		err := tx.QueryRow(ctx, `select token from vigil_shard_fences where shard = $1 for share`, f.Shard).Scan(&tok)
 		if errors.Is(err, pgx.ErrNoRows) {
@@ -194,44 +202,6 @@ func (s *Store) WithFence(ctx context.Context, f Fence, fn func(tx pgx.Tx) error
 		}
 		return fn(tx)
 	})
-}
-
-// Host is a row of hosts.
-type Host struct {
-	ID            uuid.UUID
-	Type          string
-	TeamID        uuid.NullUUID
-	Address       string
-	Status        string
-	LastHeartbeat *time.Time
-}
-
-// Hosts returns every host. Callers keep the ones in their shards.
-func (s *Store) Hosts(ctx context.Context) ([]Host, error) {
-	rows, err := s.pool.Query(ctx, `select id, type, team_id, address, status, last_heartbeat_at from hosts`)
-	if err != nil {
-		return nil, fmt.Errorf("store: list hosts: %w", err)
-	}
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Host, error) {
-		var h Host
-		err := r.Scan(&h.ID, &h.Type, &h.TeamID, &h.Address, &h.Status, &h.LastHeartbeat)
-		return h, err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("store: list hosts: %w", err)
-	}
-	return out, nil
-}
-
-// Host returns one host; found is false when it does not exist.
-func (s *Store) Host(ctx context.Context, id uuid.UUID) (h Host, found bool, err error) {
-	err = s.pool.QueryRow(ctx, `select id, type, team_id, address, status, last_heartbeat_at from hosts where id = $1`, id).
-		Scan(&h.ID, &h.Type, &h.TeamID, &h.Address, &h.Status, &h.LastHeartbeat)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return h, false, nil
-	}
-	if err != nil {
-		return h, false, fmt.Errorf("store: read host %s: %w", id, err)
-	}
-	return h, true, nil
+	s.m.writeTx(err)
+	return err
 }

@@ -3,8 +3,9 @@ package main
 // End-to-end tests of a vigil cluster whose replicas are real `vigil run`
 // processes against an embedded etcd and a fresh Postgres database per test.
 // Ownership is observed through an etcd watch (harness_test.go records every
-// claim and release with its time and revision); writes through the audit
-// rows every owner write carries (replica, shard, fence token).
+// claim and release with its time and revision); writes through the
+// vigil_journal row every committed change carries (replica, shard, fence
+// token), checked to match the audit rows of the same transactions.
 //
 // Every replica runs with a 2s lease TTL. Measured figures are logged with
 // t.Logf (run with -v to see them); the assertions use the bounds of SPEC §3
@@ -347,8 +348,8 @@ func TestGracefulStopNoOverlap(t *testing.T) {
 	h.waitSettled(15*time.Second, names...)
 	for _, id := range names {
 		h.poll(15*time.Second, id+" to have written", func() (bool, string) {
-			n, err := h.auditCount(id)
-			return err == nil && n >= 3, fmt.Sprintf("%d audit rows, %v", n, err)
+			n, err := h.writeCount(id)
+			return err == nil && n >= 3, fmt.Sprintf("%d journal rows, %v", n, err)
 		})
 	}
 
@@ -531,8 +532,8 @@ func TestPartitionedReplicaStepsDown(t *testing.T) {
 	p := h.start(names[2], spawnOpts{etcdEndpoint: proxy.Addr()})
 	h.waitSettled(15*time.Second, names...)
 	h.poll(15*time.Second, p.id+" to have written", func() (bool, string) {
-		n, err := h.auditCount(p.id)
-		return err == nil && n > 0, fmt.Sprintf("%d audit rows, %v", n, err)
+		n, err := h.writeCount(p.id)
+		return err == nil && n > 0, fmt.Sprintf("%d journal rows, %v", n, err)
 	})
 	before := h.rec.state()
 	mine := before.ownedBy(p.id)
@@ -679,8 +680,8 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 	}
 	p := h.replica(victim)
 	h.poll(15*time.Second, victim+" to have written", func() (bool, string) {
-		n, err := h.auditCount(victim)
-		return err == nil && n >= 3, fmt.Sprintf("%d audit rows, %v", n, err)
+		n, err := h.writeCount(victim)
+		return err == nil && n >= 3, fmt.Sprintf("%d journal rows, %v", n, err)
 	})
 	before := h.rec.state()
 	mine := before.ownedBy(victim)
@@ -746,11 +747,11 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	err := h.db.QueryRow(ctx, `
-		select count(*) filter (where (a.metadata->>'fence')::bigint < f.token and a.created_at >= f.raised), count(*)
-		  from audit_logs a
+		select count(*) filter (where j.token < f.token and j.written_at >= f.raised), count(*)
+		  from vigil_journal j
 		  join unnest($1::int[], $2::bigint[], $3::timestamptz[]) as f(shard, token, raised)
-		    on (a.metadata->>'shard')::int = f.shard
-		 where a.metadata->>'replica' = $4`, shards, tokens, ats, victim).Scan(&late, &total)
+		    on j.shard = f.shard
+		 where j.replica = $4`, shards, tokens, ats, victim).Scan(&late, &total)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -772,7 +773,7 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 		return err == nil && status == "stopped", fmt.Sprintf("status %q (%v)", status, err)
 	})
 	var writers []string
-	rows, err := h.db.Query(ctx, `select metadata->>'replica' from audit_logs where resource_id = $1`, ids.Sandbox(frozenRow))
+	rows, err := h.db.Query(ctx, `select replica from vigil_journal where sandbox_id = $1`, frozenRow)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -785,7 +786,7 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 	}
 	rows.Close()
 	if len(writers) != 1 || writers[0] == victim {
-		t.Errorf("audit rows of the row %s had in flight when frozen were written by %v, want one by a successor", victim, writers)
+		t.Errorf("changes of the row %s had in flight when frozen were written by %v, want one by a successor", victim, writers)
 	}
 	t.Logf("the write %s had in flight when frozen was rolled back; the row was stopped by %v", victim, writers)
 

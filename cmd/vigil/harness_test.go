@@ -890,50 +890,67 @@ func (h *harness) finalChecks() {
 }
 
 // ---------------------------------------------------------------------------
-// Postgres: audit rows as the record of every committed write
+// Postgres: the journal as the record of every committed write. Every
+// fenced transaction that changes anything writes one vigil_journal row per
+// change (silent transitions included) naming shard, token and replica; a
+// change without one is impossible (store.Apply and store.MarkUnreachable
+// write both in one statement), so the journal is complete where audit rows
+// are not.
 
-type auditWrite struct {
+type journalWrite struct {
 	shard   int
 	token   int64
 	replica string
-	at      time.Time // created_at: the writing transaction's start
+	at      time.Time // written_at: the writing transaction's start
 }
 
-func (h *harness) auditWrites() []auditWrite {
+func (h *harness) journalWrites() []journalWrite {
 	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	rows, err := h.db.Query(ctx, `
-		select (metadata->>'shard')::int, (metadata->>'fence')::bigint, metadata->>'replica', created_at
-		  from audit_logs order by created_at`)
+	rows, err := h.db.Query(ctx, `select shard, token, replica, written_at from vigil_journal order by seq`)
 	if err != nil {
-		h.t.Fatalf("read audit rows: %v", err)
+		h.t.Fatalf("read the journal: %v", err)
 	}
 	defer rows.Close()
-	var out []auditWrite
+	var out []journalWrite
 	for rows.Next() {
-		var w auditWrite
+		var w journalWrite
 		if err := rows.Scan(&w.shard, &w.token, &w.replica, &w.at); err != nil {
-			h.t.Fatalf("read audit rows: %v", err)
+			h.t.Fatalf("read the journal: %v", err)
 		}
 		out = append(out, w)
 	}
 	if err := rows.Err(); err != nil {
-		h.t.Fatalf("read audit rows: %v", err)
+		h.t.Fatalf("read the journal: %v", err)
+	}
+	// Every audit row vigil wrote has its journal row: same writer, same
+	// transaction.
+	var orphans int
+	if err := h.db.QueryRow(ctx, `
+		select count(*) from audit_logs a
+		 where a.actor_type = 'system' and not exists (
+			select 1 from vigil_journal j
+			 where j.shard = (a.metadata->>'shard')::int and j.token = (a.metadata->>'fence')::bigint
+			   and j.replica = a.metadata->>'replica' and j.written_at = a.created_at)`).Scan(&orphans); err != nil {
+		h.t.Fatalf("match audit rows to the journal: %v", err)
+	}
+	if orphans > 0 {
+		h.t.Errorf("%d audit rows without a journal row from the same transaction", orphans)
 	}
 	return out
 }
 
-// auditCount counts the audit rows written by a replica.
-func (h *harness) auditCount(replica string) (int, error) {
+// writeCount counts the changes a replica committed.
+func (h *harness) writeCount(replica string) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var n int
-	err := h.db.QueryRow(ctx, `select count(*) from audit_logs where metadata->>'replica' = $1`, replica).Scan(&n)
+	err := h.db.QueryRow(ctx, `select count(*) from vigil_journal where replica = $1`, replica).Scan(&n)
 	return n, err
 }
 
-// checkWrites holds every committed write (audit row) against the etcd
+// checkWrites holds every committed write (journal row) against the etcd
 // record: it was made under a token that really was an owner key of its shard
 // held by the writing replica, its transaction began before that key was
 // deleted, and per shard the tokens of writes never go down over time (a
@@ -941,8 +958,8 @@ func (h *harness) auditCount(replica string) (int, error) {
 // acting at once). It returns the number of writes checked.
 func (h *harness) checkWrites() int {
 	h.t.Helper()
-	writes := h.auditWrites()
-	maxTok := map[int]auditWrite{}
+	writes := h.journalWrites()
+	maxTok := map[int]journalWrite{}
 	bad := 0
 	report := func(format string, args ...any) {
 		bad++

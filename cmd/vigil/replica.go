@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"strings"
 	"sync"
@@ -48,9 +49,14 @@ type replicaConfig struct {
 	TransientGrace   time.Duration
 	SnapshotGrace    time.Duration
 	Concurrency      int
+	AgentConcurrency int
+	JournalRetention time.Duration
 	HTTPAddr         string
+	DebugPprof       bool
 	AgentTimeout     time.Duration
 	AgentMaxBytes    int
+	AgentMaxIdle     int
+	AgentIdleTimeout time.Duration
 	AgentCAFile      string
 	AgentCertFile    string
 	AgentKeyFile     string
@@ -89,10 +95,15 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.UnreachableAfter, "unreachable-after", 90*time.Second, "a host without heartbeat for this long becomes unreachable")
 	fs.DurationVar(&c.TransientGrace, "transient-grace", 2*time.Minute, "grace for starting/resuming/pausing/stopping/snapshotting sandboxes missing on their agent")
 	fs.DurationVar(&c.SnapshotGrace, "snapshot-grace", 15*time.Minute, "grace for a snapshotting sandbox still alive on its agent")
-	fs.IntVar(&c.Concurrency, "concurrency", 16, "hosts of one shard reconciled at once")
+	fs.IntVar(&c.AgentConcurrency, "agent-concurrency", 64, "agent calls in flight across the replica (bounds goroutines, connections and file descriptors); owned shards share it fairly")
+	fs.IntVar(&c.Concurrency, "concurrency", 16, "agent calls in flight for one shard, within --agent-concurrency (so one shard of hung agents cannot take every slot)")
+	fs.DurationVar(&c.JournalRetention, "journal-retention", 24*time.Hour, "how long the vigil_journal rows of owned shards are kept (0: forever)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9090", "admin HTTP listener: /metrics, /healthz, /readyz")
-	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 5*time.Second, "deadline of every agent RPC")
+	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go profiles under /debug/pprof/ on the admin listener")
+	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 0, "deadline of every agent RPC (default: 5s, or half of --lease-ttl when that is shorter)")
 	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", 4<<20, "largest agent answer accepted")
+	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", 128, "idle keep-alive connections to agents kept across the replica (bounds file descriptors); beyond it calls dial anew, resuming TLS sessions")
+	fs.DurationVar(&c.AgentIdleTimeout, "agent-idle-timeout", 0, "an agent not called for this long has its idle connection closed and its client dropped (default: 1.5 × --interval, at least 10s)")
 	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
 	fs.StringVar(&c.AgentCertFile, "agent-cert-file", "", "client certificate for agent mutual TLS")
 	fs.StringVar(&c.AgentKeyFile, "agent-key-file", "", "client key for agent mutual TLS")
@@ -120,9 +131,30 @@ func (c *replicaConfig) validate() error {
 	if c.Interval < 100*time.Millisecond {
 		return fmt.Errorf("--interval %s is too short", c.Interval)
 	}
-	if c.AgentTimeout <= 0 || c.AgentTimeout >= c.LeaseTTL {
+	if c.AgentTimeout == 0 {
+		c.AgentTimeout = min(5*time.Second, c.LeaseTTL/2)
+	}
+	if c.AgentTimeout < 0 || c.AgentTimeout >= c.LeaseTTL {
 		// A destroy must finish well inside the lease.
 		return fmt.Errorf("--agent-timeout %s must be positive and under --lease-ttl %s", c.AgentTimeout, c.LeaseTTL)
+	}
+	if c.AgentIdleTimeout == 0 {
+		c.AgentIdleTimeout = max(c.Interval*3/2, 10*time.Second)
+	}
+	if c.AgentIdleTimeout < 0 {
+		return fmt.Errorf("--agent-idle-timeout %s must not be negative", c.AgentIdleTimeout)
+	}
+	if c.AgentConcurrency < 1 {
+		return fmt.Errorf("--agent-concurrency %d must be at least 1", c.AgentConcurrency)
+	}
+	if c.Concurrency < 1 || c.Concurrency > c.AgentConcurrency {
+		return fmt.Errorf("--concurrency %d must be between 1 and --agent-concurrency %d", c.Concurrency, c.AgentConcurrency)
+	}
+	if c.AgentMaxIdle < 0 {
+		return fmt.Errorf("--agent-max-idle-conns %d must not be negative", c.AgentMaxIdle)
+	}
+	if c.JournalRetention < 0 {
+		return fmt.Errorf("--journal-retention %s must not be negative", c.JournalRetention)
 	}
 	if c.DBMaxConns < 1 {
 		return fmt.Errorf("--db-max-conns %d must be at least 1", c.DBMaxConns)
@@ -197,7 +229,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	st, err := store.Open(ctx, store.Config{
 		URL: c.DatabaseURL, MaxConns: int32(c.DBMaxConns),
 		LockTimeout: lockT, StatementTimeout: stmtT, IdleInTransactionSessionTimeout: idleT,
-		ApplicationName: "vigil " + c.ReplicaID,
+		ApplicationName: "vigil " + c.ReplicaID, Registerer: reg,
 	})
 	if err != nil {
 		return err
@@ -205,6 +237,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	defer st.Close()
 	pool, err := agentpool.New(agentpool.Config{
 		Timeout: c.AgentTimeout, MaxResponseBytes: c.AgentMaxBytes,
+		MaxIdleConns: max(c.AgentMaxIdle, 1), IdleTimeout: c.AgentIdleTimeout,
 		CAFile: c.AgentCAFile, CertFile: c.AgentCertFile, KeyFile: c.AgentKeyFile,
 		Logger: log.Named("agents"), Registerer: reg,
 	})
@@ -214,7 +247,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	defer pool.Close()
 	rec, err := monitor.New(monitor.Config{
 		Rules:            monitor.Rules{TransientGrace: c.TransientGrace, SnapshotGrace: c.SnapshotGrace},
-		UnreachableAfter: c.UnreachableAfter, Concurrency: c.Concurrency,
+		UnreachableAfter: c.UnreachableAfter, AgentConcurrency: c.AgentConcurrency, Concurrency: c.Concurrency,
 		Logger: log.Named("reconcile"), Registerer: reg,
 	}, st, pool)
 	if err != nil {
@@ -222,7 +255,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	}
 	runner, err := monitor.NewRunner(monitor.RunnerConfig{
 		Replica: c.ReplicaID, Shards: c.Shards, Interval: c.Interval, StaleScan: c.StaleScan,
-		Logger: log.Named("monitor"),
+		JournalRetention: c.JournalRetention, Logger: log.Named("monitor"),
 	}, rec)
 	if err != nil {
 		return usageErr(err)
@@ -246,18 +279,18 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 		ln.Close()
 		return usageErr(err)
 	}
-	srv := &http.Server{Handler: adminMux(reg, node, st), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: adminMux(reg, node, st, c.DebugPprof), ReadHeaderTimeout: 5 * time.Second}
 	if boundAddr != nil {
 		boundAddr(ln.Addr().String())
 	}
-	log.Info("replica starting", "replica", c.ReplicaID, "cluster", c.Cluster, "shards", c.Shards,
+	log.Info("replica starting", "cluster", c.Cluster, "shards", c.Shards,
 		"lease_ttl", c.LeaseTTL, "admin", ln.Addr().String())
 
 	rctx, stopRunner := context.WithCancel(context.Background())
 	defer stopRunner()
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); _ = runner.Run(rctx) }()
+	go func() { defer wg.Done(); runner.Run(rctx) }()
 	go func() {
 		defer wg.Done()
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -275,12 +308,19 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	if err != nil {
 		return err
 	}
-	log.Info("replica stopped", "replica", c.ReplicaID)
+	log.Info("replica stopped")
 	return nil
 }
 
-func adminMux(reg *prometheus.Registry, node *election.Node, st *store.Store) *http.ServeMux {
+func adminMux(reg *prometheus.Registry, node *election.Node, st *store.Store, debugPprof bool) *http.ServeMux {
 	mux := http.NewServeMux()
+	if debugPprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")

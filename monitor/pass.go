@@ -1,0 +1,489 @@
+package monitor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/vigil-sh/vigil/internal/ids"
+	"github.com/vigil-sh/vigil/internal/status"
+	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
+	"github.com/vigil-sh/vigil/store"
+)
+
+// A Pass reconciles a set of hosts of one shard in phases you can see:
+//
+//	read    one statement: the hosts, their active rows, the database clock
+//	passive the stale ones (by that read) in one fenced transaction
+//	ask     ListSandboxes on the online ones, concurrently, within the slots
+//	decide  Decide per host, as answers arrive
+//	apply   the decisions of the answers in hand in one fenced transaction
+//	        (after ApplyLinger, or when every answer is in)
+//	effects zombies destroyed on their agents after that fenced check, then
+//	        their audit rows in one more fenced transaction
+//	record  metrics from the outcomes, once everything committed or failed
+//
+// A steady pass (nothing to change) sends one statement for the whole set.
+type Pass struct {
+	r       *Reconciler
+	f       store.Fence
+	read    store.Read
+	out     []Outcome
+	stale   []int // indexes into out: candidates for the passive rule
+	targets []int // indexes into out: online hosts with an address
+	addr    map[uuid.UUID]string
+}
+
+// Read is a pass's first phase: one read of hosts with their rows and the
+// database clock. It writes nothing. Hosts that do not exist, are not online
+// or have no address are settled here (Outcome.Skipped).
+func (r *Reconciler) Read(ctx context.Context, f store.Fence, hosts []uuid.UUID) (*Pass, error) {
+	rd, err := r.store.ReadHosts(ctx, hosts, r.cfg.UnreachableAfter, ActiveStatuses)
+	if err != nil {
+		return nil, err
+	}
+	p := &Pass{r: r, f: f, read: rd, out: make([]Outcome, 0, len(hosts)), addr: make(map[uuid.UUID]string, len(rd.Hosts))}
+	found := make(map[uuid.UUID]bool, len(rd.Hosts))
+	for _, h := range rd.Hosts {
+		found[h.ID] = true
+		o := Outcome{Host: h.ID, Counted: h.Status == status.HostOnline && h.Address != ""}
+		switch {
+		case h.Status == "":
+			o.Skipped = errNullStatus
+			r.m.badRows.WithLabelValues("host_null_status").Inc()
+		case h.Stale && h.Status != status.HostUnreachable:
+			o.Skipped = errHostStale
+			p.stale = append(p.stale, len(p.out))
+		case h.Status != status.HostOnline:
+			o.Skipped = "host " + h.Status
+		case h.Address == "":
+			o.Skipped = errNoAddress
+		default:
+			p.targets = append(p.targets, len(p.out))
+			p.addr[h.ID] = h.Address
+		}
+		p.out = append(p.out, o)
+	}
+	for _, h := range hosts {
+		if !found[h] {
+			p.out = append(p.out, Outcome{Host: h, Skipped: errHostGone})
+		}
+	}
+	return p, nil
+}
+
+// Now is the database clock at the pass's read.
+func (p *Pass) Now() time.Time { return p.read.Now }
+
+// Asked lists the hosts whose agents the pass will ask; NotAsked the rest.
+// Both are known after Read.
+func (p *Pass) Asked() []uuid.UUID {
+	out := make([]uuid.UUID, len(p.targets))
+	for i, t := range p.targets {
+		out[i] = p.out[t].Host
+	}
+	return out
+}
+
+// NotAsked lists the hosts Read settled or left to the passive rule.
+func (p *Pass) NotAsked() []uuid.UUID {
+	asked := make(map[int]bool, len(p.targets))
+	for _, t := range p.targets {
+		asked[t] = true
+	}
+	var out []uuid.UUID
+	for i, o := range p.out {
+		if !asked[i] {
+			out = append(out, o.Host)
+		}
+	}
+	return out
+}
+
+// Outcomes are the pass's per-host results, final once Run returned.
+func (p *Pass) Outcomes() []Outcome { return p.out }
+
+// Run does the rest of the pass: passive, ask, decide, apply, effects,
+// record. A host whose agent fails, hangs or lies fails alone; the others
+// are applied without waiting for it longer than ApplyLinger. It returns
+// once every call and write of the pass has ended: ErrFenced (wrapped) when
+// a newer owner holds the shard — nothing more is written or sent — and
+// ctx's error when ctx ended first.
+func (p *Pass) Run(ctx context.Context) error {
+	defer func() {
+		p.r.record(p.f, "active", p.targetOutcomes())
+		if len(p.stale) > 0 {
+			p.r.record(p.f, "passive", p.staleOutcomes())
+		}
+	}()
+	if len(p.stale) > 0 {
+		so := make([]Outcome, len(p.stale))
+		for i, s := range p.stale {
+			so[i] = p.out[s]
+			so[i].start = time.Now()
+		}
+		err := p.r.markStale(ctx, p.f, so)
+		for i, s := range p.stale {
+			p.out[s] = so[i]
+		}
+		if errors.Is(err, ErrFenced) {
+			p.failTargets(err)
+			return p.r.fenced(err)
+		}
+	}
+	return p.ask(ctx)
+}
+
+func (p *Pass) targetOutcomes() []Outcome {
+	out := make([]Outcome, 0, len(p.out)-len(p.stale))
+	stale := make(map[int]bool, len(p.stale))
+	for _, s := range p.stale {
+		stale[s] = true
+	}
+	for i, o := range p.out {
+		if !stale[i] {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+func (p *Pass) staleOutcomes() []Outcome {
+	out := make([]Outcome, len(p.stale))
+	for i, s := range p.stale {
+		out[i] = p.out[s]
+	}
+	return out
+}
+
+func (p *Pass) failTargets(err error) {
+	for _, t := range p.targets {
+		if p.out[t].Err == nil && p.out[t].Done.IsZero() {
+			p.out[t].fail(err)
+		}
+	}
+}
+
+// answer is one agent's reply to ListSandboxes.
+type answer struct {
+	t     int // index into out
+	resp  *hostagentv1.ListSandboxesResponse
+	err   error
+	start time.Time
+}
+
+// ask calls every target's agent and applies their decisions in batches as
+// the answers arrive.
+func (p *Pass) ask(ctx context.Context) error {
+	n := len(p.targets)
+	if n == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// One buffered slot per target: every sender finds room, so no call
+	// goroutine blocks (or outlives the pass) when the collector stops
+	// applying early.
+	answers := make(chan answer, n)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.launch(ctx, answers, &wg)
+	}()
+	defer wg.Wait()
+
+	var (
+		batch   []answer
+		linger  *time.Timer
+		lingerC <-chan time.Time
+		lost    error // fence lost: stop applying, drain the rest
+	)
+	defer func() {
+		if linger != nil {
+			linger.Stop()
+		}
+	}()
+	flush := func() {
+		if lingerC != nil {
+			linger.Stop()
+			lingerC = nil
+		}
+		if len(batch) == 0 || lost != nil {
+			return
+		}
+		if err := p.apply(ctx, batch); errors.Is(err, ErrFenced) {
+			lost = err
+			cancel()
+		}
+		batch = batch[:0]
+	}
+	for got := 0; got < n; {
+		select {
+		case a := <-answers:
+			got++
+			o := &p.out[a.t]
+			o.start = a.start
+			switch {
+			case lost != nil:
+				o.fail(lost)
+			case a.err != nil:
+				o.fail(fmt.Errorf("%w: %w", errAgent, a.err))
+			default:
+				batch = append(batch, a)
+				if lingerC == nil {
+					linger = time.NewTimer(p.r.cfg.ApplyLinger)
+					lingerC = linger.C
+				}
+			}
+		case <-lingerC:
+			lingerC = nil
+			flush()
+		}
+	}
+	flush()
+	if lost != nil {
+		return lost
+	}
+	return ctx.Err()
+}
+
+// launch starts one call per target as slots free up: a per-pass slot, then
+// a replica-wide one, both held until the call returns. Targets it cannot
+// start because ctx ended are answered with ctx's error, so the collector
+// always receives exactly one answer per target.
+func (p *Pass) launch(ctx context.Context, answers chan<- answer, wg *sync.WaitGroup) {
+	local := make(chan struct{}, p.r.cfg.Concurrency)
+	for _, t := range p.targets {
+		if err := p.acquire(ctx, local); err != nil {
+			answers <- answer{t: t, err: err}
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-p.r.slots; <-local }()
+			h := p.out[t].Host
+			start := time.Now()
+			resp, err := p.r.agents.ListSandboxes(ctx, h, p.addr[h])
+			answers <- answer{t: t, resp: resp, err: err, start: start}
+		}()
+	}
+}
+
+func (p *Pass) acquire(ctx context.Context, local chan struct{}) error {
+	select {
+	case local <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case p.r.slots <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		<-local
+		return ctx.Err()
+	}
+}
+
+// actionRef names one action of one plan.
+type actionRef struct{ plan, action int }
+
+// hostPlan is what decide made of one answered host.
+type hostPlan struct {
+	t       int
+	report  Report
+	actions []Action
+}
+
+// apply decides for a batch of answered hosts and applies the decisions in
+// one fenced transaction, then destroys confirmed zombies and records them.
+// Every host of the batch ends up Done or failed. It returns the error that
+// failed them.
+func (p *Pass) apply(ctx context.Context, batch []answer) error {
+	plans := make([]hostPlan, len(batch))
+	var cands []store.Candidate
+	for i, a := range batch {
+		o := &p.out[a.t]
+		rep, problems := ParseReport(a.resp)
+		o.Problems = problems
+		for _, pr := range problems {
+			p.r.log.Warn("agent report entry not trusted", "host", o.Host, "problem", pr.Kind, "sandbox", pr.SandboxID, "detail", pr.Detail)
+		}
+		plans[i] = hostPlan{t: a.t, report: rep}
+		for _, id := range rep.PausedIDs() {
+			cands = append(cands, store.Candidate{ID: id, HostID: o.Host})
+		}
+	}
+	// Zombie candidates: stopped rows among the sandboxes the agents report
+	// paused, stopped before the pass's read (a row stopped after it may be
+	// a destroy the control plane is finishing right now).
+	zombies, err := p.r.store.StoppedAmong(ctx, cands, p.read.Now)
+	if err != nil {
+		p.failBatch(plans, err)
+		return err
+	}
+	byHost := map[uuid.UUID][]Row{}
+	for _, z := range zombies {
+		if r, ok := p.row(z); ok {
+			byHost[z.HostID] = append(byHost[z.HostID], r)
+		}
+	}
+
+	var b store.Batch
+	var changeRef, heldRef []actionRef
+	for i := range plans {
+		pl := &plans[i]
+		h := p.out[pl.t].Host
+		rows := p.rows(h)
+		rows = append(rows, byHost[h]...)
+		pl.actions = Decide(p.r.cfg.Rules, rows, pl.report, p.read.Now)
+		for j, a := range pl.actions {
+			row := store.Sandbox{ID: a.Sandbox, TeamID: uuid.NullUUID{UUID: a.TeamID, Valid: true}, HostID: h, Status: a.From, LastUpdated: a.Seen}
+			if a.Kind == DestroyOnAgent {
+				b.Held = append(b.Held, row)
+				heldRef = append(heldRef, actionRef{i, j})
+				continue
+			}
+			b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: sandboxAudit(a)})
+			changeRef = append(changeRef, actionRef{i, j})
+		}
+	}
+	res, err := p.r.store.Apply(ctx, p.f, b)
+	if err != nil {
+		p.failBatch(plans, p.r.fenced(err))
+		return err
+	}
+	for k, rf := range changeRef {
+		o := &p.out[plans[rf.plan].t]
+		if res.Applied[k] {
+			o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
+		} else {
+			o.Missed++
+		}
+	}
+	var held []actionRef
+	for k, rf := range heldRef {
+		if res.Held[k] {
+			held = append(held, rf)
+		} else {
+			p.out[plans[rf.plan].t].Missed++
+		}
+	}
+	now := time.Now()
+	for _, pl := range plans {
+		p.out[pl.t].Done = now
+	}
+	for _, pl := range plans {
+		for _, a := range p.out[pl.t].Applied {
+			p.r.log.Debug("sandbox transition", "host", p.out[pl.t].Host, "sandbox", a.Sandbox, "from", a.From, "to", a.To)
+		}
+	}
+	if len(held) == 0 {
+		return nil
+	}
+	return p.destroyZombies(ctx, plans, held)
+}
+
+// destroyZombies sends DestroySandbox for zombies the fenced check confirmed,
+// with the fence token in the Vigil-Fence header, then writes the audit rows
+// of the ones the agents accepted in one fenced transaction. A host counts
+// as reconciled only once that commits.
+func (p *Pass) destroyZombies(ctx context.Context, plans []hostPlan, held []actionRef) error {
+	ok := make([]bool, len(held))
+	var wg sync.WaitGroup
+	for k, rf := range held {
+		pl := plans[rf.plan]
+		h := p.out[pl.t].Host
+		a := pl.actions[rf.action]
+		select {
+		case p.r.slots <- struct{}{}:
+		case <-ctx.Done():
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-p.r.slots }()
+			err := p.r.agents.DestroySandbox(ctx, h, p.addr[h], ids.Sandbox(a.Sandbox), p.f.Header())
+			if err != nil {
+				p.r.log.Warn("destroy zombie on agent failed", "host", h, "sandbox", a.Sandbox, "error", err)
+				return
+			}
+			ok[k] = true
+		}()
+	}
+	wg.Wait()
+	var recs []store.Record
+	var done []actionRef
+	for k, rf := range held {
+		if !ok[k] {
+			continue
+		}
+		a := plans[rf.plan].actions[rf.action]
+		h := p.out[plans[rf.plan].t].Host
+		recs = append(recs, store.Record{Host: h, Sandbox: a.Sandbox, Change: "destroyed_on_agent", Audit: *sandboxAudit(a)})
+		done = append(done, rf)
+	}
+	if _, err := p.r.store.Apply(ctx, p.f, store.Batch{Records: recs}); err != nil {
+		p.failBatch(plans, p.r.fenced(err))
+		return err
+	}
+	now := time.Now()
+	for _, rf := range done {
+		o := &p.out[plans[rf.plan].t]
+		o.Destroyed++
+		o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
+		o.Done = now
+	}
+	return nil
+}
+
+func (p *Pass) failBatch(plans []hostPlan, err error) {
+	for _, pl := range plans {
+		p.out[pl.t].fail(err)
+	}
+}
+
+// rows converts a host's rows for Decide, leaving out damaged ones (no team:
+// their audit row could not be written), which are counted.
+func (p *Pass) rows(host uuid.UUID) []Row {
+	in := p.read.Sandboxes[host]
+	out := make([]Row, 0, len(in))
+	for _, s := range in {
+		if r, ok := p.row(s); ok {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func (p *Pass) row(s store.Sandbox) (Row, bool) {
+	if !s.TeamID.Valid {
+		p.r.m.badRows.WithLabelValues("sandbox_null_team").Inc()
+		return Row{}, false
+	}
+	return Row{ID: s.ID, TeamID: s.TeamID.UUID, Status: s.Status, LastUpdated: s.LastUpdated}, true
+}
+
+// sandboxAudit is the audit row of a sandbox action, nil for a silent one.
+func sandboxAudit(a Action) *store.Audit {
+	if a.Audit == nil {
+		return nil
+	}
+	meta := map[string]any{"reason": a.Audit.Reason}
+	if a.Audit.Phase != "" {
+		meta["phase"] = a.Audit.Phase
+	}
+	if a.Audit.Status == "error" && a.Audit.Error != "" {
+		meta["error"] = a.Audit.Error
+	}
+	return &store.Audit{TeamID: a.TeamID, ResourceType: "sandbox", ResourceID: ids.Sandbox(a.Sandbox),
+		Action: a.Audit.Action, Status: a.Audit.Status, Metadata: meta}
+}
+
+func hostResourceID(h uuid.UUID) string { return ids.Host(h) }

@@ -1,0 +1,556 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+// This file is the reconcile's whole data access, shaped by the shard: one
+// read of a set of hosts with their rows and the database clock, one batched
+// fenced apply of everything a pass decided, and the set-based passive rule.
+// A steady pass (nothing to change) costs one statement.
+
+// HostState is a host as a pass reads it.
+type HostState struct {
+	ID      uuid.UUID
+	TeamID  uuid.NullUUID
+	Address string // '' when NULL
+	Status  string // as the control plane wrote it; '' when NULL
+	// Stale: the heartbeat is older than the threshold, or absent, by the
+	// database clock at the read.
+	Stale bool
+}
+
+// Sandbox is a sandbox row.
+type Sandbox struct {
+	ID          uuid.UUID
+	TeamID      uuid.NullUUID // NULL only in a damaged row; such rows are never written
+	HostID      uuid.UUID
+	Status      string
+	LastUpdated time.Time
+}
+
+// Read is one consistent snapshot of some hosts: the ones that exist, their
+// sandbox rows in the statuses asked for, and the database clock.
+type Read struct {
+	Now       time.Time
+	Hosts     []HostState             // in id order; hosts that do not exist are absent
+	Sandboxes map[uuid.UUID][]Sandbox // by host id, each in id order
+}
+
+// ReadHosts reads hosts, their sandboxes whose status is in statuses, and the
+// database clock, in one statement. Staleness is judged against staleAfter by
+// the database clock.
+func (s *Store) ReadHosts(ctx context.Context, hosts []uuid.UUID, staleAfter time.Duration, statuses []string) (Read, error) {
+	out := Read{Sandboxes: map[uuid.UUID][]Sandbox{}}
+	if len(hosts) == 0 {
+		return out, s.pool.QueryRow(ctx, `select now()`).Scan(&out.Now)
+	}
+	rows, err := s.pool.Query(ctx, `
+		select h.id, h.team_id, coalesce(h.address, ''), coalesce(h.status, ''),
+		       (h.last_heartbeat_at is null or h.last_heartbeat_at < now() - make_interval(secs => $2)),
+		       now(), s.id, s.team_id, s.status, s.last_updated
+		  from hosts h
+		  left join sandboxes s on s.host_id = h.id and s.status = any($3)
+		 where h.id = any($1)
+		 order by h.id, s.id`, hosts, staleAfter.Seconds(), statuses)
+	if err != nil {
+		return out, fmt.Errorf("store: read hosts: %w", err)
+	}
+	defer rows.Close()
+	var (
+		h     HostState
+		sbID  uuid.NullUUID
+		sbSt  *string
+		sbLU  *time.Time
+		sb    Sandbox
+		first = true
+	)
+	for rows.Next() {
+		var id uuid.UUID
+		if err := rows.Scan(&id, &h.TeamID, &h.Address, &h.Status, &h.Stale, &out.Now, &sbID, &sb.TeamID, &sbSt, &sbLU); err != nil {
+			return out, fmt.Errorf("store: read hosts: %w", err)
+		}
+		if first || id != out.Hosts[len(out.Hosts)-1].ID {
+			h.ID = id
+			out.Hosts = append(out.Hosts, h)
+			first = false
+		}
+		if sbID.Valid && sbSt != nil && sbLU != nil {
+			sb.ID, sb.HostID, sb.Status, sb.LastUpdated = sbID.UUID, id, *sbSt, *sbLU
+			out.Sandboxes[id] = append(out.Sandboxes[id], sb)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return out, fmt.Errorf("store: read hosts: %w", err)
+	}
+	if first { // none of the hosts exists: still give the clock
+		return out, s.pool.QueryRow(ctx, `select now()`).Scan(&out.Now)
+	}
+	return out, nil
+}
+
+// Candidate names a sandbox row expected on a host.
+type Candidate struct {
+	ID, HostID uuid.UUID
+}
+
+// StoppedAmong returns those of the candidates whose row is stopped on the
+// candidate's host and was last updated at or before before, in one
+// statement.
+func (s *Store) StoppedAmong(ctx context.Context, cands []Candidate, before time.Time) ([]Sandbox, error) {
+	if len(cands) == 0 {
+		return nil, nil
+	}
+	ids, hosts := make([]uuid.UUID, len(cands)), make([]uuid.UUID, len(cands))
+	for i, c := range cands {
+		ids[i], hosts[i] = c.ID, c.HostID
+	}
+	rows, err := s.pool.Query(ctx, `
+		select s.id, s.team_id, s.host_id, s.status, s.last_updated
+		  from unnest($1::uuid[], $2::uuid[]) as c(id, host_id)
+		  join sandboxes s on s.id = c.id and s.host_id = c.host_id
+		 where s.status = 'stopped' and s.last_updated <= $3
+		 order by s.host_id, s.id`, ids, hosts, before)
+	if err != nil {
+		return nil, fmt.Errorf("store: read stopped sandboxes: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Sandbox, error) {
+		var x Sandbox
+		err := r.Scan(&x.ID, &x.TeamID, &x.HostID, &x.Status, &x.LastUpdated)
+		return x, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("store: read stopped sandboxes: %w", err)
+	}
+	return out, nil
+}
+
+// Audit is an audit_logs row. Write adds the writer's replica, fence token and
+// shard to Metadata.
+type Audit struct {
+	TeamID       uuid.UUID
+	ResourceType string // host, sandbox
+	ResourceID   string // the prefixed wire id
+	Action       string
+	Status       string
+	Metadata     map[string]any
+}
+
+// Change is a compare-and-set of one sandbox row: it happens only if the row
+// still has Row.HostID, Row.Status and Row.LastUpdated. It sets To and
+// last_updated = now(), and writes Audit (when not nil) and a journal row,
+// all only if it happens.
+type Change struct {
+	Row   Sandbox
+	To    string
+	Audit *Audit
+}
+
+// Record is a side effect that already happened (a sandbox destroyed on its
+// agent), written as its audit row and journal row.
+type Record struct {
+	Host, Sandbox uuid.UUID
+	Change        string // journal text, e.g. "destroyed_on_agent"
+	Audit         Audit
+}
+
+// Batch is everything one fenced transaction writes or checks.
+type Batch struct {
+	Changes []Change
+	// Held checks, under the fence and FOR SHARE, that each row is still as
+	// read (host, status, last_updated): the gate before a side effect on an
+	// agent.
+	Held    []Sandbox
+	Records []Record
+}
+
+func (b Batch) empty() bool { return len(b.Changes) == 0 && len(b.Held) == 0 && len(b.Records) == 0 }
+
+// Outcome says, per Batch entry in order, what happened.
+type Outcome struct {
+	Applied []bool // Changes: the compare-and-set matched and the row changed
+	Held    []bool // Held: the row is still as read
+}
+
+// Apply runs b in one fenced transaction (see WithFence): the changes as one
+// statement (compare-and-set updates, their audit rows and journal rows), the
+// checks as one, the records as one. A compare-and-set that misses is not an
+// error: Applied is false and nothing of it is written. An empty batch opens
+// no transaction. On error nothing was written; errors.Is(err, ErrFenced)
+// means the shard is lost.
+func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Outcome, error) {
+	out := Outcome{Applied: make([]bool, len(b.Changes)), Held: make([]bool, len(b.Held))}
+	if b.empty() {
+		return out, nil
+	}
+	err := s.WithFence(ctx, f, func(tx pgx.Tx) error {
+		clear(out.Applied)
+		clear(out.Held)
+		if err := applyChanges(ctx, tx, f, b.Changes, out.Applied); err != nil {
+			return err
+		}
+		if err := checkHeld(ctx, tx, b.Held, out.Held); err != nil {
+			return err
+		}
+		return writeRecords(ctx, tx, f, b.Records)
+	})
+	if err != nil {
+		return Outcome{Applied: make([]bool, len(b.Changes)), Held: make([]bool, len(b.Held))}, err
+	}
+	return out, nil
+}
+
+func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied []bool) error {
+	if len(cs) == 0 {
+		return nil
+	}
+	n := len(cs)
+	var (
+		idx                           = make([]int32, n)
+		id, host                      = make([]uuid.UUID, n), make([]uuid.UUID, n)
+		from, to                      = make([]string, n), make([]string, n)
+		seen                          = make([]time.Time, n)
+		aIdx                          []int32
+		aTeam                         []uuid.UUID
+		aType, aRID, aAct, aSt, aMeta []string
+	)
+	for i, c := range cs {
+		idx[i], id[i], host[i], from[i], to[i], seen[i] = int32(i), c.Row.ID, c.Row.HostID, c.Row.Status, c.To, c.Row.LastUpdated
+		if c.Audit != nil {
+			meta, err := metadata(f, c.Audit.Metadata)
+			if err != nil {
+				return err
+			}
+			aIdx = append(aIdx, int32(i))
+			aTeam = append(aTeam, c.Audit.TeamID)
+			aType, aRID = append(aType, c.Audit.ResourceType), append(aRID, c.Audit.ResourceID)
+			aAct, aSt, aMeta = append(aAct, c.Audit.Action), append(aSt, c.Audit.Status), append(aMeta, meta)
+		}
+	}
+	// Rows are locked in id order (the input is sorted by the caller's
+	// pass order; the update's join decides the rest), one statement for
+	// everything: the compare-and-set updates, then audit and journal rows
+	// for exactly the updates that matched.
+	rows, err := tx.Query(ctx, `
+		with c as (
+			select * from unnest($1::int[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
+			           as c(idx, id, host_id, from_status, to_status, seen)),
+		upd as (
+			update sandboxes s set status = c.to_status, last_updated = now()
+			  from c
+			 where s.id = c.id and s.host_id = c.host_id and s.status = c.from_status and s.last_updated = c.seen
+			returning c.idx, c.id, c.host_id, c.from_status, c.to_status),
+		aud as (
+			insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
+			select gen_random_uuid(), a.team_id, 'system', null, '', a.rtype, a.rid, a.action, 'team', a.status, a.meta::jsonb, now()
+			  from unnest($7::int[], $8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
+			           as a(idx, team_id, rtype, rid, action, status, meta)
+			  join upd on upd.idx = a.idx),
+		jr as (
+			insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
+			select $14, $15, $16, upd.host_id, upd.id, upd.from_status || '->' || upd.to_status from upd)
+		select idx from upd`,
+		idx, id, host, from, to, seen, aIdx, aTeam, aType, aRID, aAct, aSt, aMeta, f.Shard, f.Token, f.Replica)
+	if err != nil {
+		return fmt.Errorf("store: apply %d changes: %w", n, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var i int32
+		if err := rows.Scan(&i); err != nil {
+			return fmt.Errorf("store: apply %d changes: %w", n, err)
+		}
+		applied[i] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("store: apply %d changes: %w", n, err)
+	}
+	return nil
+}
+
+func checkHeld(ctx context.Context, tx pgx.Tx, hs []Sandbox, held []bool) error {
+	if len(hs) == 0 {
+		return nil
+	}
+	idx := make([]int32, len(hs))
+	id, host := make([]uuid.UUID, len(hs)), make([]uuid.UUID, len(hs))
+	st, seen := make([]string, len(hs)), make([]time.Time, len(hs))
+	for i, h := range hs {
+		idx[i], id[i], host[i], st[i], seen[i] = int32(i), h.ID, h.HostID, h.Status, h.LastUpdated
+	}
+	rows, err := tx.Query(ctx, `
+		select c.idx
+		  from unnest($1::int[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[]) as c(idx, id, host_id, status, seen)
+		  join sandboxes s on s.id = c.id and s.host_id = c.host_id and s.status = c.status and s.last_updated = c.seen
+		   for share of s`, idx, id, host, st, seen)
+	if err != nil {
+		return fmt.Errorf("store: check %d rows: %w", len(hs), err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var i int32
+		if err := rows.Scan(&i); err != nil {
+			return fmt.Errorf("store: check %d rows: %w", len(hs), err)
+		}
+		held[i] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("store: check %d rows: %w", len(hs), err)
+	}
+	return nil
+}
+
+func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
+	if len(rs) == 0 {
+		return nil
+	}
+	n := len(rs)
+	host, sb, team := make([]uuid.UUID, n), make([]uuid.UUID, n), make([]uuid.UUID, n)
+	change, rtype, rid, act, st, meta := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	for i, r := range rs {
+		m, err := metadata(f, r.Audit.Metadata)
+		if err != nil {
+			return err
+		}
+		host[i], sb[i], team[i], change[i] = r.Host, r.Sandbox, r.Audit.TeamID, r.Change
+		rtype[i], rid[i], act[i], st[i], meta[i] = r.Audit.ResourceType, r.Audit.ResourceID, r.Audit.Action, r.Audit.Status, m
+	}
+	_, err := tx.Exec(ctx, `
+		with r as (
+			select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
+			           as r(host_id, sandbox_id, team_id, change, rtype, rid, action, status, meta)),
+		aud as (
+			insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
+			select gen_random_uuid(), team_id, 'system', null, '', rtype, rid, action, 'team', status, meta::jsonb, now() from r)
+		insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
+		select $10, $11, $12, host_id, sandbox_id, change from r`,
+		host, sb, team, change, rtype, rid, act, st, meta, f.Shard, f.Token, f.Replica)
+	if err != nil {
+		return fmt.Errorf("store: write %d records: %w", n, err)
+	}
+	return nil
+}
+
+// metadata is an audit row's metadata: the caller's keys plus the writer's
+// replica, fence token and shard.
+func metadata(f Fence, m map[string]any) (string, error) {
+	all := make(map[string]any, len(m)+3)
+	for k, v := range m {
+		all[k] = v
+	}
+	all["replica"], all["fence"], all["shard"] = f.Replica, f.Token, f.Shard
+	b, err := json.Marshal(all)
+	if err != nil {
+		return "", fmt.Errorf("store: audit metadata: %w", err)
+	}
+	return string(b), nil
+}
+
+// MarkedHost is a host the passive rule marked unreachable.
+type MarkedHost struct {
+	ID        uuid.UUID
+	WasStatus string
+	TeamID    uuid.NullUUID
+	// Missing are the host's sandboxes that became missing, with the status
+	// each had.
+	Missing []MovedSandbox
+}
+
+// MovedSandbox is a sandbox row a change moved.
+type MovedSandbox struct {
+	ID   uuid.UUID
+	From string
+}
+
+// MarkDown is the passive rule's input: the candidate hosts (with the prefixed
+// id each one's audit row names), the threshold, the statuses that become
+// missing, and the audit row for hosts that have a team (TeamID and
+// ResourceID are filled per host).
+type MarkDown struct {
+	Hosts       []uuid.UUID
+	ResourceIDs []string
+	StaleAfter  time.Duration
+	Live        []string // sandbox statuses that become missing
+	Audit       Audit
+}
+
+// MarkUnreachable is the passive rule (SPEC §2 item 1) for a set of hosts, in
+// one fenced transaction and one statement: every candidate whose heartbeat
+// is older than the threshold by the database clock (or absent) and whose
+// status is not unreachable (nor NULL) becomes unreachable with updated_at =
+// now(); its sandboxes in m.Live become missing with last_updated = now(); a
+// host with a team gets its audit row; every change gets a journal row. All
+// conditional, row by row, on the host really changing: a heartbeat that
+// commits first wins.
+func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]MarkedHost, error) {
+	if len(m.Hosts) == 0 {
+		return nil, nil
+	}
+	if len(m.ResourceIDs) != len(m.Hosts) {
+		return nil, errors.New("store: mark unreachable: one resource id per host")
+	}
+	meta, err := metadata(f, m.Audit.Metadata)
+	if err != nil {
+		return nil, err
+	}
+	var out []MarkedHost
+	err = s.WithFence(ctx, f, func(tx pgx.Tx) error {
+		out = out[:0]
+		rows, err := tx.Query(ctx, `
+			with cand as (
+				select h.id, h.status as was, h.team_id, c.rid
+				  from hosts h join unnest($1::uuid[], $2::text[]) as c(id, rid) on c.id = h.id
+				 where h.status <> 'unreachable'
+				   and (h.last_heartbeat_at is null or h.last_heartbeat_at < now() - make_interval(secs => $3))
+				   for update of h),
+			down as (
+				update hosts h set status = 'unreachable', updated_at = now()
+				  from cand where h.id = cand.id
+				returning h.id, cand.was, cand.team_id, cand.rid),
+			gone as (
+				select s.id, s.status as was, s.host_id
+				  from sandboxes s join down on s.host_id = down.id
+				 where s.status = any($4)
+				   for update of s),
+			missing as (
+				update sandboxes s set status = 'missing', last_updated = now()
+				  from gone where s.id = gone.id
+				returning s.id, gone.was, gone.host_id),
+			aud as (
+				insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
+				select gen_random_uuid(), team_id, 'system', null, '', $5, rid, $6, 'team', $7, $8::jsonb, now()
+				  from down where team_id is not null),
+			jr as (
+				insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
+				select $9::int, $10::bigint, $11::text, id, null::uuid, was || '->unreachable' from down
+				union all
+				select $9::int, $10::bigint, $11::text, host_id, id, was || '->missing' from missing)
+			select id, id, was, team_id, false from down
+			union all
+			select host_id, id, was, null, true from missing`,
+			m.Hosts, m.ResourceIDs, m.StaleAfter.Seconds(), m.Live,
+			m.Audit.ResourceType, m.Audit.Action, m.Audit.Status, meta, f.Shard, f.Token, f.Replica)
+		if err != nil {
+			return fmt.Errorf("store: mark hosts unreachable: %w", err)
+		}
+		defer rows.Close()
+		at := map[uuid.UUID]int{}
+		var sbs []struct {
+			host uuid.UUID
+			sb   MovedSandbox
+		}
+		for rows.Next() {
+			var host, id uuid.UUID
+			var was string
+			var team uuid.NullUUID
+			var isSandbox bool
+			if err := rows.Scan(&host, &id, &was, &team, &isSandbox); err != nil {
+				return fmt.Errorf("store: mark hosts unreachable: %w", err)
+			}
+			if isSandbox {
+				sbs = append(sbs, struct {
+					host uuid.UUID
+					sb   MovedSandbox
+				}{host, MovedSandbox{ID: id, From: was}})
+				continue
+			}
+			at[host] = len(out)
+			out = append(out, MarkedHost{ID: host, WasStatus: was, TeamID: team})
+		}
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("store: mark hosts unreachable: %w", err)
+		}
+		for _, x := range sbs {
+			if i, ok := at[x.host]; ok {
+				out[i].Missing = append(out[i].Missing, x.sb)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// StaleHosts lists hosts whose heartbeat is older than staleAfter by the
+// database clock (or absent) and whose status is neither unreachable nor
+// NULL: candidates for MarkUnreachable, which re-checks.
+func (s *Store) StaleHosts(ctx context.Context, staleAfter time.Duration) ([]uuid.UUID, error) {
+	rows, err := s.pool.Query(ctx, `
+		select id from hosts
+		 where status <> 'unreachable'
+		   and (last_heartbeat_at is null or last_heartbeat_at < now() - make_interval(secs => $1))`,
+		staleAfter.Seconds())
+	if err != nil {
+		return nil, fmt.Errorf("store: scan for stale hosts: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return nil, fmt.Errorf("store: scan for stale hosts: %w", err)
+	}
+	return ids, nil
+}
+
+// HostIDs lists every host id.
+func (s *Store) HostIDs(ctx context.Context) ([]uuid.UUID, error) {
+	rows, err := s.pool.Query(ctx, `select id from hosts`)
+	if err != nil {
+		return nil, fmt.Errorf("store: list hosts: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+	if err != nil {
+		return nil, fmt.Errorf("store: list hosts: %w", err)
+	}
+	return ids, nil
+}
+
+// TrimJournal deletes the shard's journal rows older than keep, under the
+// fence.
+func (s *Store) TrimJournal(ctx context.Context, f Fence, keep time.Duration) (int64, error) {
+	var n int64
+	err := s.WithFence(ctx, f, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `delete from vigil_journal where shard = $1 and written_at < now() - make_interval(secs => $2)`, f.Shard, keep.Seconds())
+		n = tag.RowsAffected()
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("store: trim journal of shard %d: %w", f.Shard, err)
+	}
+	return n, nil
+}
+
+// ListenHostOnline delivers the reconnect trigger's notifications (a host
+// went unreachable → online) to fn until ctx ends or the connection fails;
+// it always returns an error saying which. The connection it holds carries
+// LISTEN state and is closed, never returned to the pool.
+// A payload that is not a UUID reaches fn as an error naming it.
+func (s *Store) ListenHostOnline(ctx context.Context, fn func(host uuid.UUID, err error)) error {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("store: listen: %w", err)
+	}
+	pc := conn.Hijack()
+	defer pc.Close(context.Background())
+	if _, err := pc.Exec(ctx, "listen vigil_host_online"); err != nil {
+		return fmt.Errorf("store: listen: %w", err)
+	}
+	for {
+		n, err := pc.WaitForNotification(ctx)
+		if err != nil {
+			return fmt.Errorf("store: listen: %w", err)
+		}
+		id, err := uuid.Parse(n.Payload)
+		if err != nil {
+			err = fmt.Errorf("store: malformed reconnect notification %q: %w", n.Payload, err)
+		}
+		fn(id, err)
+	}
+}
