@@ -17,6 +17,7 @@ import (
 
 	"github.com/vigil-sh/vigil/agentsim"
 	"github.com/vigil-sh/vigil/internal/cli"
+	"github.com/vigil-sh/vigil/internal/devcerts"
 	"github.com/vigil-sh/vigil/internal/embedetcd"
 	"github.com/vigil-sh/vigil/store"
 )
@@ -39,6 +40,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	cluster := fs.String("cluster", "dev", "cluster name")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level")
+	agentTLS := fs.Bool("agent-tls", false, "run the agents and the replicas over mutual TLS with a throwaway CA made for this run")
 	if err := cli.Parse(fs, args); err != nil {
 		return usageErr(err)
 	}
@@ -76,11 +78,26 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	endpoint := *etcdClient
 	log.Info("embedded etcd ready", "endpoint", endpoint, "dir", dir)
 
-	sim, err := agentsim.New(agentsim.Config{
+	simCfg := agentsim.Config{
 		DatabaseURL: *dbURL, Hosts: *hosts, SandboxesPerHost: *sandboxes, ChurnPerSecond: *churn,
 		ChurnStepDelay: 500 * time.Millisecond, SharedFraction: 0.2, HeartbeatInterval: 5 * time.Second,
 		Logger: log.Named("agentsim"), Seed: 1, // the same hosts on every run
-	})
+	}
+	var pki devcerts.Files
+	if *agentTLS {
+		d, err := os.MkdirTemp("", "vigil-dev-pki-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		if pki, err = devcerts.Generate(d); err != nil {
+			return fmt.Errorf("--agent-tls: %w", err)
+		}
+		// The CA is the agents' issuer: each host gets a leaf for its own IP.
+		simCfg.CAFile, simCfg.CertFile, simCfg.KeyFile = pki.CA, pki.CA, pki.CAKey
+		log.Info("agents speak mutual TLS", "ca", pki.CA)
+	}
+	sim, err := agentsim.New(simCfg)
 	if err != nil {
 		return err
 	}
@@ -120,7 +137,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: 30 * time.Second,
 			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, Concurrency: 16, AgentConcurrency: 64,
 			JournalRetention: 24 * time.Hour, HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)),
-			AgentTimeout: 2 * time.Second, AgentMaxBytes: 4 << 20, AgentMaxIdle: 128,
+			AgentMaxBytes: 4 << 20, AgentMaxIdle: 128, // AgentTimeout 0: derived from the TTL
+		}
+		if *agentTLS {
+			c.AgentCAFile, c.AgentCertFile, c.AgentKeyFile = pki.CA, pki.ClientCert, pki.ClientKey
 		}
 		addrs = append(addrs, c.HTTPAddr)
 		wg.Add(1)
@@ -133,7 +153,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 
 	fmt.Fprintf(stdout, `
-vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s.
+vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s, agents over %s.
 
   metrics:    %s
   readiness:  http://%s/readyz
@@ -144,7 +164,7 @@ vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s.
   database:   psql '%s'
 
 Ctrl-C stops everything.
-`, *replicas, *hosts, *shards, *ttl, metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL)
+`, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL)
 
 	var first error
 	select {
@@ -156,6 +176,13 @@ Ctrl-C stops everything.
 	wg.Wait()
 	log.Info("dev cluster stopped")
 	return first
+}
+
+func transport(tls bool) string {
+	if tls {
+		return "mutual TLS"
+	}
+	return "plain HTTP"
 }
 
 func metricsURLs(addrs []string) string {

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"context"
+	"net"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vigil-sh/vigil/internal/pgtest"
+)
+
+// freePortPair finds two consecutive free loopback ports (vigil dev gives
+// replica i the admin port base+i).
+func freePortPair(t *testing.T) int {
+	t.Helper()
+	for range 50 {
+		a, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := a.Addr().(*net.TCPAddr).Port
+		b, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
+		a.Close()
+		if err == nil {
+			b.Close()
+			return p
+		}
+	}
+	t.Fatal("no two consecutive free ports")
+	return 0
+}
+
+// `vigil dev --agent-tls` is a whole cluster over the production transport:
+// two replicas own every shard and reconcile every host over mutual TLS with
+// a CA made for the run; Ctrl-C stops it cleanly.
+func TestDevClusterOverMutualTLS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("end-to-end test with real processes; skipped in -short mode")
+	}
+	bin := vigilBinary(t)
+	base := freePortPair(t)
+	cmd := exec.Command(bin, "dev", "--agent-tls", "--hosts", "20", "--replicas", "2", "--shards", "16",
+		"--interval", "500ms", "--lease-ttl", "2s", "--churn", "0",
+		"--database-url", pgtest.New(t),
+		"--etcd-client-addr", freePort(t), "--etcd-peer-addr", freePort(t),
+		"--http-base-port", strconv.Itoa(base), "--agentsim-admin-addr", freePort(t))
+	cmd.Env = cleanEnv()
+	var out logBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	reps := []*replica{{admin: "127.0.0.1:" + strconv.Itoa(base)}, {admin: "127.0.0.1:" + strconv.Itoa(base+1)}}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		owned, ok, agentErrs := 0.0, 0.0, 0.0
+		for _, r := range reps {
+			m, err := r.metrics()
+			if err != nil {
+				continue
+			}
+			owned += m["vigil_shards_owned"]
+			ok += m[`vigil_reconciles_total{kind="active",result="ok"}`]
+			for k, v := range m {
+				if strings.HasPrefix(k, "vigil_agent_rpc_errors_total") {
+					agentErrs += v
+				}
+			}
+		}
+		if owned == 16 && ok >= 40 { // every host reconciled at least twice
+			if agentErrs > 0 {
+				t.Fatalf("%v agent RPC errors over mutual TLS\n%s", agentErrs, out.tail(40))
+			}
+			break
+		}
+		select {
+		case <-exited:
+			t.Fatalf("vigil dev exited: %v\n%s", waitErr, out.tail(40))
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 60s: %v shards owned, %v successful host reconciles\n%s", owned, ok, out.tail(40))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(out.String(), "agents over mutual TLS") {
+		t.Errorf("banner does not say the agents speak mutual TLS:\n%s", out.tail(40))
+	}
+	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	select {
+	case <-exited:
+		if waitErr != nil {
+			t.Fatalf("vigil dev after Ctrl-C: %v\n%s", waitErr, out.tail(40))
+		}
+	case <-ctx.Done():
+		t.Fatalf("vigil dev still running 30s after Ctrl-C\n%s", out.tail(40))
+	}
+}
