@@ -259,6 +259,10 @@ func (s *Sim) HostIDs() []uuid.UUID {
 	return out
 }
 
+// InFlight is the number of agent requests being handled right now (a hung
+// one counts until its client gives up).
+func (s *Sim) InFlight() int { return int(s.inflight.Load()) }
+
 // Teams returns the team ids the Sim hands out.
 func (s *Sim) Teams() []uuid.UUID { return slices.Clone(s.teams) }
 
