@@ -44,6 +44,12 @@ type metricInfo struct {
 // register them). Every vigil_* name in deploy/ must be one of these.
 var vigilMetrics = map[string]metricInfo{
 	"vigil_shard_last_reconcile_success_timestamp_seconds": {kind: gauge, labels: []string{"shard"}},
+	"vigil_shard_last_pass_timestamp_seconds":              {kind: gauge, labels: []string{"shard"}},
+	"vigil_shard_blind_hosts":                              {kind: gauge, labels: []string{"shard"}},
+	"vigil_shard_hosts":                                    {kind: gauge, labels: []string{"shard"}},
+	"vigil_bad_rows_total":                                 {kind: counter, labels: []string{"kind"}},
+	"vigil_db_statements_total":                            {kind: counter},
+	"vigil_db_write_transactions_total":                    {kind: counter, labels: []string{"result"}},
 	"vigil_cluster_shards":                                 {kind: gauge},
 	"vigil_shards_owned":                                   {kind: gauge},
 	"vigil_leader":                                         {kind: gauge},
