@@ -231,6 +231,9 @@ func (p *Pass) ask(ctx context.Context) error {
 			switch {
 			case lost != nil:
 				o.fail(lost)
+			case a.err != nil && ctx.Err() != nil:
+				// The pass is ending (shutdown, handover): not the agent's fault.
+				o.fail(ctx.Err())
 			case a.err != nil:
 				o.fail(fmt.Errorf("%w: %w", errAgent, a.err))
 			default:

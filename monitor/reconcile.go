@@ -214,6 +214,9 @@ func (r *Reconciler) record(f store.Fence, kind string, out []Outcome) {
 	now := time.Now()
 	for i := range out {
 		o := &out[i]
+		if errors.Is(o.Err, context.Canceled) {
+			continue // the pass was stopped: nothing to say about this host
+		}
 		result := "ok"
 		switch {
 		case errors.Is(o.Err, ErrFenced):
