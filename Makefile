@@ -30,9 +30,19 @@ test-long:
 	./scripts/ensure-postgres.sh
 	VIGIL_LONG=1 $(GO) test -count=1 -timeout 60m -run 'Long|Distribution' -v ./...
 
-bench:
+## bench: the whole benchmark in one run (< 15 min): agentsim, Postgres, embedded etcd and vigil replicas as
+## real processes; prints every figure with its target and writes bench/results/<UTC timestamp>.json and
+## latest.json (commit them with the change they measure). BENCH_FLAGS passes flags: -hosts 2000, -profile, ...
+bench: build
 	./scripts/ensure-postgres.sh
-	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+	$(GO) run ./bench -bin $(BIN) $(BENCH_FLAGS)
+
+## bench-smoke: the same on a small fleet (< 1 min): checks that every figure is produced and sane, not the
+## targets; results go to $TMPDIR/vigil-bench-smoke. Also run by `make test` (bench.TestSmoke).
+.PHONY: bench-smoke
+bench-smoke: build
+	./scripts/ensure-postgres.sh
+	$(GO) run ./bench -smoke -bin $(BIN) $(BENCH_FLAGS)
 
 ## check: formatting, vet, module tidiness and generated-code drift.
 check: fmt vet tidy generate-check

@@ -1,0 +1,306 @@
+package main
+
+// Failover (SIGKILL of the leader, which owns shards too), handover (SIGTERM
+// of another replica), and unreachable detection (hosts that stop
+// heartbeating), each on a running cluster, which is brought back to its
+// replica count afterwards.
+
+import (
+	"context"
+	"fmt"
+	"syscall"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+type faultStats struct {
+	moved     int
+	reclaim   []time.Duration // kill/term → owner key put by another replica
+	firstPass []time.Duration // kill/term → first completed pass by the new owner
+	gaps      []time.Duration // SIGTERM: owner key deleted → put by the new owner
+	missing   int             // moved shards without a reclaim (or pass) by the deadline
+}
+
+// measureKill SIGKILLs the leader and follows each of its shards to its new
+// owner's key and first completed pass.
+func (c *cluster) measureKill(ctx context.Context) (*faultStats, error) {
+	owners, leader, err := c.own.state()
+	if err != nil {
+		return nil, err
+	}
+	victim := c.byID(leader)
+	if victim == nil {
+		victim = c.liveReplicas()[0]
+	}
+	moved := owned(owners, victim.id)
+	if len(moved) == 0 {
+		return nil, fmt.Errorf("%s owns no shard", victim.id)
+	}
+	t := time.Now()
+	if err := c.signal(victim, syscall.SIGKILL); err != nil {
+		return nil, err
+	}
+	victim.wait(10 * time.Second)
+	return c.follow(ctx, victim.id, moved, t, false)
+}
+
+// measureTerm SIGTERMs a replica other than the leader and measures each
+// moved shard's handover gap and first pass.
+func (c *cluster) measureTerm(ctx context.Context) (*faultStats, error) {
+	owners, leader, err := c.own.state()
+	if err != nil {
+		return nil, err
+	}
+	var victim *replica
+	for _, r := range c.liveReplicas() {
+		if r.id != leader {
+			victim = r
+		}
+	}
+	if victim == nil {
+		return nil, fmt.Errorf("no replica besides the leader")
+	}
+	moved := owned(owners, victim.id)
+	if len(moved) == 0 {
+		return nil, fmt.Errorf("%s owns no shard", victim.id)
+	}
+	t := time.Now()
+	if err := c.signal(victim, syscall.SIGTERM); err != nil {
+		return nil, err
+	}
+	st, err := c.follow(ctx, victim.id, moved, t, true)
+	if !victim.wait(30 * time.Second) {
+		victim.kill()
+		if err == nil {
+			err = fmt.Errorf("%s still running 30s after SIGTERM", victim.id)
+		}
+	}
+	return st, err
+}
+
+// follow waits until every moved shard has been claimed by another replica
+// and (when vigil exports last-pass timestamps) passed by it, or the
+// deadline passes; shards that did not get there count as missing.
+func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time.Time, gaps bool) (*faultStats, error) {
+	o := c.e.opts
+	passKnown := c.e.caps.Metrics[mLastPass]
+	reclaim := map[int]time.Duration{}
+	pass := map[int]time.Duration{}
+	gap := map[int]time.Duration{}
+	tUnix := float64(t.UnixNano()) / 1e9
+	done := func() bool {
+		return len(reclaim) == len(moved) && (!passKnown || len(pass) == len(moved)) && (!gaps || len(gap) == len(moved))
+	}
+	_, err := poll(ctx, o.LeaseTTL+20*time.Second, 100*time.Millisecond, "moved shards re-owned", func() (bool, string, error) {
+		for _, s := range moved {
+			if _, ok := reclaim[s]; ok {
+				continue
+			}
+			var deleted time.Time
+			for _, ev := range c.own.events(s, t) {
+				if !ev.put && ev.owner == victim && deleted.IsZero() {
+					deleted = ev.at
+				}
+				if ev.put && ev.owner != victim {
+					reclaim[s] = ev.at.Sub(t)
+					if !deleted.IsZero() {
+						gap[s] = ev.at.Sub(deleted)
+					}
+					break
+				}
+			}
+		}
+		if passKnown {
+			scrapes, _ := c.scrapeAll(ctx)
+			for _, sc := range scrapes {
+				byShard := sc.byShard(mLastPass)
+				for _, s := range moved {
+					if _, ok := pass[s]; ok {
+						continue
+					}
+					// The gauge is the pass's completion time, by the
+					// replica's clock (this machine's).
+					if v, ok := byShard[s]; ok && v >= tUnix {
+						pass[s] = time.Duration((v - tUnix) * 1e9)
+					}
+				}
+			}
+		}
+		return done(), fmt.Sprintf("%d of %d shards re-claimed, %d passed", len(reclaim), len(moved), len(pass)), nil
+	})
+	if err != nil && ctx.Err() != nil {
+		return nil, err
+	}
+	st := &faultStats{moved: len(moved)}
+	for _, s := range moved {
+		r, okR := reclaim[s]
+		if okR {
+			st.reclaim = append(st.reclaim, r)
+		}
+		p, okP := pass[s]
+		if okP {
+			st.firstPass = append(st.firstPass, p)
+		}
+		if g, ok := gap[s]; ok {
+			st.gaps = append(st.gaps, g)
+		}
+		if !okR || (passKnown && !okP) {
+			st.missing++
+		}
+	}
+	return st, nil
+}
+
+// restore brings the cluster back to n replicas and waits until it settles.
+func (c *cluster) restore(ctx context.Context, n int) error {
+	for len(c.liveReplicas()) < n {
+		if _, err := c.start(ctx); err != nil {
+			return err
+		}
+	}
+	_, err := c.waitSettled(ctx, c.e.opts.SweepTimeout)
+	return err
+}
+
+// measureUnreachable stops the heartbeats of k hosts and records, per host,
+// updated_at − last_heartbeat_at of the row when it became unreachable; then
+// lets them heartbeat again and waits until they are online.
+func measureUnreachable(ctx context.Context, e *env, f *fleet, k int) ([]time.Duration, error) {
+	hosts := f.hosts[:k]
+	ids := make([]uuid.UUID, k)
+	for i, h := range hosts {
+		ids[i] = h.ID
+		if err := h.setMode(ctx, `{"kind":"healthy","skip_heartbeat":true}`); err != nil {
+			return nil, err
+		}
+	}
+	restore := func() error {
+		for _, h := range hosts {
+			if err := h.setMode(ctx, `{"kind":"healthy"}`); err != nil {
+				return err
+			}
+		}
+		for _, s := range f.sims {
+			if err := (fleetHost{sim: s}).heartbeat(ctx); err != nil {
+				return err
+			}
+		}
+		_, err := poll(ctx, 30*time.Second, 100*time.Millisecond, "hosts online again", func() (bool, string, error) {
+			var n int
+			err := e.db.QueryRow(ctx, `select count(*) from hosts where id = any($1) and status <> 'online'`, ids).Scan(&n)
+			return n == 0, fmt.Sprintf("%d not online", n), err
+		})
+		return err
+	}
+	lags := map[uuid.UUID]time.Duration{}
+	_, err := poll(ctx, e.opts.UnreachableAfter+e.opts.Heartbeat+30*time.Second, 100*time.Millisecond, "hosts unreachable", func() (bool, string, error) {
+		rows, err := e.db.Query(ctx, `select id, updated_at, last_heartbeat_at from hosts where id = any($1) and status = 'unreachable'`, ids)
+		if err != nil {
+			return false, "", err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var id uuid.UUID
+			var updated time.Time
+			var heartbeat *time.Time
+			if err := rows.Scan(&id, &updated, &heartbeat); err != nil {
+				return false, "", err
+			}
+			if _, ok := lags[id]; !ok && heartbeat != nil {
+				lags[id] = updated.Sub(*heartbeat)
+			}
+		}
+		return len(lags) == k, fmt.Sprintf("%d of %d unreachable", len(lags), k), rows.Err()
+	})
+	if rerr := restore(); rerr != nil && err == nil {
+		err = rerr
+	}
+	var out []time.Duration
+	for _, id := range ids {
+		if l, ok := lags[id]; ok {
+			out = append(out, l)
+		}
+	}
+	if err != nil && len(out) < k {
+		return out, fmt.Errorf("%d of %d hosts marked unreachable: %w", len(out), k, err)
+	}
+	return out, err
+}
+
+// faultFigures adds the failover, handover and unreachable figures.
+func faultFigures(rep *report, e *env, n int, kill, term *faultStats, killErr, termErr error, lags []time.Duration, unErr error) {
+	o := e.opts
+	passPending := ""
+	if !e.caps.Metrics[mLastPass] {
+		passPending = "vigil metric " + mLastPass
+	}
+	group := fmt.Sprintf("failover and handover · %s · plain", replicasLabel(n))
+	durFig := func(key, name string, ds []time.Duration, st *faultStats, err error, op string, bound time.Duration, med bool, pending string) {
+		f := rep.fig(group, key, name, "s").pos()
+		if op != "" {
+			f.want(op, bound.Seconds())
+		}
+		switch {
+		case err != nil:
+			f.na(err.Error())
+		case pending != "":
+			f.pending(pending)
+		case st.missing > 0 && !med:
+			f.fail(fmt.Sprintf("%d of %d moved shards did not get there within %s", st.missing, st.moved, o.LeaseTTL+20*time.Second))
+		case len(ds) == 0:
+			f.na("no shard measured")
+		case med:
+			f.set(medianDur(ds).Seconds())
+		default:
+			f.set(maxDur(ds).Seconds())
+		}
+	}
+	moved := func(key, name string, st *faultStats, err error) {
+		f := rep.fig(group, key, name, "").pos()
+		if err != nil {
+			f.na(err.Error())
+			return
+		}
+		f.set(float64(st.moved))
+	}
+	ttl := o.LeaseTTL
+	moved("failover.sigkill.moved", "SIGKILL of the leader: shards moved", kill, killErr)
+	durFig("failover.sigkill.reclaim_p50", "  → re-claimed by another replica, p50", listOf(kill, func(s *faultStats) []time.Duration { return s.reclaim }), kill, killErr, "", 0, true, "")
+	durFig("failover.sigkill.reclaim_max", "  → re-claimed, max (SPEC §3: TTL + 1 s)", listOf(kill, func(s *faultStats) []time.Duration { return s.reclaim }), kill, killErr, "<=", ttl+time.Second, false, "")
+	durFig("failover.sigkill.first_pass_p50", "  → first completed pass, p50", listOf(kill, func(s *faultStats) []time.Duration { return s.firstPass }), kill, killErr, "", 0, true, passPending)
+	durFig("failover.sigkill.first_pass_max", "  → first completed pass, max", listOf(kill, func(s *faultStats) []time.Duration { return s.firstPass }), kill, killErr, "<=", ttl+2*time.Second, false, passPending)
+	moved("failover.sigterm.moved", "SIGTERM of a replica: shards moved", term, termErr)
+	durFig("failover.sigterm.gap_p50", "  → handover gap (delete → put), p50", listOf(term, func(s *faultStats) []time.Duration { return s.gaps }), term, termErr, "", 0, true, "")
+	durFig("failover.sigterm.gap_max", "  → handover gap, max", listOf(term, func(s *faultStats) []time.Duration { return s.gaps }), term, termErr, "<", 500*time.Millisecond, false, "")
+	durFig("failover.sigterm.first_pass_max", "  → first completed pass, max", listOf(term, func(s *faultStats) []time.Duration { return s.firstPass }), term, termErr, "", 0, false, passPending)
+
+	ug := "unreachable detection · plain"
+	p50 := rep.fig(ug, "unreachable.p50", fmt.Sprintf("last heartbeat → unreachable, p50 of %d hosts", o.UnreachableHosts), "s").pos()
+	mx := rep.fig(ug, "unreachable.max", "last heartbeat → unreachable, max", "s").pos().
+		want("<=", (o.UnreachableAfter+5*time.Second).Seconds()).note("--unreachable-after %s", o.UnreachableAfter)
+	switch {
+	case unErr != nil && len(lags) == 0:
+		p50.na(unErr.Error())
+		mx.na(unErr.Error())
+	case unErr != nil:
+		p50.set(medianDur(lags).Seconds())
+		mx.fail(unErr.Error())
+	default:
+		p50.set(medianDur(lags).Seconds())
+		mx.set(maxDur(lags).Seconds())
+	}
+}
+
+func listOf(s *faultStats, f func(*faultStats) []time.Duration) []time.Duration {
+	if s == nil {
+		return nil
+	}
+	return f(s)
+}
+
+// faultsNotRun adds the fault figures as n/a when no configuration ran them.
+func faultsNotRun(rep *report, e *env, why string) {
+	err := fmt.Errorf("%s", why)
+	faultFigures(rep, e, e.opts.failoverReplicas(), nil, nil, err, err, nil, err)
+}

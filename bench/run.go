@@ -1,0 +1,339 @@
+package main
+
+// The order of a run: set-up; per transport, the fleet, the two references,
+// then every replica count (steady sweeps, the changing sweep, and on the
+// largest plain cluster failover, handover and unreachable detection);
+// cross-configuration ratios; tear-down. A failed measurement leaves its
+// figures n/a with the reason and the run goes on; set-up failures and
+// cancellation end it.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+)
+
+func runBench(ctx context.Context, o options, log *progress) (rep *report, err error) {
+	rep = newReport(o)
+	e, err := setUp(ctx, o, log)
+	defer func() {
+		if ctx.Err() == nil && (err != nil || len(rep.Errors) > 0) {
+			e.failed = true
+		}
+		e.close()
+	}()
+	rep.Machine, rep.Capabilities = e.mach, e.caps
+	if err != nil {
+		return rep, fmt.Errorf("set-up: %w", err)
+	}
+	logCapabilities(log, e.caps)
+	steady := map[string]*sweepStats{}
+	faultsRan := false
+	for _, tr := range o.Transports {
+		if tr == "mtls" && !e.caps.AgentsimTLS {
+			transportNotRun(rep, e, tr, "", "agentsim --tls-ca-file/--tls-cert-file/--tls-key-file")
+			continue
+		}
+		if err := runTransport(ctx, e, rep, tr, steady, &faultsRan); err != nil {
+			return rep, err
+		}
+	}
+	switch {
+	case faultsRan:
+	case o.failoverReplicas() == 0 || !slices.Contains(o.Transports, "plain"):
+		rep.Notes = append(rep.Notes, "failover, handover and unreachable detection not measured: they need -replicas with a count of at least 2 and -transports with plain")
+	default:
+		faultsNotRun(rep, e, "the plain "+replicasLabel(o.failoverReplicas())+" configuration did not get that far")
+	}
+	crossFigures(rep, e, steady)
+	return rep, ctx.Err()
+}
+
+func logCapabilities(log *progress, c capabilities) {
+	var missing []string
+	if !c.AgentsimLatency {
+		missing = append(missing, "agentsim --latency")
+	}
+	if !c.AgentsimTLS {
+		missing = append(missing, "agentsim TLS flags")
+	}
+	if !c.VigilAgentConcurrency {
+		missing = append(missing, "vigil --agent-concurrency")
+	}
+	if !c.VigilDebugPprof {
+		missing = append(missing, "vigil --debug-pprof")
+	}
+	for _, m := range []string{mStatements, mWriteTxns, mLastSuccess, mLastPass, mReconciles, mTransitions} {
+		if !c.Metrics[m] {
+			missing = append(missing, m)
+		}
+	}
+	if len(missing) > 0 {
+		log.printf("not in these binaries yet (their figures are n/a): %v", missing)
+	}
+}
+
+func runTransport(ctx context.Context, e *env, rep *report, tr string, steady map[string]*sweepStats, faultsRan *bool) error {
+	o := e.opts
+	log := e.log
+	nSims := (o.Hosts + o.HostsPerAgentsim - 1) / o.HostsPerAgentsim
+	log.printf("%s: starting agentsim: %d hosts × %d sandboxes in %d processes", tr, o.Hosts, o.Sandboxes, nSims)
+	fl, err := startFleet(ctx, e, tr == "mtls", tr)
+	if err != nil {
+		fl.stop()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		rep.errorf("%s fleet: %v", tr, err)
+		transportNotRun(rep, e, tr, "fleet did not start: "+err.Error(), "")
+		return nil
+	}
+	defer fl.stop()
+	log.printf("%s: fleet ready; RPC ceiling and seed loop, %s each", tr, o.Duration)
+	ref, ceilErr, loopErr := measureReferences(ctx, e, fl)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	referenceFigures(rep, tr, ref, ceilErr, loopErr, "")
+	if ceilErr == nil && loopErr == nil {
+		log.printf("%s: ceiling %.0f hosts/s, seed loop %.0f hosts/s", tr, ref.Ceiling, ref.Loop)
+	} else {
+		rep.errorf("%s references: ceiling: %v; loop: %v", tr, ceilErr, loopErr)
+	}
+	for _, n := range o.Replicas {
+		if err := runConfig(ctx, e, rep, fl, &ref, n, tr, steady, faultsRan); err != nil {
+			return err
+		}
+	}
+	var rss float64
+	for _, s := range fl.sims {
+		if v, err := procStatusBytes(s.pid(), "VmHWM"); err == nil {
+			rss += v
+		}
+	}
+	rep.fig("references · "+tr, "references."+tr+".agentsim_rss_mib", fmt.Sprintf("agentsim peak RSS (%d processes, sum)", len(fl.sims)), "MiB").pos().set(rss / (1 << 20))
+	return nil
+}
+
+func measureReferences(ctx context.Context, e *env, fl *fleet) (ref refResult, ceilErr, loopErr error) {
+	rf, err := newRPCFleet(e, fl)
+	if err != nil {
+		return ref, err, err
+	}
+	defer rf.close()
+	ref.Ceiling, ref.CeilingErrs, ceilErr = measureCeiling(ctx, rf, e.opts.InFlight, e.opts.Sandboxes, e.opts.Duration)
+	ref.Loop, ref.LoopHosts, loopErr = measureSeedLoop(ctx, e, rf, e.opts.Duration)
+	return ref, ceilErr, loopErr
+}
+
+func referenceFigures(rep *report, tr string, ref refResult, ceilErr, loopErr error, pending string) {
+	group := "references · " + tr
+	ceil := rep.fig(group, "references."+tr+".ceiling", fmt.Sprintf("RPC ceiling (%s)", "bare ListSandboxes, no database"), "hosts/s").pos()
+	loop := rep.fig(group, "references."+tr+".seed_loop", "seed loop (one host at a time: RPC + 3 queries)", "hosts/s").pos()
+	set := func(f *figure, v float64, err error) {
+		switch {
+		case pending != "":
+			f.pending(pending)
+		case err != nil:
+			f.na(err.Error())
+		default:
+			f.set(v)
+		}
+	}
+	set(ceil, ref.Ceiling, ceilErr)
+	set(loop, ref.Loop, loopErr)
+	if pending == "" && loopErr == nil {
+		loop.note("%d hosts in the window", ref.LoopHosts)
+	}
+}
+
+// runConfig measures one replica count on one transport. It returns an
+// error only when the run is cancelled.
+func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResult, n int, tr string, steady map[string]*sweepStats, faultsRan *bool) error {
+	o := e.opts
+	log := e.log
+	label := fmt.Sprintf("%s, %s", replicasLabel(n), tr)
+	fail := func(step string, err error, c *cluster) error {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		rep.errorf("%s: %s: %v", label, step, err)
+		log.printf("%s: %s failed: %v", label, step, err)
+		return nil
+	}
+	log.printf("%s: starting replicas", label)
+	c, err := newCluster(ctx, e, tr, n)
+	if err != nil {
+		configNotRun(rep, e, n, tr, "replicas did not start: "+err.Error(), "")
+		return fail("start", err, nil)
+	}
+	defer c.close()
+	if err := c.warmUp(ctx); err != nil {
+		c.close()
+		configNotRun(rep, e, n, tr, "cluster did not settle and sweep: "+err.Error(), "")
+		return fail("warm-up", err, c)
+	}
+
+	var profDone chan struct{}
+	var profPath string
+	var profErr error
+	if o.Profile && n == 1 && tr == "plain" {
+		if !e.caps.VigilDebugPprof {
+			rep.Notes = append(rep.Notes, "profile: vigil has no --debug-pprof yet")
+		} else {
+			r := c.liveReplicas()[0]
+			profDone = make(chan struct{})
+			go func() {
+				defer close(profDone)
+				profPath, profErr = saveProfile(ctx, r, o, rep.Started)
+			}()
+		}
+	}
+	log.printf("%s: steady sweeps (at least %d and %s)", label, o.Sweeps, o.Duration)
+	st, err := c.measureSteady(ctx, fl, o.Sweeps, o.Duration)
+	sweepFigures(rep, e, n, tr, "steady", st, ref, nil, errString(err), "")
+	if err != nil {
+		if err := fail("steady sweeps", err, c); err != nil {
+			return err
+		}
+	} else {
+		steady[fmt.Sprintf("%dr.%s", n, tr)] = st
+		log.printf("%s: steady sweep %.3fs (%.0f hosts/s)", label, st.median().Seconds(), float64(o.Hosts)/st.median().Seconds())
+	}
+	if profDone != nil {
+		<-profDone
+		if profErr != nil {
+			rep.errorf("profile: %v", profErr)
+		} else {
+			rep.Profiles = append(rep.Profiles, profPath)
+			log.printf("%s: CPU profile saved to %s", label, profPath)
+		}
+	}
+
+	log.printf("%s: changing sweep (%.0f %% of sandboxes)", label, o.ChangeFraction*100)
+	ch, err := c.measureChanging(ctx, fl, st)
+	sweepFigures(rep, e, n, tr, "changing", ch, ref, st, errString(err), "")
+	if err != nil {
+		if err := fail("changing sweep", err, c); err != nil {
+			return err
+		}
+	} else {
+		log.printf("%s: changing sweep %.3fs", label, ch.median().Seconds())
+	}
+
+	if n == o.failoverReplicas() && tr == "plain" {
+		*faultsRan = true
+		if err := runFaults(ctx, e, rep, c, fl, n); err != nil {
+			return err
+		}
+	}
+	c.close()
+	resourceFigures(rep, n, tr, c, "", "")
+	return ctx.Err()
+}
+
+func runFaults(ctx context.Context, e *env, rep *report, c *cluster, fl *fleet, n int) error {
+	log := e.log
+	label := replicasLabel(n) + ", plain"
+	log.printf("%s: SIGKILL of the leader", label)
+	kill, killErr := c.measureKill(ctx)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if killErr != nil {
+		rep.errorf("%s: SIGKILL: %v", label, killErr)
+	}
+	if err := c.restore(ctx, n); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		rep.errorf("%s: restore after SIGKILL: %v", label, err)
+	}
+	log.printf("%s: SIGTERM of a replica", label)
+	term, termErr := c.measureTerm(ctx)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if termErr != nil {
+		rep.errorf("%s: SIGTERM: %v", label, termErr)
+	}
+	if err := c.restore(ctx, n); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		rep.errorf("%s: restore after SIGTERM: %v", label, err)
+	}
+	log.printf("%s: unreachable detection (%d hosts stop heartbeating)", label, e.opts.UnreachableHosts)
+	lags, unErr := measureUnreachable(ctx, e, fl, e.opts.UnreachableHosts)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if unErr != nil {
+		rep.errorf("%s: unreachable detection: %v", label, unErr)
+	}
+	faultFigures(rep, e, n, kill, term, killErr, termErr, lags, unErr)
+	return nil
+}
+
+// saveProfile fetches a CPU profile of r over max(5 s, -duration) and writes
+// it beside the results.
+func saveProfile(ctx context.Context, r *replica, o options, started time.Time) (string, error) {
+	secs := max(5, int(o.Duration.Seconds()))
+	b, err := r.profile(ctx, secs)
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(o.Out, 0o755); err != nil {
+		return "", err
+	}
+	p := filepath.Join(o.Out, started.Format("20060102T150405Z")+"-cpu-1replica-steady-plain.pprof")
+	return p, os.WriteFile(p, b, 0o644)
+}
+
+// configNotRun adds one configuration's figures as n/a.
+func configNotRun(rep *report, e *env, n int, tr, why, pending string) {
+	sweepFigures(rep, e, n, tr, "steady", nil, nil, nil, why, pending)
+	sweepFigures(rep, e, n, tr, "changing", nil, nil, nil, why, pending)
+	resourceFigures(rep, n, tr, nil, why, pending)
+}
+
+// transportNotRun adds every figure of a transport as n/a.
+func transportNotRun(rep *report, e *env, tr, why, pending string) {
+	err := errors.New(why)
+	referenceFigures(rep, tr, refResult{}, err, err, pending)
+	for _, n := range e.opts.Replicas {
+		configNotRun(rep, e, n, tr, why, pending)
+	}
+}
+
+// crossFigures compares configurations: mTLS against plain per replica
+// count.
+func crossFigures(rep *report, e *env, steady map[string]*sweepStats) {
+	if len(e.opts.Transports) < 2 {
+		return
+	}
+	for _, n := range e.opts.Replicas {
+		f := rep.fig("mutual TLS against plain HTTP", fmt.Sprintf("cross.%dr.mtls_vs_plain", n),
+			fmt.Sprintf("mTLS ÷ plain steady hosts/s, %s", replicasLabel(n)), "×").pos().want(">=", 0.7)
+		plain, mtls := steady[fmt.Sprintf("%dr.plain", n)], steady[fmt.Sprintf("%dr.mtls", n)]
+		switch {
+		case !e.caps.AgentsimTLS:
+			f.pending("agentsim --tls-ca-file/--tls-cert-file/--tls-key-file")
+		case plain == nil || mtls == nil:
+			f.na("a steady sweep is missing")
+		default:
+			f.set(plain.median().Seconds() / mtls.median().Seconds())
+		}
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}

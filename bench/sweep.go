@@ -1,0 +1,466 @@
+package main
+
+// Sweeps: with the replicas running flat out, a sweep of the fleet starts at
+// t0 and ends when every host has been reconciled since t0 — by the
+// min-gauge rule over every shard's reconcile-success timestamp. Steady
+// sweeps change nothing; the changing sweep first puts a fraction of the
+// sandbox rows into a state vigil must repair.
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"sort"
+	"time"
+)
+
+type sweepStats struct {
+	walls    []time.Duration
+	d        delta
+	pg       *pgStats // pg_stat_database over the sweeps; nil when it could not be attributed
+	passes   int      // shard passes counted in the window; -1 unknown
+	rows     int      // changing: rows put into a state vigil must change
+	leftover int      // changing: of those, rows not repaired when the sweep ended
+}
+
+func (s *sweepStats) median() time.Duration { return medianDur(s.walls) }
+
+// perSweep divides a window total by the number of sweeps in it.
+func (s *sweepStats) perSweep(v float64) float64 { return v / float64(len(s.walls)) }
+
+// warmUp waits until the cluster owns every shard, balanced, and then for
+// one whole sweep, so measured sweeps start from steady work.
+func (c *cluster) warmUp(ctx context.Context) error {
+	t, err := c.waitSettled(ctx, c.e.opts.SweepTimeout)
+	if err != nil {
+		return err
+	}
+	_, err = c.waitSweep(ctx, t, c.e.opts.SweepTimeout, nil)
+	return err
+}
+
+// measureSteady measures sweeps back to back, each starting when the last
+// ended, and the counters over all of them: at least sweeps of them and at
+// least duration (the window's length keeps pg_stat_database's publication
+// delay, about a second at each end, small against it), but no more sweeps
+// once 3 × duration has passed, so a slow vigil still fits the run's budget.
+func (c *cluster) measureSteady(ctx context.Context, f *fleet, sweeps int, duration time.Duration) (*sweepStats, error) {
+	pc := c.startPassCount()
+	defer c.countPasses(nil)
+	s0, err := c.snapshot(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	st := &sweepStats{passes: -1}
+	t0 := s0.at
+	for {
+		elapsed := t0.Sub(s0.at)
+		if len(st.walls) > 0 && (elapsed >= 3*duration || len(st.walls) >= sweeps && elapsed >= duration) {
+			break
+		}
+		end, err := c.waitSweep(ctx, t0, c.e.opts.SweepTimeout, nil)
+		if err != nil {
+			return nil, err
+		}
+		st.walls = append(st.walls, end.Sub(t0))
+		t0 = end
+	}
+	s1, err := c.snapshot(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	st.d = s1.sub(s0)
+	st.pg = &st.d.pg
+	if pc != nil {
+		st.passes = pc.total()
+	}
+	return st, nil
+}
+
+// snapshotGraceExceeded is how old the changed rows' last_updated is made:
+// past vigil's default --snapshot-grace of 15 minutes.
+const snapshotGraceExceeded = "20 minutes"
+
+// pgPublishDelay bounds how late a busy Postgres backend publishes its
+// pg_stat_database counts: at most once per PGSTAT_MIN_INTERVAL (1 s), at
+// the end of a transaction.
+const pgPublishDelay = 1500 * time.Millisecond
+
+// measureChanging puts a random fraction of the sandbox rows into
+// snapshotting past the snapshot grace (their VMs run on the agents, so
+// vigil must move them back to running with a snapshot_recovered audit row),
+// then measures one sweep that ends when every host has been reconciled
+// since and every such row is running again.
+//
+// One sweep is too short for pg_stat_database's publication delay to cancel
+// out, so its counts are read pgPublishDelay after the sweep's end, and the
+// steady rate of this configuration (steady) over that extra time is
+// subtracted; without a steady rate they stay unattributed.
+func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepStats) (*sweepStats, error) {
+	o := c.e.opts
+	want := max(1, int(math.Round(float64(o.Hosts*o.Sandboxes)*o.ChangeFraction)))
+	conn, err := c.e.db.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	rows, err := conn.Query(ctx, `
+		with pick as (select id from sandboxes where status = 'running' order by random() limit $1)
+		update sandboxes s set status = 'snapshotting', last_updated = now() - interval '`+snapshotGraceExceeded+`'
+		  from pick where s.id = pick.id
+		returning s.id`, want)
+	if err != nil {
+		conn.Release()
+		return nil, fmt.Errorf("put rows into snapshotting: %w", err)
+	}
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			conn.Release()
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		conn.Release()
+		return nil, err
+	}
+	t0 := time.Now()
+	flushOwnStats(ctx, conn)
+	conn.Release()
+	if len(ids) != want {
+		return nil, fmt.Errorf("put %d rows into snapshotting, want %d", len(ids), want)
+	}
+
+	pc := c.startPassCount()
+	defer c.countPasses(nil)
+	s0, err := c.snapshot(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	var base float64
+	for _, r := range s0.replicas {
+		base += r.recovered
+	}
+	leftover := func() (int, error) {
+		var n int
+		err := c.e.db.QueryRow(ctx, `select count(*) from sandboxes where id = any($1::uuid[]) and status <> 'running'`, ids).Scan(&n)
+		return n, err
+	}
+	repaired := func(scrapes map[string]scrape) (bool, string, error) {
+		if c.e.caps.Metrics[mTransitions] {
+			var sum float64
+			for _, s := range scrapes {
+				sum += s.sum(mTransitions, map[string]string{"from": "snapshotting", "to": "running"})
+			}
+			return sum-base >= float64(want), fmt.Sprintf("%.0f of %d rows repaired", sum-base, want), nil
+		}
+		n, err := leftover()
+		return n == 0, fmt.Sprintf("%d of %d rows not repaired", n, want), err
+	}
+	end, err := c.waitSweep(ctx, t0, o.SweepTimeout, repaired)
+	if err != nil {
+		return nil, err
+	}
+	s1, err := c.snapshot(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	st := &sweepStats{walls: []time.Duration{end.Sub(t0)}, d: s1.sub(s0), passes: -1, rows: want}
+	if pc != nil {
+		st.passes = pc.total()
+	}
+	if st.leftover, err = leftover(); err != nil {
+		return nil, err
+	}
+	if steady != nil && steady.pg != nil {
+		// A wait on Postgres's documented publication interval, not on
+		// anything of the system under test.
+		if _, err := poll(ctx, 2*pgPublishDelay, 50*time.Millisecond, "pg_stat publication", func() (bool, string, error) {
+			return time.Since(end) >= pgPublishDelay, "", nil
+		}); err != nil {
+			return nil, err
+		}
+		late, err := c.e.pgStats(ctx)
+		if err != nil {
+			return nil, err
+		}
+		extra := time.Since(end).Seconds() / steady.d.window.Seconds()
+		pg := late.sub(s0.pg).sub(steady.pg.scale(extra)).clamp()
+		st.pg = &pg
+	}
+	return st, nil
+}
+
+// startPassCount starts counting shard passes when vigil exports their
+// timestamps; nil otherwise.
+func (c *cluster) startPassCount() *passCounter {
+	if !c.e.caps.Metrics[mLastPass] {
+		return nil
+	}
+	pc := newPassCounter()
+	c.countPasses(pc)
+	return pc
+}
+
+// sweepFigures adds the figures of one kind of sweep ("steady" or
+// "changing") of one configuration. st nil: the measurement failed (why) or
+// could not run (pending).
+func sweepFigures(rep *report, e *env, n int, transport, kind string, st *sweepStats, ref *refResult, steady *sweepStats, why, pending string) {
+	o := e.opts
+	group := fmt.Sprintf("sweep · %s · %s · %s", replicasLabel(n), kind, transport)
+	prefix := fmt.Sprintf("sweep.%dr.%s.%s", n, transport, kind)
+	add := func(key, name, unit string) *figure {
+		f := rep.fig(group, prefix+"."+key, name, unit)
+		switch {
+		case pending != "":
+			f.pending(pending)
+		case st == nil:
+			f.na(why)
+		}
+		return f
+	}
+	ok := st != nil && pending == ""
+	// metric sets f from a vigil metric that may be missing from the build.
+	metric := func(f *figure, name string, v func() float64) {
+		switch {
+		case !ok:
+		case !e.caps.Metrics[name]:
+			f.pending("vigil metric " + name)
+		default:
+			f.set(v())
+		}
+	}
+	// perPass sets f to a window total per counted shard pass.
+	perPass := func(f *figure, total func() float64) {
+		switch {
+		case !ok:
+		case st.passes < 0:
+			f.pending("vigil metric " + mLastPass)
+		case st.passes == 0:
+			f.na("no shard pass seen in the window")
+		default:
+			f.set(total()/float64(st.passes)).note("%d passes counted from last-pass timestamps (a lower bound: the figure is an upper bound)", st.passes)
+		}
+	}
+	steadyPlain1 := kind == "steady" && n == 1 && transport == "plain"
+
+	wall := add("wall_s", fmt.Sprintf("sweep wall time (median of %d)", max(1, o.Sweeps)), "s").pos()
+	if kind == "changing" {
+		wall.Name = "sweep wall time"
+	}
+	hps := add("hosts_per_s", "hosts/s (hosts ÷ sweep time)", "hosts/s").pos()
+	rps := add("reconciles_per_s", "hosts/s (active reconciles/s, all replicas)", "hosts/s").pos()
+	xLoop := add("x_loop", "× seed loop", "×").pos()
+	xCeil := add("x_ceiling", "× RPC ceiling", "×").pos()
+	if steadyPlain1 {
+		xLoop.want(">=", 10)
+		xCeil.want(">=", 0.5)
+	}
+	if ok {
+		wall.set(st.median().Seconds())
+		if len(st.walls) > 1 {
+			wall.note("sweeps: %s", durList(st.walls))
+		}
+		rate := float64(o.Hosts) / st.median().Seconds()
+		hps.set(rate)
+		if ref != nil && ref.Loop > 0 {
+			xLoop.set(rate / ref.Loop)
+		} else {
+			xLoop.na("no seed-loop figure")
+		}
+		if ref != nil && ref.Ceiling > 0 {
+			xCeil.set(rate / ref.Ceiling)
+		} else {
+			xCeil.na("no ceiling figure")
+		}
+	}
+	metric(rps, mReconciles, func() float64 { return st.d.active / st.d.window.Seconds() })
+	if kind == "changing" {
+		rows := add("rows", fmt.Sprintf("rows put into snapshotting (%.0f %%)", o.ChangeFraction*100), "").pos()
+		left := add("rows_left", "of those, not running at the sweep's end", "").want("==", 0)
+		xSteady := add("x_steady", "× steady sweep time", "×").pos().want("<=", 1.5)
+		if ok {
+			rows.set(float64(st.rows))
+			left.set(float64(st.leftover))
+			if steady != nil {
+				xSteady.set(st.median().Seconds() / steady.median().Seconds())
+			} else {
+				xSteady.na("no steady sweep of this configuration")
+			}
+		}
+	}
+
+	stmts := add("pg_statements_sweep", "Postgres statements per sweep (vigil)", "")
+	metric(stmts, mStatements, func() float64 { return st.perSweep(st.d.statements) })
+	stmtsPass := add("pg_statements_pass", "Postgres statements per shard pass (vigil)", "")
+	writes := add("pg_write_txns_sweep", "Postgres write transactions per sweep (vigil)", "")
+	if kind == "steady" {
+		stmtsPass.want("<=", 3)
+		writes.want("==", 0)
+	}
+	if ok && !e.caps.Metrics[mStatements] {
+		stmtsPass.pending("vigil metric " + mStatements)
+	} else {
+		perPass(stmtsPass, func() float64 { return st.d.statements })
+	}
+	metric(writes, mWriteTxns, func() float64 { return st.perSweep(st.d.writeTxns) })
+	xacts := add("pg_xacts_sweep", "Postgres transactions per sweep (pg_stat_database)", "")
+	if kind == "steady" {
+		// One changing sweep's count is an estimate that may clamp to 0.
+		xacts.pos()
+	}
+	xactsPass := add("pg_xacts_pass", "Postgres transactions per shard pass (pg_stat_database)", "")
+	read := add("pg_rows_read_sweep", "rows read per sweep (pg_stat returned + fetched)", "")
+	written := add("pg_rows_written_sweep", "rows written per sweep (pg_stat ins + upd + del)", "")
+	passes := add("shard_passes_sweep", "shard passes per sweep", "")
+	switch {
+	case !ok:
+	case st.pg == nil:
+		for _, f := range []*figure{xacts, xactsPass, read, written} {
+			f.na("pg_stat_database counts of one sweep need the steady sweeps' rate, which failed")
+		}
+	default:
+		xacts.set(st.perSweep(st.pg.Commit + st.pg.Rollback))
+		read.set(st.perSweep(st.pg.Returned + st.pg.Fetched))
+		written.set(st.perSweep(st.pg.Inserted+st.pg.Updated+st.pg.Deleted)).
+			note("includes agentsim's heartbeats (%d rows each %s)", o.Hosts, o.Heartbeat)
+		if kind == "changing" {
+			xacts.note("read %s after the sweep, minus the steady rate over that time", pgPublishDelay)
+		}
+	}
+	if ok {
+		if st.passes >= 0 {
+			passes.set(st.perSweep(float64(st.passes)))
+		} else {
+			passes.pending("vigil metric " + mLastPass)
+		}
+	}
+	if ok && st.pg != nil {
+		perPass(xactsPass, func() float64 { return st.pg.Commit + st.pg.Rollback })
+	}
+
+	etcdReq := add("etcd_requests_sweep", "etcd requests per sweep", "")
+	etcdW := add("etcd_writes_sweep", "etcd writes per sweep (keys put + deleted)", "")
+	etcdP := add("etcd_proposals_sweep", "etcd raft proposals per sweep", "")
+	if kind == "steady" {
+		etcdW.want("==", 0)
+	}
+	if ok {
+		etcdFig(etcdReq, st.d.etcd, "grpc_server_handled_total", st.perSweep(st.d.etcd.Requests))
+		etcdFig(etcdW, st.d.etcd, "etcd_mvcc_put_total", st.perSweep(st.d.etcd.Writes))
+		etcdFig(etcdP, st.d.etcd, "etcd_server_proposals_committed_total", st.perSweep(st.d.etcd.Proposals))
+		if len(st.d.etcd.ByMethod) > 0 {
+			etcdReq.note("by method over the window: %s", methodList(st.d.etcd.ByMethod))
+		}
+	}
+	cpu := add("cpu_s_sweep", "CPU seconds per sweep (all replicas)", "s").pos()
+	simCPU := add("sim_cpu_s_sweep", "CPU seconds per sweep (agentsim)", "s").pos()
+	if ok {
+		cpu.set(st.perSweep(st.d.cpu))
+		simCPU.set(st.perSweep(st.d.simCPU))
+	}
+}
+
+func etcdFig(f *figure, d etcdStats, family string, v float64) {
+	if !d.Present[family] {
+		f.na("etcd exports no " + family)
+		return
+	}
+	f.set(v)
+}
+
+// resourceFigures adds the per-replica peaks of one configuration (every
+// replica it ran, replacements included).
+func resourceFigures(rep *report, n int, transport string, c *cluster, why, pending string) {
+	group := fmt.Sprintf("resources · %s · %s", replicasLabel(n), transport)
+	prefix := fmt.Sprintf("resources.%dr.%s", n, transport)
+	rss := rep.fig(group, prefix+".rss_mib", "peak RSS per replica (max, VmHWM)", "MiB").pos().want("<=", 256)
+	gr := rep.fig(group, prefix+".goroutines", "goroutines per replica (max)", "").pos().want("<=", 2000)
+	fds := rep.fig(group, prefix+".open_fds", "open fds per replica (max)", "").pos().want("<=", 4096)
+	if c == nil || len(c.all) == 0 {
+		for _, f := range []*figure{rss, gr, fds} {
+			if pending != "" {
+				f.pending(pending)
+			} else {
+				f.na(why)
+			}
+		}
+		return
+	}
+	var mr, mg, mf float64 = -1, -1, -1
+	for _, r := range c.all {
+		r1, g1, f1 := r.peaks()
+		mr, mg, mf = max(mr, r1), max(mg, g1), max(mf, f1)
+	}
+	setPeak(rss, mr/(1<<20), mr)
+	setPeak(gr, mg, mg)
+	setPeak(fds, mf, mf)
+	for _, f := range []*figure{rss, gr, fds} {
+		f.note("over %d replica processes", len(c.all))
+	}
+}
+
+func setPeak(f *figure, v, raw float64) {
+	if raw < 0 {
+		f.na("never sampled")
+		return
+	}
+	f.set(v)
+}
+
+func replicasLabel(n int) string {
+	if n == 1 {
+		return "1 replica"
+	}
+	return fmt.Sprintf("%d replicas", n)
+}
+
+func medianDur(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func maxDur(ds []time.Duration) time.Duration {
+	var m time.Duration
+	for _, d := range ds {
+		m = max(m, d)
+	}
+	return m
+}
+
+func durList(ds []time.Duration) string {
+	s := ""
+	for i, d := range ds {
+		if i > 0 {
+			s += ", "
+		}
+		s += fmt.Sprintf("%.3fs", d.Seconds())
+	}
+	return s
+}
+
+func methodList(m map[string]float64) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	s := ""
+	for i, k := range keys {
+		if i > 0 {
+			s += ", "
+		}
+		s += fmt.Sprintf("%s %.0f", k, m[k])
+	}
+	return s
+}
