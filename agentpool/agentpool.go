@@ -1,7 +1,8 @@
 // Package agentpool owns vigil's connections to host agents: one Connect
 // client per host, all sharing one HTTP/1.1 transport, speaking the Connect
-// protocol with the binary protobuf codec (connect-go's defaults), over mutual
-// TLS when configured.
+// protocol with the binary protobuf codec (connect-go's defaults, except that
+// gzip is not offered, so answers come uncompressed), over mutual TLS when
+// configured.
 //
 // Every call is bounded in time (Config.Timeout) and in response size
 // (Config.MaxResponseBytes), so one slow, hung or lying agent costs its caller
@@ -107,6 +108,8 @@ func New(cfg Config) (*Pool, error) {
 		// empty TLSNextProto keeps net/http from negotiating h2 over TLS.
 		ForceAttemptHTTP2:      false,
 		TLSNextProto:           map[string]func(string, *tls.Conn) http.RoundTripper{},
+		// Nor may net/http ask for gzip behind connect's back.
+		DisableCompression:     true,
 		MaxIdleConns:           cfg.MaxIdleConns,
 		MaxIdleConnsPerHost:    maxIdleConnsPerHost,
 		IdleConnTimeout:        cfg.IdleTimeout,
@@ -233,7 +236,11 @@ func (p *Pool) client(hostID uuid.UUID, address string) (hostagentv1connect.Host
 		return nil, err
 	}
 	client := hostagentv1connect.NewHostAgentServiceClient(p.http, base,
-		connect.WithReadMaxBytes(p.cfg.MaxResponseBytes))
+		connect.WithReadMaxBytes(p.cfg.MaxResponseBytes),
+		// No gzip: answers are a few KiB on a data-centre network, where
+		// compressing them costs the agent and vigil more CPU than it
+		// saves. Agents compress only when the client accepts it.
+		connect.WithAcceptCompression("gzip", nil, nil))
 	if old, ok := p.clients[hostID]; ok {
 		p.log.Debug("agent address changed", "host", hostID, "old", old.address, "new", address)
 	}

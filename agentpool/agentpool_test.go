@@ -63,6 +63,7 @@ func (a *fakeAgent) DestroySandbox(ctx context.Context, req *connect.Request[hos
 // seenRequest is what the HTTP layer of a test agent saw of one request.
 type seenRequest struct {
 	method, path, contentType, fence string
+	acceptEncoding                   string // Accept-Encoding and Connect-Accept-Encoding
 	protoMajor                       int
 	peerCN                           string // client certificate CN, when TLS
 }
@@ -76,11 +77,12 @@ type recorder struct {
 func (rec *recorder) wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s := seenRequest{
-			method:      r.Method,
-			path:        r.URL.Path,
-			contentType: r.Header.Get("Content-Type"),
-			fence:       r.Header.Get(FenceHeader),
-			protoMajor:  r.ProtoMajor,
+			method:         r.Method,
+			path:           r.URL.Path,
+			contentType:    r.Header.Get("Content-Type"),
+			fence:          r.Header.Get(FenceHeader),
+			protoMajor:     r.ProtoMajor,
+			acceptEncoding: strings.Join(append(r.Header.Values("Accept-Encoding"), r.Header.Values("Connect-Accept-Encoding")...), ","),
 		}
 		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 			s.peerCN = r.TLS.PeerCertificates[0].Subject.CommonName
@@ -204,6 +206,8 @@ func TestListSandboxesSpeaksConnectProtoOverHTTP1(t *testing.T) {
 		path:        hostagentv1connect.HostAgentServiceListSandboxesProcedure,
 		contentType: "application/proto",
 		protoMajor:  1,
+		// Connect's unary protocol: identity only, no gzip offered.
+		acceptEncoding: "identity",
 	}
 	if got != want {
 		t.Fatalf("agent saw %+v, want %+v", got, want)
@@ -240,11 +244,12 @@ func TestDestroySandboxSendsFenceHeader(t *testing.T) {
 	}
 	got := rec.only(t)
 	want := seenRequest{
-		method:      http.MethodPost,
-		path:        hostagentv1connect.HostAgentServiceDestroySandboxProcedure,
-		contentType: "application/proto",
-		fence:       "17:42",
-		protoMajor:  1,
+		method:         http.MethodPost,
+		path:           hostagentv1connect.HostAgentServiceDestroySandboxProcedure,
+		contentType:    "application/proto",
+		fence:          "17:42",
+		protoMajor:     1,
+		acceptEncoding: "identity",
 	}
 	if got != want {
 		t.Fatalf("agent saw %+v, want %+v", got, want)
@@ -563,6 +568,21 @@ func TestSameAddressReusesClient(t *testing.T) {
 	}
 	if c1 != c2 {
 		t.Fatal("same host and address built a second client")
+	}
+}
+
+// Answers are not compressed: the pool offers no encoding, so the agent
+// spends no CPU compressing and vigil none inflating.
+func TestNoCompressionOffered(t *testing.T) {
+	addr, rec := startAgent(t, &fakeAgent{list: func(context.Context, *connect.Request[hostagentv1.ListSandboxesRequest]) (*connect.Response[hostagentv1.ListSandboxesResponse], error) {
+		return connect.NewResponse(&hostagentv1.ListSandboxesResponse{Sandboxes: []*hostagentv1.SandboxInfo{{SandboxId: strings.Repeat("a", 4096)}}}), nil
+	}})
+	p := newPool(t, Config{})
+	if _, err := p.ListSandboxes(t.Context(), uuid.New(), addr); err != nil {
+		t.Fatal(err)
+	}
+	if got := rec.only(t).acceptEncoding; strings.Contains(got, "gzip") {
+		t.Fatalf("request offered %q", got)
 	}
 }
 
