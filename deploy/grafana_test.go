@@ -408,7 +408,7 @@ func stripParens(e promparser.Expr) promparser.Expr {
 // alerts' conditions. For an alert `<value> > N` (or <) the Grafana rule must
 // query <value> (A), reduce it (B) and threshold it with gt N (C); an alert of
 // another shape must at least use the same metrics. Names, `for`, severity and
-// runbook are the same.
+// runbook_url are the same.
 func TestGrafanaAlertsMirrorPrometheus(t *testing.T) {
 	byTitle := map[string]grafanaRule{}
 	for _, g := range loadGrafanaAlerts(t).Groups {
@@ -434,8 +434,8 @@ func TestGrafanaAlertsMirrorPrometheus(t *testing.T) {
 		if g.Labels["severity"] != p.Labels["severity"] {
 			t.Errorf("%s: severity %q, Prometheus has %q", where, g.Labels["severity"], p.Labels["severity"])
 		}
-		if g.Annotations["runbook"] != p.Annotations["runbook"] {
-			t.Errorf("%s: runbook annotation differs from Prometheus's", where)
+		if g.Annotations["runbook_url"] != p.Annotations["runbook_url"] {
+			t.Errorf("%s: runbook_url %q differs from Prometheus's %q", where, g.Annotations["runbook_url"], p.Annotations["runbook_url"])
 		}
 		if g.Annotations["summary"] == "" || g.Annotations["description"] == "" {
 			t.Errorf("%s: needs summary and description", where)

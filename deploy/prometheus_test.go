@@ -19,7 +19,10 @@ const (
 	rulesFile     = "prometheus/vigil-rules.yml"
 	rulesTestFile = "prometheus/vigil-rules.test.yml"
 	promConfig    = "prometheus/prometheus.yml"
-	readmeFile    = "README.md"
+	// runbookFile holds one section per alert; runbookURL is where operators
+	// read it, and every alert's runbook_url is runbookURL#<its anchor>.
+	runbookFile = repoRoot + "/docs/runbook.md"
+	runbookURL  = "https://github.com/vigil-sh/vigil/blob/main/docs/runbook.md"
 )
 
 // The alerts SPEC §5 and the deployment brief require, at least.
@@ -30,6 +33,7 @@ var requiredAlerts = []string{
 	"VigilNoLeader",
 	"VigilMultipleLeaders",
 	"VigilReplicaDown",
+	"VigilAgentsFailing",
 }
 
 func loadRules(t *testing.T) *rulefmt.RuleGroups {
@@ -75,16 +79,41 @@ func githubAnchor(heading string) string {
 	return strings.ReplaceAll(h, " ", "-")
 }
 
-func TestPrometheusRules(t *testing.T) {
-	groups := loadRules(t)
-	records := recordNames(groups)
-	readme := string(readFile(t, readmeFile))
+// markdownAnchors returns the anchors of a Markdown file's headings (code
+// blocks skipped), as GitHub renders them.
+func markdownAnchors(t *testing.T, path string) map[string]bool {
+	t.Helper()
 	anchors := map[string]bool{}
-	for _, line := range strings.Split(readme, "\n") {
-		if h, ok := strings.CutPrefix(line, "#"); ok {
+	fenced := false
+	for _, line := range strings.Split(string(readFile(t, path)), "\n") {
+		if strings.HasPrefix(line, "```") {
+			fenced = !fenced
+			continue
+		}
+		if h, ok := strings.CutPrefix(line, "#"); ok && !fenced {
 			anchors[githubAnchor(strings.TrimLeft(h, "#"))] = true
 		}
 	}
+	return anchors
+}
+
+// checkRunbookURL: an alert's runbook_url is runbookURL#<alert name in lower
+// case> and docs/runbook.md has that section.
+func checkRunbookURL(t *testing.T, where, alert, url string, anchors map[string]bool) {
+	t.Helper()
+	anchor := strings.ToLower(alert)
+	if want := runbookURL + "#" + anchor; url != want {
+		t.Errorf("%s: runbook_url %q, want %q", where, url, want)
+	}
+	if !anchors[anchor] {
+		t.Errorf("%s: %s has no section %q (anchor #%s)", where, runbookFile, alert, anchor)
+	}
+}
+
+func TestPrometheusRules(t *testing.T) {
+	groups := loadRules(t)
+	records := recordNames(groups)
+	anchors := markdownAnchors(t, runbookFile)
 
 	seen := map[string]bool{}
 	for _, grp := range groups.Groups {
@@ -105,19 +134,18 @@ func TestPrometheusRules(t *testing.T) {
 			if sev := r.Labels["severity"]; !slices.Contains([]string{"critical", "warning", "info"}, sev) {
 				t.Errorf("%s: severity label %q, want critical, warning or info", where, sev)
 			}
-			for _, a := range []string{"summary", "description", "runbook"} {
+			for _, a := range []string{"summary", "description", "runbook_url"} {
 				if strings.TrimSpace(r.Annotations[a]) == "" {
 					t.Errorf("%s: no %s annotation", where, a)
 				}
 				checkVigilNamesInText(t, where+" annotation "+a, r.Annotations[a])
 			}
-			anchor := strings.ToLower(r.Alert)
-			if !strings.HasPrefix(r.Annotations["runbook"], readmeFile+"#"+anchor) && !strings.HasPrefix(r.Annotations["runbook"], "deploy/"+readmeFile+"#"+anchor) {
-				t.Errorf("%s: runbook annotation should start with deploy/README.md#%s", where, anchor)
+			for a := range r.Annotations {
+				if !slices.Contains([]string{"summary", "description", "runbook_url"}, a) {
+					t.Errorf("%s: annotation %q: alerts carry summary, description and runbook_url", where, a)
+				}
 			}
-			if !anchors[anchor] {
-				t.Errorf("%s: deploy/README.md has no runbook heading %q", where, r.Alert)
-			}
+			checkRunbookURL(t, where, r.Alert, r.Annotations["runbook_url"], anchors)
 		}
 	}
 	for _, a := range requiredAlerts {
@@ -224,5 +252,38 @@ func TestPrometheusConfig(t *testing.T) {
 	}
 	if !jobs["vigil"] {
 		t.Errorf(`%s: no job "vigil": the rules expect up{job="vigil"}`, promConfig)
+	}
+}
+
+// TestRunbook: docs/runbook.md has a section for every alert and none for an
+// alert that does not exist, and its links to sections resolve.
+func TestRunbook(t *testing.T) {
+	anchors := markdownAnchors(t, runbookFile)
+	alerts := map[string]bool{}
+	for _, r := range alertRules(loadRules(t)) {
+		alerts[r.Alert] = true
+		if !anchors[strings.ToLower(r.Alert)] {
+			t.Errorf("%s: no section for %s", runbookFile, r.Alert)
+		}
+	}
+	text := string(readFile(t, runbookFile))
+	for _, m := range regexp.MustCompile(`(?m)^## (Vigil\w+)\s*$`).FindAllStringSubmatch(text, -1) {
+		if !alerts[m[1]] {
+			t.Errorf("%s: section %s names no alert of %s", runbookFile, m[1], rulesFile)
+		}
+	}
+	for _, m := range regexp.MustCompile(`\]\(#([^)]+)\)`).FindAllStringSubmatch(text, -1) {
+		if !anchors[m[1]] {
+			t.Errorf("%s: link to #%s, which is no section", runbookFile, m[1])
+		}
+	}
+	// Every line of a promql block is a query that selects real series.
+	records := recordNames(loadRules(t))
+	for _, m := range regexp.MustCompile("(?s)```promql\n(.*?)```").FindAllStringSubmatch(text, -1) {
+		for _, q := range strings.Split(strings.TrimSpace(m[1]), "\n") {
+			if q = strings.TrimSpace(q); q != "" && !strings.HasPrefix(q, "#") {
+				checkPromQL(t, runbookFile, q, records)
+			}
+		}
 	}
 }
