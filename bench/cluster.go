@@ -23,6 +23,9 @@ type cluster struct {
 	ctx       context.Context // ends at close: samplers, watch
 	cancel    context.CancelFunc
 	seq       int
+	deadline  time.Time // this step's share of -budget; every wait ends by it
+
+	steadySweep time.Duration // median steady sweep, once measured
 
 	mu     sync.Mutex
 	live   []*replica // running, in start order
@@ -35,6 +38,7 @@ type replica struct {
 	id, admin string
 
 	mu         sync.Mutex
+	lastScrape time.Time
 	goroutines float64 // peak; -1 until seen
 	fds        float64 // peak
 	rss        float64 // VmHWM, last read while running
@@ -119,9 +123,14 @@ func (c *cluster) start(ctx context.Context) (*replica, error) {
 	return r, nil
 }
 
-// sample scrapes r every 250 ms until it exits or the cluster closes.
+// samplePeriod is how often the peaks are sampled. Every scrape counts, so
+// the sampler skips a tick when a sweep's poll scraped the replica just
+// before: the replica is never scraped more often than either needs.
+const samplePeriod = 250 * time.Millisecond
+
+// sample scrapes r every samplePeriod until it exits or the cluster closes.
 func (c *cluster) sample(r *replica) {
-	t := time.NewTicker(250 * time.Millisecond)
+	t := time.NewTicker(samplePeriod)
 	defer t.Stop()
 	for {
 		select {
@@ -131,8 +140,13 @@ func (c *cluster) sample(r *replica) {
 			return
 		case <-t.C:
 		}
-		if s, err := fetchMetrics(c.ctx, r.admin); err == nil {
-			c.observe(r, s)
+		r.mu.Lock()
+		recent := time.Since(r.lastScrape) < samplePeriod*4/5
+		r.mu.Unlock()
+		if !recent {
+			if s, err := fetchMetrics(c.ctx, r.admin); err == nil {
+				c.observe(r, s)
+			}
 		}
 		r.readProc()
 	}
@@ -141,6 +155,7 @@ func (c *cluster) sample(r *replica) {
 // observe records a scrape of r: peaks, and shard passes while counting.
 func (c *cluster) observe(r *replica, s scrape) {
 	r.mu.Lock()
+	r.lastScrape = s.at
 	if v, ok := s.value(mGoroutines); ok {
 		r.goroutines = max(r.goroutines, v)
 	}
@@ -285,10 +300,23 @@ func (c *cluster) scrapeAll(ctx context.Context) (map[string]scrape, error) {
 	return out, firstErr
 }
 
+// limit bounds a wait's timeout by the cluster's deadline, and says so in
+// its description when that is what bounds it.
+func (c *cluster) limit(timeout time.Duration, what string) (time.Duration, string) {
+	if c.deadline.IsZero() {
+		return timeout, what
+	}
+	if left := time.Until(c.deadline); left < timeout {
+		return max(left, 0), what + " (within its share of -budget)"
+	}
+	return timeout, what
+}
+
 // waitSettled waits until every shard is owned by a live replica and the
 // ownership is balanced.
 func (c *cluster) waitSettled(ctx context.Context, timeout time.Duration) (time.Time, error) {
-	return poll(ctx, timeout, 25*time.Millisecond, "cluster "+c.name+" settled", func() (bool, string, error) {
+	timeout, what := c.limit(timeout, "cluster "+c.name+" settled")
+	return poll(ctx, timeout, 25*time.Millisecond, what, func() (bool, string, error) {
 		if err := c.checkAlive(); err != nil {
 			return false, "", err
 		}
@@ -331,42 +359,49 @@ func (c *cluster) sweepDone(scrapes map[string]scrape, t0 time.Time) (bool, stri
 	return false, fmt.Sprintf("%d shards not reconciled since t0 (first: %d)", behind, first)
 }
 
-// waitSweep polls every live replica every 100 ms until the fleet has been
-// swept since t0 and extra (when set) holds on the same round of scrapes. It
-// returns the time of the first round that satisfied both: an upper bound of
-// the completion, late by at most one period.
+// waitSweep polls every live replica until the fleet has been swept since t0
+// and extra (when set) holds on the same round of scrapes. Each round is
+// taken to observe the replicas at its midpoint; the sweep ended between the
+// last round that did not see it done and the first that did, and the
+// midpoint of the two is returned (off by at most half a period). The period
+// grows with the sweep, 1/20 of the time since t0 within 100..500 ms, so a
+// long sweep is not paid for with constant scraping of the replicas.
 func (c *cluster) waitSweep(ctx context.Context, t0 time.Time, timeout time.Duration, extra func(map[string]scrape) (bool, string, error)) (time.Time, error) {
-	var end time.Time
-	_, err := poll(ctx, timeout, 100*time.Millisecond, "sweep", func() (bool, string, error) {
+	timeout, what := c.limit(timeout, "sweep")
+	deadline := time.Now().Add(timeout)
+	prev := t0
+	detail := ""
+	for {
 		if err := c.checkAlive(); err != nil {
-			return false, "", err
+			return time.Time{}, err
 		}
+		start := time.Now()
 		scrapes, err := c.scrapeAll(ctx)
+		obs := start.Add(time.Since(start) / 2)
 		if err != nil {
-			return false, err.Error(), nil
-		}
-		ok, detail := c.sweepDone(scrapes, t0)
-		if ok && extra != nil {
-			ok, detail, err = extra(scrapes)
-			if err != nil {
-				return false, "", err
+			detail = err.Error()
+		} else {
+			ok, d := c.sweepDone(scrapes, t0)
+			if ok && extra != nil {
+				if ok, d, err = extra(scrapes); err != nil {
+					return time.Time{}, err
+				}
 			}
-		}
-		if ok {
-			for _, s := range scrapes {
-				end = maxTime(end, s.at)
+			if ok {
+				return prev.Add(obs.Sub(prev) / 2), nil
 			}
+			detail, prev = d, obs
 		}
-		return ok, detail, nil
-	})
-	return end, err
-}
-
-func maxTime(a, b time.Time) time.Time {
-	if b.After(a) {
-		return b
+		if time.Now().After(deadline) {
+			return time.Time{}, fmt.Errorf("%s: not done after %s (%s)", what, timeout.Round(time.Second), detail)
+		}
+		period := min(max(time.Since(t0)/20, 100*time.Millisecond), 500*time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return time.Time{}, ctx.Err()
+		case <-time.After(time.Until(obs.Add(period))):
+		}
 	}
-	return a
 }
 
 // counters is one snapshot of everything a window's cost is computed from.
@@ -384,6 +419,7 @@ type replicaCounters struct {
 	writeTxns  float64
 	active     float64 // active reconciles, any result
 	recovered  float64 // snapshotting -> running transitions
+	agentErrs  float64 // failed ListSandboxes calls
 }
 
 // snapshot reads every counter. A replica whose scrape fails is missing
@@ -409,6 +445,7 @@ func (c *cluster) snapshot(ctx context.Context, f *fleet) (counters, error) {
 			writeTxns:  sc.sum(mWriteTxns, nil),
 			active:     sc.sum(mReconciles, map[string]string{"kind": "active"}),
 			recovered:  sc.sum(mTransitions, map[string]string{"from": "snapshotting", "to": "running"}),
+			agentErrs:  sc.sum(mAgentErrors, map[string]string{"procedure": "ListSandboxes"}),
 		}
 	}
 	for _, pid := range f.pids() {
@@ -437,6 +474,7 @@ type delta struct {
 	writeTxns  float64
 	active     float64
 	recovered  float64
+	agentErrs  float64
 	replicas   int
 }
 
@@ -453,6 +491,7 @@ func (b counters) sub(a counters) delta {
 		d.writeTxns += rb.writeTxns - ra.writeTxns
 		d.active += rb.active - ra.active
 		d.recovered += rb.recovered - ra.recovered
+		d.agentErrs += rb.agentErrs - ra.agentErrs
 	}
 	return d
 }

@@ -210,6 +210,7 @@ const (
 	mLastPass    = "vigil_shard_last_pass_timestamp_seconds"
 	mReconciles  = "vigil_reconciles_total"
 	mTransitions = "vigil_sandbox_transitions_total"
+	mAgentErrors = "vigil_agent_rpc_errors_total"
 	mGoroutines  = "go_goroutines"
 	mOpenFDs     = "process_open_fds"
 )
@@ -233,7 +234,7 @@ func detectCapabilities(ctx context.Context, vigilBin, agentsimBin string) (capa
 	if err != nil {
 		return c, err
 	}
-	for _, m := range []string{mStatements, mWriteTxns, mLastSuccess, mLastPass, mReconciles, mTransitions} {
+	for _, m := range []string{mStatements, mWriteTxns, mLastSuccess, mLastPass, mReconciles, mTransitions, mAgentErrors} {
 		c.Metrics[m] = bytes.Contains(bin, []byte(m))
 	}
 	// The Go and process collectors are the client library's.

@@ -83,7 +83,6 @@ func (c *cluster) measureTerm(ctx context.Context) (*faultStats, error) {
 // and (when vigil exports last-pass timestamps) passed by it, or the
 // deadline passes; shards that did not get there count as missing.
 func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time.Time, gaps bool) (*faultStats, error) {
-	o := c.e.opts
 	passKnown := c.e.caps.Metrics[mLastPass]
 	reclaim := map[int]time.Duration{}
 	pass := map[int]time.Duration{}
@@ -92,7 +91,8 @@ func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time
 	done := func() bool {
 		return len(reclaim) == len(moved) && (!passKnown || len(pass) == len(moved)) && (!gaps || len(gap) == len(moved))
 	}
-	_, err := poll(ctx, o.LeaseTTL+20*time.Second, 100*time.Millisecond, "moved shards re-owned", func() (bool, string, error) {
+	timeout, what := c.limit(c.followTimeout(), "moved shards re-owned")
+	_, err := poll(ctx, timeout, 100*time.Millisecond, what, func() (bool, string, error) {
 		for _, s := range moved {
 			if _, ok := reclaim[s]; ok {
 				continue
@@ -152,6 +152,13 @@ func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time
 	return st, nil
 }
 
+// followTimeout is how long a moved shard may take to be passed by its new
+// owner before it counts as missing: the lease TTL plus twice the steady
+// sweep (a pass of a saturated replica can take that long), at least TTL + 20 s.
+func (c *cluster) followTimeout() time.Duration {
+	return c.e.opts.LeaseTTL + max(20*time.Second, 2*c.steadySweep)
+}
+
 // restore brings the cluster back to n replicas and waits until it settles.
 func (c *cluster) restore(ctx context.Context, n int) error {
 	for len(c.liveReplicas()) < n {
@@ -166,7 +173,8 @@ func (c *cluster) restore(ctx context.Context, n int) error {
 // measureUnreachable stops the heartbeats of k hosts and records, per host,
 // updated_at − last_heartbeat_at of the row when it became unreachable; then
 // lets them heartbeat again and waits until they are online.
-func measureUnreachable(ctx context.Context, e *env, f *fleet, k int) ([]time.Duration, error) {
+func measureUnreachable(ctx context.Context, c *cluster, f *fleet, k int) ([]time.Duration, error) {
+	e := c.e
 	hosts := f.hosts[:k]
 	ids := make([]uuid.UUID, k)
 	for i, h := range hosts {
@@ -194,7 +202,8 @@ func measureUnreachable(ctx context.Context, e *env, f *fleet, k int) ([]time.Du
 		return err
 	}
 	lags := map[uuid.UUID]time.Duration{}
-	_, err := poll(ctx, e.opts.UnreachableAfter+e.opts.Heartbeat+30*time.Second, 100*time.Millisecond, "hosts unreachable", func() (bool, string, error) {
+	timeout, what := c.limit(e.opts.UnreachableAfter+e.opts.Heartbeat+30*time.Second, "hosts unreachable")
+	_, err := poll(ctx, timeout, 100*time.Millisecond, what, func() (bool, string, error) {
 		rows, err := e.db.Query(ctx, `select id, updated_at, last_heartbeat_at from hosts where id = any($1) and status = 'unreachable'`, ids)
 		if err != nil {
 			return false, "", err
@@ -247,7 +256,7 @@ func faultFigures(rep *report, e *env, n int, kill, term *faultStats, killErr, t
 		case pending != "":
 			f.pending(pending)
 		case st.missing > 0 && !med:
-			f.fail(fmt.Sprintf("%d of %d moved shards did not get there within %s", st.missing, st.moved, o.LeaseTTL+20*time.Second))
+			f.fail(fmt.Sprintf("%d of %d moved shards did not get there within the wait", st.missing, st.moved))
 		case len(ds) == 0:
 			f.na("no shard measured")
 		case med:

@@ -78,6 +78,7 @@ type options struct {
 	HostsPerAgentsim int
 	SweepTimeout     time.Duration
 	UnreachableHosts int
+	Budget           time.Duration
 	AdminURL         string
 	KeepLogs         bool
 }
@@ -94,6 +95,7 @@ var smokeDefaults = map[string]string{
 	"heartbeat-interval": "1s",
 	"sweep-timeout":      "20s",
 	"unreachable-hosts":  "2",
+	"budget":             "150s",
 	"out":                filepath.Join(os.TempDir(), "vigil-bench-smoke"),
 }
 
@@ -132,6 +134,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.HostsPerAgentsim, "hosts-per-agentsim", 2500, "hosts per agentsim process (each process has a 20,000 open-file limit)")
 	fs.DurationVar(&o.SweepTimeout, "sweep-timeout", 2*time.Minute, "give up on a sweep (or a settle) after this long")
 	fs.IntVar(&o.UnreachableHosts, "unreachable-hosts", 5, "hosts that stop heartbeating in the unreachable-detection measurement")
+	fs.DurationVar(&o.Budget, "budget", 14*time.Minute, "the whole run's time: each configuration gets a share of what is left, and a slow vigil gets shorter measurements (its figures say so) rather than a longer run")
 	fs.StringVar(&o.AdminURL, "database-url", defaultAdminURL(), "Postgres maintenance database; the benchmark's database is created beside it and dropped at the end")
 	fs.BoolVar(&o.KeepLogs, "keep-logs", false, "keep the temporary directory with every process's log (always kept after a failure)")
 	fs.Usage = func() {
@@ -193,6 +196,8 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("-unreachable-hosts %d must be in 1..hosts", o.UnreachableHosts)
 	case o.Heartbeat <= 0:
 		return o, fmt.Errorf("-heartbeat-interval %s must be positive", o.Heartbeat)
+	case o.Budget < 30*time.Second:
+		return o, fmt.Errorf("-budget %s is too short", o.Budget)
 	}
 	return o, nil
 }

@@ -131,6 +131,7 @@ func newReport(o options) *report {
 			"heartbeat_interval": o.Heartbeat.String(), "change_fraction": o.ChangeFraction,
 			"in_flight": o.InFlight, "agent_concurrency": o.AgentConcurrency,
 			"hosts_per_agentsim": o.HostsPerAgentsim, "agent_timeout": o.agentTimeout().String(),
+			"budget": o.Budget.String(),
 		},
 	}
 }

@@ -31,14 +31,20 @@ func runBench(ctx context.Context, o options, log *progress) (rep *report, err e
 		return rep, fmt.Errorf("set-up: %w", err)
 	}
 	logCapabilities(log, e.caps)
-	steady := map[string]*sweepStats{}
-	faultsRan := false
+	var run []string
 	for _, tr := range o.Transports {
 		if tr == "mtls" && !e.caps.AgentsimTLS {
 			transportNotRun(rep, e, tr, "", "agentsim --tls-ca-file/--tls-cert-file/--tls-key-file")
 			continue
 		}
-		if err := runTransport(ctx, e, rep, tr, steady, &faultsRan); err != nil {
+		run = append(run, tr)
+	}
+	sched := newSchedule(o, e.log.start, run)
+	steady := map[string]*sweepStats{}
+	faultsRan := false
+	for _, tr := range run {
+		sched.transportsLeft--
+		if err := runTransport(ctx, e, rep, sched, tr, steady, &faultsRan); err != nil {
 			return rep, err
 		}
 	}
@@ -51,6 +57,48 @@ func runBench(ctx context.Context, o options, log *progress) (rep *report, err e
 	}
 	crossFigures(rep, e, steady)
 	return rep, ctx.Err()
+}
+
+// schedule spreads what is left of -budget over what is left to measure, in
+// units: one per configuration, one more for failover, handover and
+// unreachable detection. Each transport's fleet start and references, and
+// the tear-down, are set aside first. A slow vigil then gets shorter
+// measurements, whose figures say so, instead of a run that overruns.
+type schedule struct {
+	deadline       time.Time
+	unitsLeft      int
+	transportsLeft int           // transports after the current one
+	perTransport   time.Duration // fleet start and references
+}
+
+const teardownReserve = 15 * time.Second
+
+func newSchedule(o options, start time.Time, transports []string) *schedule {
+	// The references' two windows, the fleet's start, and the ceiling's
+	// warm-up round (a connection, and under TLS a handshake, per host).
+	perTransport := 2*o.Duration + 5*time.Second + time.Duration(o.Hosts)*2*time.Millisecond
+	s := &schedule{deadline: start.Add(o.Budget), transportsLeft: len(transports), perTransport: perTransport}
+	for _, tr := range transports {
+		for _, n := range o.Replicas {
+			s.unitsLeft += configUnits(o, n, tr)
+		}
+	}
+	return s
+}
+
+func configUnits(o options, n int, tr string) int {
+	if n == o.failoverReplicas() && tr == "plain" {
+		return 2
+	}
+	return 1
+}
+
+// take returns the share of the remaining time for a step worth units.
+func (s *schedule) take(units int) time.Duration {
+	left := time.Until(s.deadline) - time.Duration(s.transportsLeft)*s.perTransport - teardownReserve
+	share := left * time.Duration(units) / time.Duration(max(s.unitsLeft, units))
+	s.unitsLeft -= units
+	return max(share, 0)
 }
 
 func logCapabilities(log *progress, c capabilities) {
@@ -77,7 +125,7 @@ func logCapabilities(log *progress, c capabilities) {
 	}
 }
 
-func runTransport(ctx context.Context, e *env, rep *report, tr string, steady map[string]*sweepStats, faultsRan *bool) error {
+func runTransport(ctx context.Context, e *env, rep *report, sched *schedule, tr string, steady map[string]*sweepStats, faultsRan *bool) error {
 	o := e.opts
 	log := e.log
 	nSims := (o.Hosts + o.HostsPerAgentsim - 1) / o.HostsPerAgentsim
@@ -90,6 +138,9 @@ func runTransport(ctx context.Context, e *env, rep *report, tr string, steady ma
 		}
 		rep.errorf("%s fleet: %v", tr, err)
 		transportNotRun(rep, e, tr, "fleet did not start: "+err.Error(), "")
+		for _, n := range o.Replicas {
+			sched.take(configUnits(o, n, tr))
+		}
 		return nil
 	}
 	defer fl.stop()
@@ -105,7 +156,8 @@ func runTransport(ctx context.Context, e *env, rep *report, tr string, steady ma
 		rep.errorf("%s references: ceiling: %v; loop: %v", tr, ceilErr, loopErr)
 	}
 	for _, n := range o.Replicas {
-		if err := runConfig(ctx, e, rep, fl, &ref, n, tr, steady, faultsRan); err != nil {
+		share := sched.take(configUnits(o, n, tr))
+		if err := runConfig(ctx, e, rep, fl, &ref, n, tr, share, steady, faultsRan); err != nil {
 			return err
 		}
 	}
@@ -153,10 +205,13 @@ func referenceFigures(rep *report, tr string, ref refResult, ceilErr, loopErr er
 
 // runConfig measures one replica count on one transport. It returns an
 // error only when the run is cancelled.
-func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResult, n int, tr string, steady map[string]*sweepStats, faultsRan *bool) error {
+func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResult, n int, tr string, share time.Duration, steady map[string]*sweepStats, faultsRan *bool) error {
 	o := e.opts
 	log := e.log
 	label := fmt.Sprintf("%s, %s", replicasLabel(n), tr)
+	start := time.Now()
+	units := configUnits(o, n, tr)
+	sweepsBy := start.Add(share / time.Duration(units))
 	fail := func(step string, err error, c *cluster) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -165,13 +220,14 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 		log.printf("%s: %s failed: %v", label, step, err)
 		return nil
 	}
-	log.printf("%s: starting replicas", label)
+	log.printf("%s: starting replicas (%s of the budget)", label, share.Round(time.Second))
 	c, err := newCluster(ctx, e, tr, n)
 	if err != nil {
 		configNotRun(rep, e, n, tr, "replicas did not start: "+err.Error(), "")
 		return fail("start", err, nil)
 	}
 	defer c.close()
+	c.deadline = sweepsBy
 	if err := c.warmUp(ctx); err != nil {
 		c.close()
 		configNotRun(rep, e, n, tr, "cluster did not settle and sweep: "+err.Error(), "")
@@ -202,6 +258,7 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 		}
 	} else {
 		steady[fmt.Sprintf("%dr.%s", n, tr)] = st
+		c.steadySweep = st.median()
 		log.printf("%s: steady sweep %.3fs (%.0f hosts/s)", label, st.median().Seconds(), float64(o.Hosts)/st.median().Seconds())
 	}
 	if profDone != nil {
@@ -227,6 +284,7 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 
 	if n == o.failoverReplicas() && tr == "plain" {
 		*faultsRan = true
+		c.deadline = start.Add(share)
 		if err := runFaults(ctx, e, rep, c, fl, n); err != nil {
 			return err
 		}
@@ -268,7 +326,7 @@ func runFaults(ctx context.Context, e *env, rep *report, c *cluster, fl *fleet, 
 		rep.errorf("%s: restore after SIGTERM: %v", label, err)
 	}
 	log.printf("%s: unreachable detection (%d hosts stop heartbeating)", label, e.opts.UnreachableHosts)
-	lags, unErr := measureUnreachable(ctx, e, fl, e.opts.UnreachableHosts)
+	lags, unErr := measureUnreachable(ctx, c, fl, e.opts.UnreachableHosts)
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}

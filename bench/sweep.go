@@ -43,7 +43,8 @@ func (c *cluster) warmUp(ctx context.Context) error {
 // ended, and the counters over all of them: at least sweeps of them and at
 // least duration (the window's length keeps pg_stat_database's publication
 // delay, about a second at each end, small against it), but no more sweeps
-// once 3 × duration has passed, so a slow vigil still fits the run's budget.
+// once 3 × duration has passed or the configuration's share of -budget
+// would not leave room for the changing sweep, so a slow vigil still fits.
 func (c *cluster) measureSteady(ctx context.Context, f *fleet, sweeps int, duration time.Duration) (*sweepStats, error) {
 	pc := c.startPassCount()
 	defer c.countPasses(nil)
@@ -55,7 +56,8 @@ func (c *cluster) measureSteady(ctx context.Context, f *fleet, sweeps int, durat
 	t0 := s0.at
 	for {
 		elapsed := t0.Sub(s0.at)
-		if len(st.walls) > 0 && (elapsed >= 3*duration || len(st.walls) >= sweeps && elapsed >= duration) {
+		if len(st.walls) > 0 && (elapsed >= 3*duration || len(st.walls) >= sweeps && elapsed >= duration ||
+			time.Until(c.deadline) < 5*st.median()/2) { // leave time for the changing sweep
 			break
 		}
 		end, err := c.waitSweep(ctx, t0, c.e.opts.SweepTimeout, nil)
@@ -278,6 +280,10 @@ func sweepFigures(rep *report, e *env, n int, transport, kind string, st *sweepS
 		}
 	}
 	metric(rps, mReconciles, func() float64 { return st.d.active / st.d.window.Seconds() })
+	perHost := add("reconciles_per_host_sweep", "active reconciles per host per sweep", "").pos()
+	metric(perHost, mReconciles, func() float64 { return st.perSweep(st.d.active) / float64(o.Hosts) })
+	agentErrs := add("agent_errors_sweep", "failed ListSandboxes calls per sweep (vigil)", "")
+	metric(agentErrs, mAgentErrors, func() float64 { return st.perSweep(st.d.agentErrs) })
 	if kind == "changing" {
 		rows := add("rows", fmt.Sprintf("rows put into snapshotting (%.0f %%)", o.ChangeFraction*100), "").pos()
 		left := add("rows_left", "of those, not running at the sweep's end", "").want("==", 0)
