@@ -32,6 +32,7 @@ func (f *inspectFlags) register(name, synopsis string, stderr io.Writer) *cliFla
 	fs.StringVar(&f.EtcdCAFile, "etcd-ca-file", "", "CA bundle for etcd TLS")
 	fs.StringVar(&f.EtcdCertFile, "etcd-cert-file", "", "client certificate for etcd TLS")
 	fs.StringVar(&f.EtcdKeyFile, "etcd-key-file", "", "client key for etcd TLS")
+	f.etcdAuthFlags(fs)
 	fs.StringVar(&f.Cluster, "cluster", "default", "cluster name")
 	fs.StringVar(&f.output, "output", "table", "output: table or json")
 	f.LeaseTTL = 4 * time.Second
@@ -58,7 +59,7 @@ func readCluster(ctx context.Context, c *replicaConfig) (*clusterState, error) {
 	defer cancel()
 	resp, err := cli.Get(ctx, L.Root+"/", clientv3.WithPrefix())
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", L.Root, err)
+		return nil, fmt.Errorf("read %s: %w", L.Root, describeEtcdErr(c, err))
 	}
 	st := &clusterState{Members: map[string]string{}, Assign: map[int]string{}, Owners: map[int]string{}}
 	var leaderRev int64

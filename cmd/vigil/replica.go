@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
@@ -37,6 +38,8 @@ type replicaConfig struct {
 	EtcdCAFile       string
 	EtcdCertFile     string
 	EtcdKeyFile      string
+	EtcdUsername     string
+	EtcdPasswordFile string // the password is read only from this file
 	DatabaseURL      string
 	DBMaxConns       int
 	Cluster          string
@@ -84,6 +87,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.EtcdCAFile, "etcd-ca-file", "", "CA bundle for etcd TLS")
 	fs.StringVar(&c.EtcdCertFile, "etcd-cert-file", "", "client certificate for etcd TLS")
 	fs.StringVar(&c.EtcdKeyFile, "etcd-key-file", "", "client key for etcd TLS")
+	c.etcdAuthFlags(fs)
 	fs.StringVar(&c.DatabaseURL, "database-url", "", "Postgres URL of the control plane's database (required)")
 	fs.IntVar(&c.DBMaxConns, "db-max-conns", 8, "Postgres pool size")
 	fs.StringVar(&c.Cluster, "cluster", "default", "cluster name: replicas with the same prefix and cluster share the hosts")
@@ -162,7 +166,41 @@ func (c *replicaConfig) validate() error {
 	if (c.EtcdCertFile == "") != (c.EtcdKeyFile == "") {
 		return errors.New("--etcd-cert-file and --etcd-key-file go together")
 	}
+	if _, err := c.etcdPassword(); err != nil {
+		return err
+	}
 	return nil
+}
+
+// etcdAuthFlags registers the etcd authentication flags (`run`, `shards`,
+// `owner`). There is deliberately no flag for the password itself: a flag
+// value shows in ps, in /proc and in shell history.
+func (c *replicaConfig) etcdAuthFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.EtcdUsername, "etcd-username", "", "etcd user, for etcd clusters with authentication enabled; its role needs readwrite on --etcd-prefix (docs/etcd-schema.md)")
+	fs.StringVar(&c.EtcdPasswordFile, "etcd-password-file", "", "file holding the password of --etcd-username (a trailing newline is ignored); the password is never taken from a flag")
+}
+
+// etcdPassword reads the password of --etcd-username from
+// --etcd-password-file, trailing newline trimmed; "" without a username.
+// Errors name the flags, never the password.
+func (c *replicaConfig) etcdPassword() (string, error) {
+	switch {
+	case c.EtcdUsername == "" && c.EtcdPasswordFile == "":
+		return "", nil
+	case c.EtcdUsername == "":
+		return "", errors.New("--etcd-password-file needs --etcd-username")
+	case c.EtcdPasswordFile == "":
+		return "", errors.New("--etcd-username needs --etcd-password-file (the password is read only from a file)")
+	}
+	b, err := os.ReadFile(c.EtcdPasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("--etcd-password-file: %w", err)
+	}
+	pw := strings.TrimRight(string(b), "\r\n")
+	if pw == "" {
+		return "", fmt.Errorf("--etcd-password-file %s is empty", c.EtcdPasswordFile)
+	}
+	return pw, nil
 }
 
 func (c *replicaConfig) etcdTLS() (*tls.Config, error) {
@@ -201,20 +239,121 @@ func splitEndpoints(s string) []string {
 	return out
 }
 
-// newEtcdClient connects to every configured endpoint.
-func newEtcdClient(c *replicaConfig) (*clientv3.Client, error) {
+// etcdClientConfig is the client configuration of every configured endpoint,
+// with the TLS files and the password read.
+func etcdClientConfig(c *replicaConfig) (clientv3.Config, error) {
 	tlsCfg, err := c.etcdTLS()
 	if err != nil {
-		return nil, err
+		return clientv3.Config{}, err
 	}
-	return clientv3.New(clientv3.Config{
+	pw, err := c.etcdPassword()
+	if err != nil {
+		return clientv3.Config{}, err
+	}
+	return clientv3.Config{
 		Endpoints:            splitEndpoints(c.EtcdEndpoints),
 		DialTimeout:          c.LeaseTTL / 2,
 		DialKeepAliveTime:    c.LeaseTTL / 2,
 		DialKeepAliveTimeout: c.LeaseTTL / 3,
 		TLS:                  tlsCfg,
+		Username:             c.EtcdUsername,
+		Password:             pw,
 		Logger:               zap.NewNop(),
-	})
+	}, nil
+}
+
+// newEtcdClient connects to every configured endpoint. With a username it
+// authenticates at once, so it fails when etcd is unreachable or refuses the
+// credentials (see describeEtcdErr); without one it does not wait for etcd.
+func newEtcdClient(c *replicaConfig) (*clientv3.Client, error) {
+	cfg, err := etcdClientConfig(c)
+	if err != nil {
+		return nil, err
+	}
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		return nil, describeEtcdErr(c, err)
+	}
+	return cli, nil
+}
+
+// etcdRefused reports whether etcd refused our credentials or permissions:
+// no retry changes that.
+func etcdRefused(err error) bool {
+	return errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrUserEmpty) || errors.Is(err, rpctypes.ErrPermissionDenied)
+}
+
+// describeEtcdErr turns etcd's refusals of our credentials or permissions
+// into errors that name the flags to fix (still matching etcd's error);
+// other errors (etcd unreachable) pass unchanged.
+func describeEtcdErr(c *replicaConfig, err error) error {
+	prefix := "/" + strings.Trim(c.EtcdPrefix, "/") + "/"
+	switch {
+	case errors.Is(err, rpctypes.ErrAuthFailed):
+		return fmt.Errorf("etcd rejected --etcd-username %q with the password in --etcd-password-file %s: %w", c.EtcdUsername, c.EtcdPasswordFile, err)
+	case errors.Is(err, rpctypes.ErrUserEmpty):
+		return fmt.Errorf("etcd has authentication enabled: set --etcd-username and --etcd-password-file (%w)", err)
+	case errors.Is(err, rpctypes.ErrPermissionDenied):
+		return fmt.Errorf("etcd user %q may not read and write under %s (--etcd-prefix); grant its role that prefix: etcdctl role grant-permission --prefix=true <role> readwrite %s (%w)",
+			c.EtcdUsername, prefix, prefix, err)
+	}
+	return err
+}
+
+// connectEtcd connects and proves that etcd lets this replica read and write
+// its cluster's keys before it joins, so refused credentials or permissions
+// end the start with a message naming the flag instead of a session retried
+// forever. While etcd is unreachable it retries (only an authenticating client
+// waits for etcd here; without a username the replica starts and its
+// election retries, as before). It returns ctx's error when ctx ends first.
+func connectEtcd(ctx context.Context, c *replicaConfig, root string, log hclog.Logger) (*clientv3.Client, error) {
+	cfg, err := etcdClientConfig(c)
+	if err != nil {
+		return nil, err
+	}
+	delay := 200 * time.Millisecond
+	for {
+		cli, err := clientv3.New(cfg)
+		if err == nil {
+			err = checkEtcdAccess(ctx, cli, c.LeaseTTL/2, root)
+			if err == nil || !etcdRefused(err) {
+				if err != nil {
+					log.Warn("etcd not reachable yet; joining once it is", "error", err)
+				}
+				return cli, nil
+			}
+			cli.Close()
+		}
+		if etcdRefused(err) {
+			return nil, describeEtcdErr(c, err)
+		}
+		log.Warn("etcd not reachable; retrying", "endpoints", c.EtcdEndpoints, "error", err, "retry_in", delay)
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+// checkEtcdAccess asks etcd whether this client may read the cluster's keys
+// (as a range: that is what the watch needs) and write them. It writes
+// nothing: the transaction's compare can never hold, and etcd checks the
+// permissions of both branches before evaluating it. Lease grants and
+// keep-alives need no permission.
+func checkEtcdAccess(ctx context.Context, cli *clientv3.Client, timeout time.Duration, root string) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	config := root + "/config"
+	_, err := cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(config), "<", 0)).
+		Then(clientv3.OpPut(config, "")).
+		Else(clientv3.OpGet(root+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())).
+		Commit()
+	return err
 }
 
 // runReplica runs one replica until ctx ends, then hands its shards over.
@@ -260,8 +399,12 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	if err != nil {
 		return usageErr(err)
 	}
-	cli, err := newEtcdClient(&c)
+	layout := election.NewLayout(c.EtcdPrefix, c.Cluster)
+	cli, err := connectEtcd(ctx, &c, layout.Root, log.Named("etcd"))
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return err
 	}
 	defer cli.Close()
@@ -271,7 +414,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 		return fmt.Errorf("--http-addr %s: %w", c.HTTPAddr, err)
 	}
 	node, err := election.New(election.Config{
-		Client: cli, Layout: election.NewLayout(c.EtcdPrefix, c.Cluster),
+		Client: cli, Layout: layout,
 		ReplicaID: c.ReplicaID, Addr: ln.Addr().String(), Shards: c.Shards, LeaseTTL: c.LeaseTTL,
 		Worker: runner, Logger: log.Named("election"), Registerer: reg,
 	})
@@ -284,7 +427,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 		boundAddr(ln.Addr().String())
 	}
 	log.Info("replica starting", "cluster", c.Cluster, "shards", c.Shards,
-		"lease_ttl", c.LeaseTTL, "admin", ln.Addr().String())
+		"lease_ttl", c.LeaseTTL, "admin", ln.Addr().String(), "etcd_user", c.EtcdUsername)
 
 	rctx, stopRunner := context.WithCancel(context.Background())
 	defer stopRunner()
