@@ -84,65 +84,31 @@ func (c *cluster) measureTerm(ctx context.Context) (*faultStats, error) {
 // deadline passes; shards that did not get there count as missing.
 func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time.Time, gaps bool) (*faultStats, error) {
 	passKnown := c.e.caps.Metrics[mLastPass]
-	reclaim := map[int]time.Duration{}
-	pass := map[int]time.Duration{}
-	gap := map[int]time.Duration{}
-	tUnix := float64(t.UnixNano()) / 1e9
-	done := func() bool {
-		return len(reclaim) == len(moved) && (!passKnown || len(pass) == len(moved)) && (!gaps || len(gap) == len(moved))
-	}
+	m := &moves{victim: victim, t: t, reclaim: map[int]time.Duration{}, pass: map[int]time.Duration{}, gap: map[int]time.Duration{}}
 	timeout, what := c.limit(c.followTimeout(), "moved shards re-owned")
 	_, err := poll(ctx, timeout, 100*time.Millisecond, what, func() (bool, string, error) {
-		for _, s := range moved {
-			if _, ok := reclaim[s]; ok {
-				continue
-			}
-			var deleted time.Time
-			for _, ev := range c.own.events(s, t) {
-				if !ev.put && ev.owner == victim && deleted.IsZero() {
-					deleted = ev.at
-				}
-				if ev.put && ev.owner != victim {
-					reclaim[s] = ev.at.Sub(t)
-					if !deleted.IsZero() {
-						gap[s] = ev.at.Sub(deleted)
-					}
-					break
-				}
-			}
-		}
+		m.fromWatch(c.own, moved)
 		if passKnown {
 			scrapes, _ := c.scrapeAll(ctx)
-			for _, sc := range scrapes {
-				byShard := sc.byShard(mLastPass)
-				for _, s := range moved {
-					if _, ok := pass[s]; ok {
-						continue
-					}
-					// The gauge is the pass's completion time, by the
-					// replica's clock (this machine's).
-					if v, ok := byShard[s]; ok && v >= tUnix {
-						pass[s] = time.Duration((v - tUnix) * 1e9)
-					}
-				}
-			}
+			m.fromScrapes(scrapes, moved)
 		}
-		return done(), fmt.Sprintf("%d of %d shards re-claimed, %d passed", len(reclaim), len(moved), len(pass)), nil
+		done := len(m.reclaim) == len(moved) && (!passKnown || len(m.pass) == len(moved)) && (!gaps || len(m.gap) == len(moved))
+		return done, fmt.Sprintf("%d of %d shards re-claimed, %d passed", len(m.reclaim), len(moved), len(m.pass)), nil
 	})
 	if err != nil && ctx.Err() != nil {
 		return nil, err
 	}
 	st := &faultStats{moved: len(moved)}
 	for _, s := range moved {
-		r, okR := reclaim[s]
+		r, okR := m.reclaim[s]
 		if okR {
 			st.reclaim = append(st.reclaim, r)
 		}
-		p, okP := pass[s]
+		p, okP := m.pass[s]
 		if okP {
 			st.firstPass = append(st.firstPass, p)
 		}
-		if g, ok := gap[s]; ok {
+		if g, ok := m.gap[s]; ok {
 			st.gaps = append(st.gaps, g)
 		}
 		if !okR || (passKnown && !okP) {
@@ -150,6 +116,54 @@ func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time
 		}
 	}
 	return st, nil
+}
+
+// moves records, per moved shard, how long after t it was re-claimed (and
+// the gap after the victim's delete) and first passed by its new owner.
+type moves struct {
+	victim             string
+	t                  time.Time
+	reclaim, pass, gap map[int]time.Duration
+}
+
+// fromWatch finds each shard's first put by another replica after t.
+func (m *moves) fromWatch(own *ownership, moved []int) {
+	for _, s := range moved {
+		if _, ok := m.reclaim[s]; ok {
+			continue
+		}
+		var deleted time.Time
+		for _, ev := range own.events(s, m.t) {
+			if !ev.put && ev.owner == m.victim && deleted.IsZero() {
+				deleted = ev.at
+			}
+			if ev.put && ev.owner != m.victim {
+				m.reclaim[s] = ev.at.Sub(m.t)
+				if !deleted.IsZero() {
+					m.gap[s] = ev.at.Sub(deleted)
+				}
+				break
+			}
+		}
+	}
+}
+
+// fromScrapes finds each shard's first completed pass after t: the
+// last-pass gauge is the pass's completion time, by the replica's clock
+// (this machine's).
+func (m *moves) fromScrapes(scrapes map[string]scrape, moved []int) {
+	t := float64(m.t.UnixNano()) / 1e9
+	for _, sc := range scrapes {
+		byShard := sc.byShard(mLastPass)
+		for _, s := range moved {
+			if _, ok := m.pass[s]; ok {
+				continue
+			}
+			if v, ok := byShard[s]; ok && v >= t {
+				m.pass[s] = time.Duration((v - t) * 1e9)
+			}
+		}
+	}
 }
 
 // followTimeout is how long a moved shard may take to be passed by its new

@@ -234,20 +234,9 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 		return fail("warm-up", err, c)
 	}
 
-	var profDone chan struct{}
-	var profPath string
-	var profErr error
+	profiled := func() {}
 	if o.Profile && n == 1 && tr == "plain" {
-		if !e.caps.VigilDebugPprof {
-			rep.Notes = append(rep.Notes, "profile: vigil has no --debug-pprof yet")
-		} else {
-			r := c.liveReplicas()[0]
-			profDone = make(chan struct{})
-			go func() {
-				defer close(profDone)
-				profPath, profErr = saveProfile(ctx, r, o, rep.Started)
-			}()
-		}
+		profiled = startProfile(ctx, e, rep, c.liveReplicas()[0], label)
 	}
 	log.printf("%s: steady sweeps (at least %d and %s)", label, o.Sweeps, o.Duration)
 	st, err := c.measureSteady(ctx, fl, o.Sweeps, o.Duration)
@@ -261,15 +250,7 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 		c.steadySweep = st.median()
 		log.printf("%s: steady sweep %.3fs (%.0f hosts/s)", label, st.median().Seconds(), float64(o.Hosts)/st.median().Seconds())
 	}
-	if profDone != nil {
-		<-profDone
-		if profErr != nil {
-			rep.errorf("profile: %v", profErr)
-		} else {
-			rep.Profiles = append(rep.Profiles, profPath)
-			log.printf("%s: CPU profile saved to %s", label, profPath)
-		}
-	}
+	profiled()
 
 	log.printf("%s: changing sweep (%.0f %% of sandboxes)", label, o.ChangeFraction*100)
 	ch, err := c.measureChanging(ctx, fl, st)
@@ -335,6 +316,31 @@ func runFaults(ctx context.Context, e *env, rep *report, c *cluster, fl *fleet, 
 	}
 	faultFigures(rep, e, n, kill, term, killErr, termErr, lags, unErr)
 	return nil
+}
+
+// startProfile starts fetching a CPU profile of r, to overlap the steady
+// sweeps; the function it returns waits for it and records the outcome.
+func startProfile(ctx context.Context, e *env, rep *report, r *replica, label string) (wait func()) {
+	if !e.caps.VigilDebugPprof {
+		rep.Notes = append(rep.Notes, "profile: vigil has no --debug-pprof yet")
+		return func() {}
+	}
+	done := make(chan struct{})
+	var path string
+	var err error
+	go func() {
+		defer close(done)
+		path, err = saveProfile(ctx, r, e.opts, rep.Started)
+	}()
+	return func() {
+		<-done
+		if err != nil {
+			rep.errorf("profile: %v", err)
+			return
+		}
+		rep.Profiles = append(rep.Profiles, path)
+		e.log.printf("%s: CPU profile saved to %s", label, path)
+	}
 }
 
 // saveProfile fetches a CPU profile of r over max(5 s, -duration) and writes

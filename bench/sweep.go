@@ -12,6 +12,8 @@ import (
 	"math"
 	"sort"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 type sweepStats struct {
@@ -91,8 +93,8 @@ const pgPublishDelay = 1500 * time.Millisecond
 // measureChanging puts a random fraction of the sandbox rows into
 // snapshotting past the snapshot grace (their VMs run on the agents, so
 // vigil must move them back to running with a snapshot_recovered audit row),
-// then measures one sweep that ends when every host has been reconciled
-// since and every such row is running again.
+// then measures one sweep from that commit until every host has been
+// reconciled since and every such row is running again.
 //
 // One sweep is too short for pg_stat_database's publication delay to cancel
 // out, so its counts are read pgPublishDelay after the sweep's end, and the
@@ -101,44 +103,18 @@ const pgPublishDelay = 1500 * time.Millisecond
 func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepStats) (*sweepStats, error) {
 	o := c.e.opts
 	want := max(1, int(math.Round(float64(o.Hosts*o.Sandboxes)*o.ChangeFraction)))
-	conn, err := c.e.db.Acquire(ctx)
-	if err != nil {
-		return nil, err
-	}
-	rows, err := conn.Query(ctx, `
-		with pick as (select id from sandboxes where status = 'running' order by random() limit $1)
-		update sandboxes s set status = 'snapshotting', last_updated = now() - interval '`+snapshotGraceExceeded+`'
-		  from pick where s.id = pick.id
-		returning s.id`, want)
-	if err != nil {
-		conn.Release()
-		return nil, fmt.Errorf("put rows into snapshotting: %w", err)
-	}
-	var ids []string
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			rows.Close()
-			conn.Release()
-			return nil, err
-		}
-		ids = append(ids, id)
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		conn.Release()
-		return nil, err
-	}
-	t0 := time.Now()
-	flushOwnStats(ctx, conn)
-	conn.Release()
-	if len(ids) != want {
-		return nil, fmt.Errorf("put %d rows into snapshotting, want %d", len(ids), want)
-	}
-
 	pc := c.startPassCount()
 	defer c.countPasses(nil)
+	// Before the change: vigil starts repairing the moment it commits.
 	s0, err := c.snapshot(ctx, f)
+	if err != nil {
+		return nil, err
+	}
+	ids, t0, err := c.putIntoSnapshotting(ctx, want)
+	if err != nil {
+		return nil, err
+	}
+	pg0, err := c.e.pgStats(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -178,22 +154,60 @@ func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepSt
 		return nil, err
 	}
 	if steady != nil && steady.pg != nil {
-		// A wait on Postgres's documented publication interval, not on
-		// anything of the system under test.
-		if _, err := poll(ctx, 2*pgPublishDelay, 50*time.Millisecond, "pg_stat publication", func() (bool, string, error) {
-			return time.Since(end) >= pgPublishDelay, "", nil
-		}); err != nil {
+		if st.pg, err = c.lateCounts(ctx, pg0, end, steady); err != nil {
 			return nil, err
 		}
-		late, err := c.e.pgStats(ctx)
-		if err != nil {
-			return nil, err
-		}
-		extra := time.Since(end).Seconds() / steady.d.window.Seconds()
-		pg := late.sub(s0.pg).sub(steady.pg.scale(extra)).clamp()
-		st.pg = &pg
 	}
 	return st, nil
+}
+
+// putIntoSnapshotting moves want random running rows to snapshotting, last
+// updated past the snapshot grace, in one statement, and returns their ids
+// and when it committed. The bench's own session then publishes its counts,
+// so the statement is not counted in the sweep's window.
+func (c *cluster) putIntoSnapshotting(ctx context.Context, want int) ([]string, time.Time, error) {
+	conn, err := c.e.db.Acquire(ctx)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	defer conn.Release()
+	rows, err := conn.Query(ctx, `
+		with pick as (select id from sandboxes where status = 'running' order by random() limit $1)
+		update sandboxes s set status = 'snapshotting', last_updated = now() - interval '`+snapshotGraceExceeded+`'
+		  from pick where s.id = pick.id
+		returning s.id::text`, want)
+	if err != nil {
+		return nil, time.Time{}, fmt.Errorf("put rows into snapshotting: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	t0 := time.Now()
+	if err != nil {
+		return nil, t0, fmt.Errorf("put rows into snapshotting: %w", err)
+	}
+	flushOwnStats(ctx, conn)
+	if len(ids) != want {
+		return nil, t0, fmt.Errorf("put %d rows into snapshotting, want %d", len(ids), want)
+	}
+	return ids, t0, nil
+}
+
+// lateCounts is pg_stat_database's count of the window from pg0 to end: read
+// pgPublishDelay after end, minus the steady rate over that extra time.
+func (c *cluster) lateCounts(ctx context.Context, pg0 pgStats, end time.Time, steady *sweepStats) (*pgStats, error) {
+	// A wait on Postgres's documented publication interval, not on
+	// anything of the system under test.
+	if _, err := poll(ctx, 2*pgPublishDelay, 50*time.Millisecond, "pg_stat publication", func() (bool, string, error) {
+		return time.Since(end) >= pgPublishDelay, "", nil
+	}); err != nil {
+		return nil, err
+	}
+	late, err := c.e.pgStats(ctx)
+	if err != nil {
+		return nil, err
+	}
+	extra := time.Since(end).Seconds() / steady.d.window.Seconds()
+	pg := late.sub(pg0).sub(steady.pg.scale(extra)).clamp()
+	return &pg, nil
 }
 
 // startPassCount starts counting shard passes when vigil exports their
@@ -209,164 +223,203 @@ func (c *cluster) startPassCount() *passCounter {
 
 // sweepFigures adds the figures of one kind of sweep ("steady" or
 // "changing") of one configuration. st nil: the measurement failed (why) or
-// could not run (pending).
+// could not run (pending). ref are the transport's references; steady is
+// the configuration's steady measurement, for the changing sweep's ratio.
 func sweepFigures(rep *report, e *env, n int, transport, kind string, st *sweepStats, ref *refResult, steady *sweepStats, why, pending string) {
-	o := e.opts
-	group := fmt.Sprintf("sweep · %s · %s · %s", replicasLabel(n), kind, transport)
-	prefix := fmt.Sprintf("sweep.%dr.%s.%s", n, transport, kind)
-	add := func(key, name, unit string) *figure {
-		f := rep.fig(group, prefix+"."+key, name, unit)
-		switch {
-		case pending != "":
-			f.pending(pending)
-		case st == nil:
-			f.na(why)
-		}
-		return f
+	f := &sweepFigs{
+		rep: rep, e: e, st: st, ok: st != nil && pending == "", kind: kind, why: why, pending: pending,
+		group:  fmt.Sprintf("sweep · %s · %s · %s", replicasLabel(n), kind, transport),
+		prefix: fmt.Sprintf("sweep.%dr.%s.%s", n, transport, kind),
 	}
-	ok := st != nil && pending == ""
-	// metric sets f from a vigil metric that may be missing from the build.
-	metric := func(f *figure, name string, v func() float64) {
-		switch {
-		case !ok:
-		case !e.caps.Metrics[name]:
-			f.pending("vigil metric " + name)
-		default:
-			f.set(v())
-		}
-	}
-	// perPass sets f to a window total per counted shard pass.
-	perPass := func(f *figure, total func() float64) {
-		switch {
-		case !ok:
-		case st.passes < 0:
-			f.pending("vigil metric " + mLastPass)
-		case st.passes == 0:
-			f.na("no shard pass seen in the window")
-		default:
-			f.set(total()/float64(st.passes)).note("%d passes counted from last-pass timestamps (a lower bound: the figure is an upper bound)", st.passes)
-		}
-	}
-	steadyPlain1 := kind == "steady" && n == 1 && transport == "plain"
-
-	wall := add("wall_s", fmt.Sprintf("sweep wall time (median of %d)", max(1, o.Sweeps)), "s").pos()
+	f.speed(ref, kind == "steady" && n == 1 && transport == "plain")
 	if kind == "changing" {
-		wall.Name = "sweep wall time"
+		f.repair(steady)
 	}
-	hps := add("hosts_per_s", "hosts/s (hosts ÷ sweep time)", "hosts/s").pos()
-	rps := add("reconciles_per_s", "hosts/s (active reconciles/s, all replicas)", "hosts/s").pos()
-	xLoop := add("x_loop", "× seed loop", "×").pos()
-	xCeil := add("x_ceiling", "× RPC ceiling", "×").pos()
-	if steadyPlain1 {
+	f.postgres()
+	f.etcd()
+	f.cpu()
+}
+
+// sweepFigs builds one sweep's figures; every figure is added even when the
+// measurement is missing, n/a with the reason.
+type sweepFigs struct {
+	rep                *report
+	e                  *env
+	st                 *sweepStats
+	ok                 bool // st is there to read
+	kind, why, pending string
+	group, prefix      string
+}
+
+func (s *sweepFigs) add(key, name, unit string) *figure {
+	f := s.rep.fig(s.group, s.prefix+"."+key, name, unit)
+	switch {
+	case s.pending != "":
+		f.pending(s.pending)
+	case s.st == nil:
+		f.na(s.why)
+	}
+	return f
+}
+
+// metric sets f from a vigil metric, which the build may not have.
+func (s *sweepFigs) metric(f *figure, name string, v func() float64) {
+	switch {
+	case !s.ok:
+	case !s.e.caps.Metrics[name]:
+		f.pending("vigil metric " + name)
+	default:
+		f.set(v())
+	}
+}
+
+// perPass sets f to a window total per counted shard pass.
+func (s *sweepFigs) perPass(f *figure, total func() float64) {
+	switch {
+	case !s.ok:
+	case s.st.passes < 0:
+		f.pending("vigil metric " + mLastPass)
+	case s.st.passes == 0:
+		f.na("no shard pass seen in the window")
+	default:
+		f.set(total()/float64(s.st.passes)).note("%d passes counted from last-pass timestamps (a lower bound: the figure is an upper bound)", s.st.passes)
+	}
+}
+
+// speed: wall time, hosts/s both ways, the ratios to the references.
+func (s *sweepFigs) speed(ref *refResult, withTargets bool) {
+	o, st := s.e.opts, s.st
+	wall := s.add("wall_s", "sweep wall time", "s").pos()
+	hps := s.add("hosts_per_s", "hosts/s (hosts ÷ sweep time)", "hosts/s").pos()
+	rps := s.add("reconciles_per_s", "hosts/s (active reconciles/s, all replicas)", "hosts/s").pos()
+	xLoop := s.add("x_loop", "× seed loop", "×").pos()
+	xCeil := s.add("x_ceiling", "× RPC ceiling", "×").pos()
+	if withTargets {
 		xLoop.want(">=", 10)
 		xCeil.want(">=", 0.5)
 	}
-	if ok {
-		wall.set(st.median().Seconds())
+	if s.ok {
 		if len(st.walls) > 1 {
+			wall.Name = fmt.Sprintf("sweep wall time (median of %d)", len(st.walls))
 			wall.note("sweeps: %s", durList(st.walls))
 		}
+		wall.set(st.median().Seconds())
 		rate := float64(o.Hosts) / st.median().Seconds()
 		hps.set(rate)
-		if ref != nil && ref.Loop > 0 {
-			xLoop.set(rate / ref.Loop)
-		} else {
-			xLoop.na("no seed-loop figure")
-		}
-		if ref != nil && ref.Ceiling > 0 {
-			xCeil.set(rate / ref.Ceiling)
-		} else {
-			xCeil.na("no ceiling figure")
-		}
+		ratio(xLoop, rate, ref, func(r *refResult) float64 { return r.Loop }, "no seed-loop figure")
+		ratio(xCeil, rate, ref, func(r *refResult) float64 { return r.Ceiling }, "no ceiling figure")
 	}
-	metric(rps, mReconciles, func() float64 { return st.d.active / st.d.window.Seconds() })
-	perHost := add("reconciles_per_host_sweep", "active reconciles per host per sweep", "").pos()
-	metric(perHost, mReconciles, func() float64 { return st.perSweep(st.d.active) / float64(o.Hosts) })
-	agentErrs := add("agent_errors_sweep", "failed ListSandboxes calls per sweep (vigil)", "")
-	metric(agentErrs, mAgentErrors, func() float64 { return st.perSweep(st.d.agentErrs) })
-	if kind == "changing" {
-		rows := add("rows", fmt.Sprintf("rows put into snapshotting (%.0f %%)", o.ChangeFraction*100), "").pos()
-		left := add("rows_left", "of those, not running at the sweep's end", "").want("==", 0)
-		xSteady := add("x_steady", "× steady sweep time", "×").pos().want("<=", 1.5)
-		if ok {
-			rows.set(float64(st.rows))
-			left.set(float64(st.leftover))
-			if steady != nil {
-				xSteady.set(st.median().Seconds() / steady.median().Seconds())
-			} else {
-				xSteady.na("no steady sweep of this configuration")
-			}
-		}
-	}
+	s.metric(rps, mReconciles, func() float64 { return st.d.active / st.d.window.Seconds() })
+	perHost := s.add("reconciles_per_host_sweep", "active reconciles per host per sweep", "").pos()
+	s.metric(perHost, mReconciles, func() float64 { return st.perSweep(st.d.active) / float64(o.Hosts) })
+	agentErrs := s.add("agent_errors_sweep", "failed ListSandboxes calls per sweep (vigil)", "")
+	s.metric(agentErrs, mAgentErrors, func() float64 { return st.perSweep(st.d.agentErrs) })
+}
 
-	stmts := add("pg_statements_sweep", "Postgres statements per sweep (vigil)", "")
-	metric(stmts, mStatements, func() float64 { return st.perSweep(st.d.statements) })
-	stmtsPass := add("pg_statements_pass", "Postgres statements per shard pass (vigil)", "")
-	writes := add("pg_write_txns_sweep", "Postgres write transactions per sweep (vigil)", "")
-	if kind == "steady" {
+func ratio(f *figure, rate float64, ref *refResult, of func(*refResult) float64, why string) {
+	if ref == nil || of(ref) <= 0 {
+		f.na(why)
+		return
+	}
+	f.set(rate / of(ref))
+}
+
+// repair: the changing sweep's rows and its time against the steady sweep.
+func (s *sweepFigs) repair(steady *sweepStats) {
+	st := s.st
+	rows := s.add("rows", fmt.Sprintf("rows put into snapshotting (%.0f %%)", s.e.opts.ChangeFraction*100), "").pos()
+	left := s.add("rows_left", "of those, not running at the sweep's end", "").want("==", 0)
+	xSteady := s.add("x_steady", "× steady sweep time", "×").pos().want("<=", 1.5)
+	if !s.ok {
+		return
+	}
+	rows.set(float64(st.rows))
+	left.set(float64(st.leftover))
+	if steady == nil {
+		xSteady.na("no steady sweep of this configuration")
+		return
+	}
+	xSteady.set(st.median().Seconds() / steady.median().Seconds())
+}
+
+// postgres: vigil's own statement and write-transaction counts, and
+// pg_stat_database's view of the benchmark database.
+func (s *sweepFigs) postgres() {
+	o, st := s.e.opts, s.st
+	stmts := s.add("pg_statements_sweep", "Postgres statements per sweep (vigil)", "")
+	stmtsPass := s.add("pg_statements_pass", "Postgres statements per shard pass (vigil)", "")
+	writes := s.add("pg_write_txns_sweep", "Postgres write transactions per sweep (vigil)", "")
+	if s.kind == "steady" {
 		stmtsPass.want("<=", 3)
 		writes.want("==", 0)
 	}
-	if ok && !e.caps.Metrics[mStatements] {
+	s.metric(stmts, mStatements, func() float64 { return st.perSweep(st.d.statements) })
+	if s.ok && !s.e.caps.Metrics[mStatements] {
 		stmtsPass.pending("vigil metric " + mStatements)
 	} else {
-		perPass(stmtsPass, func() float64 { return st.d.statements })
+		s.perPass(stmtsPass, func() float64 { return st.d.statements })
 	}
-	metric(writes, mWriteTxns, func() float64 { return st.perSweep(st.d.writeTxns) })
-	xacts := add("pg_xacts_sweep", "Postgres transactions per sweep (pg_stat_database)", "")
-	if kind == "steady" {
-		// One changing sweep's count is an estimate that may clamp to 0.
-		xacts.pos()
+	s.metric(writes, mWriteTxns, func() float64 { return st.perSweep(st.d.writeTxns) })
+
+	xacts := s.add("pg_xacts_sweep", "Postgres transactions per sweep (pg_stat_database)", "")
+	if s.kind == "steady" {
+		xacts.pos() // one changing sweep's count is an estimate that may clamp to 0
 	}
-	xactsPass := add("pg_xacts_pass", "Postgres transactions per shard pass (pg_stat_database)", "")
-	read := add("pg_rows_read_sweep", "rows read per sweep (pg_stat returned + fetched)", "")
-	written := add("pg_rows_written_sweep", "rows written per sweep (pg_stat ins + upd + del)", "")
-	passes := add("shard_passes_sweep", "shard passes per sweep", "")
-	switch {
-	case !ok:
-	case st.pg == nil:
+	xactsPass := s.add("pg_xacts_pass", "Postgres transactions per shard pass (pg_stat_database)", "")
+	read := s.add("pg_rows_read_sweep", "rows read per sweep (pg_stat returned + fetched)", "")
+	written := s.add("pg_rows_written_sweep", "rows written per sweep (pg_stat ins + upd + del)", "")
+	passes := s.add("shard_passes_sweep", "shard passes per sweep", "")
+	if !s.ok {
+		return
+	}
+	if st.passes >= 0 {
+		passes.set(st.perSweep(float64(st.passes)))
+	} else {
+		passes.pending("vigil metric " + mLastPass)
+	}
+	if st.pg == nil {
 		for _, f := range []*figure{xacts, xactsPass, read, written} {
 			f.na("pg_stat_database counts of one sweep need the steady sweeps' rate, which failed")
 		}
-	default:
-		xacts.set(st.perSweep(st.pg.Commit + st.pg.Rollback))
-		read.set(st.perSweep(st.pg.Returned + st.pg.Fetched))
-		written.set(st.perSweep(st.pg.Inserted+st.pg.Updated+st.pg.Deleted)).
-			note("includes agentsim's heartbeats (%d rows each %s)", o.Hosts, o.Heartbeat)
-		if kind == "changing" {
-			xacts.note("read %s after the sweep, minus the steady rate over that time", pgPublishDelay)
-		}
+		return
 	}
-	if ok {
-		if st.passes >= 0 {
-			passes.set(st.perSweep(float64(st.passes)))
-		} else {
-			passes.pending("vigil metric " + mLastPass)
-		}
+	xacts.set(st.perSweep(st.pg.Commit + st.pg.Rollback))
+	if s.kind == "changing" {
+		xacts.note("read %s after the sweep, minus the steady rate over that time", pgPublishDelay)
 	}
-	if ok && st.pg != nil {
-		perPass(xactsPass, func() float64 { return st.pg.Commit + st.pg.Rollback })
-	}
+	s.perPass(xactsPass, func() float64 { return st.pg.Commit + st.pg.Rollback })
+	read.set(st.perSweep(st.pg.Returned + st.pg.Fetched))
+	written.set(st.perSweep(st.pg.Inserted+st.pg.Updated+st.pg.Deleted)).
+		note("includes agentsim's heartbeats (%d rows each %s)", o.Hosts, o.Heartbeat)
+}
 
-	etcdReq := add("etcd_requests_sweep", "etcd requests per sweep", "")
-	etcdW := add("etcd_writes_sweep", "etcd writes per sweep (keys put + deleted)", "")
-	etcdP := add("etcd_proposals_sweep", "etcd raft proposals per sweep", "")
-	if kind == "steady" {
-		etcdW.want("==", 0)
+// etcd: requests, writes and raft proposals of the embedded member.
+func (s *sweepFigs) etcd() {
+	st := s.st
+	req := s.add("etcd_requests_sweep", "etcd requests per sweep", "")
+	w := s.add("etcd_writes_sweep", "etcd writes per sweep (keys put + deleted)", "")
+	p := s.add("etcd_proposals_sweep", "etcd raft proposals per sweep", "")
+	if s.kind == "steady" {
+		w.want("==", 0)
 	}
-	if ok {
-		etcdFig(etcdReq, st.d.etcd, "grpc_server_handled_total", st.perSweep(st.d.etcd.Requests))
-		etcdFig(etcdW, st.d.etcd, "etcd_mvcc_put_total", st.perSweep(st.d.etcd.Writes))
-		etcdFig(etcdP, st.d.etcd, "etcd_server_proposals_committed_total", st.perSweep(st.d.etcd.Proposals))
-		if len(st.d.etcd.ByMethod) > 0 {
-			etcdReq.note("by method over the window: %s", methodList(st.d.etcd.ByMethod))
-		}
+	if !s.ok {
+		return
 	}
-	cpu := add("cpu_s_sweep", "CPU seconds per sweep (all replicas)", "s").pos()
-	simCPU := add("sim_cpu_s_sweep", "CPU seconds per sweep (agentsim)", "s").pos()
-	if ok {
-		cpu.set(st.perSweep(st.d.cpu))
-		simCPU.set(st.perSweep(st.d.simCPU))
+	etcdFig(req, st.d.etcd, "grpc_server_handled_total", st.perSweep(st.d.etcd.Requests))
+	etcdFig(w, st.d.etcd, "etcd_mvcc_put_total", st.perSweep(st.d.etcd.Writes))
+	etcdFig(p, st.d.etcd, "etcd_server_proposals_committed_total", st.perSweep(st.d.etcd.Proposals))
+	if len(st.d.etcd.ByMethod) > 0 {
+		req.note("by method over the window: %s", methodList(st.d.etcd.ByMethod))
+	}
+}
+
+// cpu: CPU seconds of the replicas and of agentsim.
+func (s *sweepFigs) cpu() {
+	cpu := s.add("cpu_s_sweep", "CPU seconds per sweep (all replicas)", "s").pos()
+	sim := s.add("sim_cpu_s_sweep", "CPU seconds per sweep (agentsim)", "s").pos()
+	if s.ok {
+		cpu.set(s.st.perSweep(s.st.d.cpu))
+		sim.set(s.st.perSweep(s.st.d.simCPU))
 	}
 }
 
