@@ -53,8 +53,22 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "The cluster's shard count (fixed at cluster creation).",
 		}),
 	}
+	// Known label values start at zero, so a rate or increase sees even a
+	// process's first loss or anomaly.
+	for _, r := range []string{"reassigned", "key_lost", "session_ended", "worker_error", "shutdown"} {
+		m.losses.WithLabelValues(r)
+	}
+	for _, k := range anomalyKinds {
+		m.anomalies.WithLabelValues(k)
+	}
 	if reg != nil {
 		reg.MustRegister(m.owned, m.leader, m.acquisitions, m.losses, m.anomalies, m.sessions, m.expirations, m.assignments, m.shards)
 	}
 	return m
+}
+
+// anomalyKinds are the kind label values of vigil_etcd_anomalies_total.
+var anomalyKinds = []string{
+	"config_deleted", "bad_member_key", "member_without_lease", "bad_shard_key", "unknown_key",
+	"stale_own_key", "invalid_owner_key", "invalid_leader_key", "bad_config", "shard_count_mismatch",
 }

@@ -277,7 +277,7 @@ func (n *Node) runSession(ctx context.Context) error {
 	n.mu.Lock()
 	n.joined = true
 	n.mu.Unlock()
-	log.Info("joined cluster", "replica", n.cfg.ReplicaID, "ttl", sess.TTL())
+	log.Info("joined cluster", "ttl", sess.TTL())
 
 	w := newWatcher(n, L)
 	trig := make(chan struct{}, 1)
