@@ -306,6 +306,20 @@ func describeMachine(ctx context.Context, admin *pgxpool.Pool) machine {
 	return m
 }
 
+// gitRevision is HEAD of the working tree, with "-dirty" when it has local
+// changes; "" outside a git checkout.
+func gitRevision(ctx context.Context) string {
+	head, err := exec.CommandContext(ctx, "git", "rev-parse", "--short=12", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	rev := strings.TrimSpace(string(head))
+	if st, err := exec.CommandContext(ctx, "git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
+		rev += "-dirty"
+	}
+	return rev
+}
+
 // pgStats are the benchmark database's counters in pg_stat_database. A
 // backend publishes its counts at most about once a second, so deltas over
 // short windows lag by up to that much at each end.

@@ -110,6 +110,7 @@ type report struct {
 	Finished     time.Time      `json:"finished"`
 	Seconds      float64        `json:"seconds"`
 	Smoke        bool           `json:"smoke"`
+	Revision     string         `json:"revision,omitempty"` // git HEAD of the tree the binaries were built from, "-dirty" with local changes
 	Machine      machine        `json:"machine"`
 	Params       map[string]any `json:"params"`
 	Capabilities capabilities   `json:"capabilities"`
@@ -183,6 +184,9 @@ func (r *report) print(w io.Writer) {
 	r.finish()
 	fmt.Fprintf(w, "\nvigil bench — %s, %d s%s\n", r.Started.Format(time.RFC3339), int(r.Seconds), map[bool]string{true: " (smoke)"}[r.Smoke])
 	m := r.Machine
+	if r.Revision != "" {
+		fmt.Fprintf(w, "revision: %s\n", r.Revision)
+	}
 	fmt.Fprintf(w, "machine: %d × %s, %d MiB, Linux %s, %s, %s\n", m.NProc, m.CPUModel, m.MemTotalMiB, m.Kernel, m.GoVersion, firstWords(m.Postgres, 2))
 	p := r.Params
 	fmt.Fprintf(w, "fleet: %v hosts × %v sandboxes, agent latency %v, %v shards, lease TTL %v, interval %v\n",

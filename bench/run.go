@@ -26,7 +26,7 @@ func runBench(ctx context.Context, o options, log *progress) (rep *report, err e
 		}
 		e.close()
 	}()
-	rep.Machine, rep.Capabilities = e.mach, e.caps
+	rep.Machine, rep.Capabilities, rep.Revision = e.mach, e.caps, gitRevision(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("set-up: %w", err)
 	}
