@@ -2,6 +2,7 @@ package monitor
 
 import (
 	"context"
+	"cmp"
 	"errors"
 	"fmt"
 	"sync"
@@ -19,7 +20,7 @@ import (
 //
 //	read    one statement: the hosts, their active rows, the database clock
 //	passive the stale ones (by that read) in one fenced transaction
-//	ask     ListSandboxes on the online ones, concurrently, within the slots
+//	ask     ListSandboxes on the online ones, through the replica's call queue
 //	decide  Decide per host, as answers arrive
 //	apply   the decisions of the answers in hand in one fenced transaction
 //	        (after ApplyLinger, or when every answer is in)
@@ -29,6 +30,13 @@ import (
 //
 // A steady pass (nothing to change) sends one statement for the whole set.
 type Pass struct {
+	// Urgent puts the pass's agent calls ahead of full passes' in the
+	// replica's call queue (reconnects).
+	Urgent bool
+	// Settled, when set, is called from Run each time some hosts reached
+	// their final outcome (reconciled or failed), with those outcomes.
+	Settled func([]Outcome)
+
 	r       *Reconciler
 	f       store.Fence
 	read    store.Read
@@ -176,8 +184,8 @@ type answer struct {
 	start time.Time
 }
 
-// ask calls every target's agent and applies their decisions in batches as
-// the answers arrive.
+// ask queues every target's call at once and applies the decisions in
+// batches as the answers arrive.
 func (p *Pass) ask(ctx context.Context) error {
 	n := len(p.targets)
 	if n == 0 {
@@ -185,23 +193,34 @@ func (p *Pass) ask(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// One buffered slot per target: every sender finds room, so no call
-	// goroutine blocks (or outlives the pass) when the collector stops
-	// applying early.
+	// One buffered slot per target: every call finds room for its answer,
+	// so no worker ever blocks on a pass that stopped listening.
 	answers := make(chan answer, n)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		p.launch(ctx, answers, &wg)
-	}()
-	defer wg.Wait()
+	lane := laneNormal
+	if p.Urgent {
+		lane = laneUrgent
+	}
+	queued := make([]*queuedCall, n)
+	for i, t := range p.targets {
+		h := p.out[t].Host
+		queued[i] = p.r.calls.submit(lane, func() {
+			if err := ctx.Err(); err != nil {
+				answers <- answer{t: t, err: err}
+				return
+			}
+			start := time.Now()
+			resp, err := p.r.agents.ListSandboxes(ctx, h, p.addr[h])
+			answers <- answer{t: t, resp: resp, err: err, start: start}
+		})
+	}
 
 	var (
 		batch   []answer
 		linger  *time.Timer
 		lingerC <-chan time.Time
-		lost    error // fence lost: stop applying, drain the rest
+		done    = ctx.Done()
+		lost    error // fence lost: stop applying
+		stopped bool  // ctx ended: queued calls abandoned
 	)
 	defer func() {
 		if linger != nil {
@@ -213,13 +232,20 @@ func (p *Pass) ask(ctx context.Context) error {
 			linger.Stop()
 			lingerC = nil
 		}
-		if len(batch) == 0 || lost != nil {
+		if len(batch) == 0 {
 			return
 		}
-		if err := p.apply(ctx, batch); errors.Is(err, ErrFenced) {
-			lost = err
-			cancel()
+		if lost == nil && !stopped {
+			if err := p.apply(ctx, batch); errors.Is(err, ErrFenced) {
+				lost = err
+				cancel()
+			}
+		} else {
+			for _, a := range batch {
+				p.out[a.t].fail(cmp.Or(lost, ctx.Err()))
+			}
 		}
+		p.settled(batch)
 		batch = batch[:0]
 	}
 	for got := 0; got < n; {
@@ -229,13 +255,14 @@ func (p *Pass) ask(ctx context.Context) error {
 			o := &p.out[a.t]
 			o.start = a.start
 			switch {
-			case lost != nil:
-				o.fail(lost)
 			case a.err != nil && ctx.Err() != nil:
-				// The pass is ending (shutdown, handover): not the agent's fault.
-				o.fail(ctx.Err())
+				// The pass is ending (shutdown, handover, fence): not the
+				// agent's fault.
+				o.fail(cmp.Or(lost, ctx.Err()))
+				p.settled([]answer{a})
 			case a.err != nil:
 				o.fail(fmt.Errorf("%w: %w", errAgent, a.err))
+				p.settled([]answer{a})
 			default:
 				batch = append(batch, a)
 				if lingerC == nil {
@@ -246,6 +273,20 @@ func (p *Pass) ask(ctx context.Context) error {
 		case <-lingerC:
 			lingerC = nil
 			flush()
+		case <-done:
+			// Calls not started yet never will be; wait only for the
+			// ones in flight, which the cancellation aborts.
+			done, stopped = nil, true
+			flush()
+			var gave []answer
+			for i, c := range queued {
+				if c.abandon() {
+					got++
+					p.out[p.targets[i]].fail(cmp.Or(lost, ctx.Err()))
+					gave = append(gave, answer{t: p.targets[i]})
+				}
+			}
+			p.settled(gave)
 		}
 	}
 	flush()
@@ -255,42 +296,16 @@ func (p *Pass) ask(ctx context.Context) error {
 	return ctx.Err()
 }
 
-// launch starts one call per target as slots free up: a per-pass slot, then
-// a replica-wide one, both held until the call returns. Targets it cannot
-// start because ctx ended are answered with ctx's error, so the collector
-// always receives exactly one answer per target.
-func (p *Pass) launch(ctx context.Context, answers chan<- answer, wg *sync.WaitGroup) {
-	local := make(chan struct{}, p.r.cfg.Concurrency)
-	for _, t := range p.targets {
-		if err := p.acquire(ctx, local); err != nil {
-			answers <- answer{t: t, err: err}
-			continue
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-p.r.slots; <-local }()
-			h := p.out[t].Host
-			start := time.Now()
-			resp, err := p.r.agents.ListSandboxes(ctx, h, p.addr[h])
-			answers <- answer{t: t, resp: resp, err: err, start: start}
-		}()
+// settled hands the final outcomes of some hosts to the Settled hook.
+func (p *Pass) settled(as []answer) {
+	if p.Settled == nil || len(as) == 0 {
+		return
 	}
-}
-
-func (p *Pass) acquire(ctx context.Context, local chan struct{}) error {
-	select {
-	case local <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
+	out := make([]Outcome, len(as))
+	for i, a := range as {
+		out[i] = p.out[a.t]
 	}
-	select {
-	case p.r.slots <- struct{}{}:
-		return nil
-	case <-ctx.Done():
-		<-local
-		return ctx.Err()
-	}
+	p.Settled(out)
 }
 
 // actionRef names one action of one plan.
@@ -403,22 +418,24 @@ func (p *Pass) destroyZombies(ctx context.Context, plans []hostPlan, held []acti
 		pl := plans[rf.plan]
 		h := p.out[pl.t].Host
 		a := pl.actions[rf.action]
-		select {
-		case p.r.slots <- struct{}{}:
-		case <-ctx.Done():
-			continue
-		}
 		wg.Add(1)
-		go func() {
+		c := p.r.calls.submit(laneUrgent, func() {
 			defer wg.Done()
-			defer func() { <-p.r.slots }()
+			if ctx.Err() != nil {
+				return
+			}
 			err := p.r.agents.DestroySandbox(ctx, h, p.addr[h], ids.Sandbox(a.Sandbox), p.f.Header())
 			if err != nil {
 				p.r.log.Warn("destroy zombie on agent failed", "host", h, "sandbox", a.Sandbox, "error", err)
 				return
 			}
 			ok[k] = true
-		}()
+		})
+		context.AfterFunc(ctx, func() {
+			if c.abandon() {
+				wg.Done()
+			}
+		})
 	}
 	wg.Wait()
 	var recs []store.Record

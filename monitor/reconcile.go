@@ -38,13 +38,9 @@ type Config struct {
 	Rules            Rules
 	UnreachableAfter time.Duration // heartbeat staleness threshold, default 90s
 	// AgentConcurrency bounds the agent calls in flight across the whole
-	// replica, default 64. Passes wait for a slot in arrival order, so the
-	// owned shards share it fairly.
+	// replica, default 64. Calls wait in one queue (reconnects first), so
+	// every owned host waits the same, whatever its shard.
 	AgentConcurrency int
-	// Concurrency bounds one pass's agent calls in flight (within
-	// AgentConcurrency), default 16, so a shard full of hung agents cannot
-	// take every slot.
-	Concurrency int
 	// ApplyLinger is how long answers that arrived wait for the rest of
 	// their pass before their changes are applied anyway, default 100ms: a
 	// slow agent delays the others' writes by at most this much.
@@ -67,9 +63,6 @@ func (c *Config) Validate() error {
 	if c.AgentConcurrency == 0 {
 		c.AgentConcurrency = 64
 	}
-	if c.Concurrency == 0 {
-		c.Concurrency = min(16, c.AgentConcurrency)
-	}
 	if c.ApplyLinger == 0 {
 		c.ApplyLinger = 100 * time.Millisecond
 	}
@@ -82,8 +75,6 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("monitor: unreachable-after %s must be at least 1s", c.UnreachableAfter)
 	case c.AgentConcurrency < 1:
 		return fmt.Errorf("monitor: agent concurrency %d must be at least 1", c.AgentConcurrency)
-	case c.Concurrency < 1 || c.Concurrency > c.AgentConcurrency:
-		return fmt.Errorf("monitor: per-shard concurrency %d must be between 1 and the agent concurrency %d", c.Concurrency, c.AgentConcurrency)
 	case c.ApplyLinger < 0:
 		return fmt.Errorf("monitor: apply linger %s must not be negative", c.ApplyLinger)
 	}
@@ -100,9 +91,7 @@ type Reconciler struct {
 	agents Agents
 	log    hclog.Logger
 	m      *metrics
-	// slots is the replica-wide bound on agent calls in flight: a call
-	// holds one from before it starts until it returns.
-	slots chan struct{}
+	calls  *callQueue // every agent call goes through it
 }
 
 // New builds a Reconciler.
@@ -111,7 +100,7 @@ func New(cfg Config, st *store.Store, agents Agents) (*Reconciler, error) {
 		return nil, err
 	}
 	return &Reconciler{cfg: cfg, store: st, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer),
-		slots: make(chan struct{}, cfg.AgentConcurrency)}, nil
+		calls: newCallQueue(cfg.AgentConcurrency)}, nil
 }
 
 // Outcome says what a pass did for one host.

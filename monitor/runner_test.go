@@ -333,8 +333,7 @@ func (c *countingAgents) ListSandboxes(ctx context.Context, h uuid.UUID, addr st
 	return c.Agents.ListSandboxes(ctx, h, addr)
 }
 
-// One replica-wide bound on agent calls, however many shards are owned; a
-// shard's own bound keeps one shard from taking it all.
+// One replica-wide bound on agent calls, however many shards are owned.
 func TestAgentCallsAreBoundedAcrossShards(t *testing.T) {
 	e := newEnv(t, 64, time.Second)
 	for _, h := range e.hosts {
@@ -343,7 +342,7 @@ func TestAgentCallsAreBoundedAcrossShards(t *testing.T) {
 		}
 	}
 	agents := &countingAgents{Agents: e.pool}
-	rec, err := monitor.New(monitor.Config{AgentConcurrency: 6, Concurrency: 4}, e.st, agents)
+	rec, err := monitor.New(monitor.Config{AgentConcurrency: 6}, e.st, agents)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -32,7 +32,7 @@ type shardWork struct {
 	stale  hostSet // from the stale scan
 	wake   hostSet // from reconnect notifications, and hosts woken while busy
 	claims claims
-	lag    lagClock
+	lag    *lagClock
 }
 
 type passKind int
@@ -157,7 +157,8 @@ func (w *shardWork) run(ctx context.Context) error {
 }
 
 // active runs a full or wake pass over the claimed hosts, releasing each
-// host as soon as the pass is done with it.
+// host as soon as the pass is done with it. The lag clock learns which
+// hosts count from the read and each success as soon as it committed.
 func (w *shardWork) active(ctx context.Context, k passKind, hosts []uuid.UUID) passDone {
 	d := passDone{kind: k, hosts: hosts, started: time.Now()}
 	p, err := w.r.rec.Read(ctx, w.f, hosts)
@@ -167,6 +168,9 @@ func (w *shardWork) active(ctx context.Context, k passKind, hosts []uuid.UUID) p
 		return d
 	}
 	w.release(p.NotAsked())
+	w.lag.counting(p.Outcomes(), d.started)
+	p.Urgent = k == wakePass
+	p.Settled = w.lag.settled
 	d.err = p.Run(ctx)
 	w.release(p.Asked())
 	d.out = p.Outcomes()
@@ -298,49 +302,66 @@ func (c *claims) release(hosts []uuid.UUID) []uuid.UUID {
 // lagClock is the shard's reconcile lag (SPEC §5): for every online host with
 // an address, when it was last reconciled successfully (its agent answered
 // and every write committed). A host's clock starts when it starts counting:
-// at the claim for a new owner, at the read that first saw it online
-// otherwise. Only the scheduler goroutine uses it.
+// at the claim for a new owner, at the pass that first saw it online
+// otherwise. Passes update it as hosts settle, so the gauges follow the
+// reconciles themselves, not the ends of passes.
 type lagClock struct {
 	m        *metrics
 	label    string
 	blindAge time.Duration
 	claimed  time.Time
+
+	mu       sync.Mutex
 	lastPass time.Time               // last completed full pass; zero before the first
 	since    map[uuid.UUID]time.Time // counted hosts -> last success
 }
 
-func newLagClock(m *metrics, label string, blindAge time.Duration, claimed time.Time) lagClock {
-	c := lagClock{m: m, label: label, blindAge: blindAge, claimed: claimed, since: map[uuid.UUID]time.Time{}}
+func newLagClock(m *metrics, label string, blindAge time.Duration, claimed time.Time) *lagClock {
+	c := &lagClock{m: m, label: label, blindAge: blindAge, claimed: claimed, since: map[uuid.UUID]time.Time{}}
 	c.publish(claimed)
 	return c
 }
 
-// observe folds in a finished active or passive pass.
+// counting takes a pass's read: hosts online with an address count (their
+// clock starts at the pass's start if it was not running), the others stop.
+func (c *lagClock) counting(out []Outcome, started time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, o := range out {
+		if !o.Counted {
+			delete(c.since, o.Host)
+			continue
+		}
+		if _, ok := c.since[o.Host]; !ok {
+			c.since[o.Host] = later(started, c.claimed)
+		}
+	}
+	c.publish(time.Now())
+}
+
+// settled takes hosts whose reconcile ended: successes move their clock.
+func (c *lagClock) settled(out []Outcome) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, o := range out {
+		if t, ok := c.since[o.Host]; ok && !o.Done.IsZero() {
+			c.since[o.Host] = later(o.Done, t)
+		}
+	}
+	c.publish(time.Now())
+}
+
+// observe folds in a finished pass: hosts the passive rule marked down stop
+// counting; a full pass drops hosts that left the shard and sets lastPass.
 func (c *lagClock) observe(d passDone, now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	for _, o := range d.out {
-		switch {
-		case o.MarkedDown:
+		if o.MarkedDown {
 			delete(c.since, o.Host)
-		case d.kind == passivePass:
-			// A passive check says nothing about the agent.
-		case !o.Counted:
-			delete(c.since, o.Host)
-		default:
-			t, ok := c.since[o.Host]
-			if !ok {
-				t = d.started
-				if t.Before(c.claimed) {
-					t = c.claimed
-				}
-			}
-			if !o.Done.IsZero() && o.Done.After(t) {
-				t = o.Done
-			}
-			c.since[o.Host] = t
 		}
 	}
 	if d.kind == fullPass && d.err == nil {
-		// Hosts that left the shard stop counting.
 		in := make(map[uuid.UUID]bool, len(d.hosts))
 		for _, h := range d.hosts {
 			in[h] = true
@@ -355,6 +376,7 @@ func (c *lagClock) observe(d passDone, now time.Time) {
 	c.publish(now)
 }
 
+// publish sets the shard's gauges; c.mu must be held.
 func (c *lagClock) publish(now time.Time) {
 	oldest := c.lastPass
 	if oldest.IsZero() {
@@ -380,10 +402,19 @@ func (c *lagClock) publish(now time.Time) {
 
 // forget removes the shard's series: they are exported by the owner only.
 func (c *lagClock) forget() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.m.lastSuccess.DeleteLabelValues(c.label)
 	c.m.lastPass.DeleteLabelValues(c.label)
 	c.m.blindHosts.DeleteLabelValues(c.label)
 	c.m.shardHosts.DeleteLabelValues(c.label)
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 func unix(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }

@@ -135,7 +135,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			EtcdEndpoints: endpoint, EtcdPrefix: "/vigil", DatabaseURL: *dbURL, DBMaxConns: 8,
 			Cluster: *cluster, ReplicaID: fmt.Sprintf("dev-%d-%s", i+1, randSuffix()), Shards: *shards,
 			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: 30 * time.Second,
-			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, Concurrency: 16, AgentConcurrency: 64,
+			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, AgentConcurrency: 64,
 			JournalRetention: 24 * time.Hour, HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)),
 			AgentMaxBytes: 4 << 20, AgentMaxIdle: 128, // AgentTimeout 0: derived from the TTL
 		}

@@ -51,7 +51,6 @@ type replicaConfig struct {
 	UnreachableAfter time.Duration
 	TransientGrace   time.Duration
 	SnapshotGrace    time.Duration
-	Concurrency      int
 	AgentConcurrency int
 	JournalRetention time.Duration
 	HTTPAddr         string
@@ -99,8 +98,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.UnreachableAfter, "unreachable-after", 90*time.Second, "a host without heartbeat for this long becomes unreachable")
 	fs.DurationVar(&c.TransientGrace, "transient-grace", 2*time.Minute, "grace for starting/resuming/pausing/stopping/snapshotting sandboxes missing on their agent")
 	fs.DurationVar(&c.SnapshotGrace, "snapshot-grace", 15*time.Minute, "grace for a snapshotting sandbox still alive on its agent")
-	fs.IntVar(&c.AgentConcurrency, "agent-concurrency", 64, "agent calls in flight across the replica (bounds goroutines, connections and file descriptors); owned shards share it fairly")
-	fs.IntVar(&c.Concurrency, "concurrency", 16, "agent calls in flight for one shard, within --agent-concurrency (so one shard of hung agents cannot take every slot)")
+	fs.IntVar(&c.AgentConcurrency, "agent-concurrency", 64, "agent calls in flight across the replica (bounds goroutines, connections and file descriptors); calls wait in one queue, reconnects first, so every owned host waits the same")
 	fs.DurationVar(&c.JournalRetention, "journal-retention", 24*time.Hour, "how long the vigil_journal rows of owned shards are kept (0: forever)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9090", "admin HTTP listener: /metrics, /healthz, /readyz")
 	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go profiles under /debug/pprof/ on the admin listener")
@@ -150,9 +148,6 @@ func (c *replicaConfig) validate() error {
 	}
 	if c.AgentConcurrency < 1 {
 		return fmt.Errorf("--agent-concurrency %d must be at least 1", c.AgentConcurrency)
-	}
-	if c.Concurrency < 1 || c.Concurrency > c.AgentConcurrency {
-		return fmt.Errorf("--concurrency %d must be between 1 and --agent-concurrency %d", c.Concurrency, c.AgentConcurrency)
 	}
 	if c.AgentMaxIdle < 0 {
 		return fmt.Errorf("--agent-max-idle-conns %d must not be negative", c.AgentMaxIdle)
@@ -386,7 +381,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	defer pool.Close()
 	rec, err := monitor.New(monitor.Config{
 		Rules:            monitor.Rules{TransientGrace: c.TransientGrace, SnapshotGrace: c.SnapshotGrace},
-		UnreachableAfter: c.UnreachableAfter, AgentConcurrency: c.AgentConcurrency, Concurrency: c.Concurrency,
+		UnreachableAfter: c.UnreachableAfter, AgentConcurrency: c.AgentConcurrency,
 		Logger: log.Named("reconcile"), Registerer: reg,
 	}, st, pool)
 	if err != nil {
