@@ -1,8 +1,8 @@
 package monitor
 
 import (
-	"context"
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"sync"
