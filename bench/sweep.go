@@ -3,17 +3,21 @@ package main
 // Sweeps: with the replicas running flat out, a sweep of the fleet starts at
 // t0 and ends when every host has been reconciled since t0 — by the
 // min-gauge rule over every shard's reconcile-success timestamp. Steady
-// sweeps change nothing; the changing sweep first puts a fraction of the
-// sandbox rows into a state vigil must repair.
+// sweeps change nothing; changing sweeps run while a fraction of the sandbox
+// rows per sweep keeps being put into a state vigil must repair.
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 type sweepStats struct {
@@ -85,129 +89,159 @@ func (c *cluster) measureSteady(ctx context.Context, f *fleet, sweeps int, durat
 // past vigil's default --snapshot-grace of 15 minutes.
 const snapshotGraceExceeded = "20 minutes"
 
-// pgPublishDelay bounds how late a busy Postgres backend publishes its
-// pg_stat_database counts: at most once per PGSTAT_MIN_INTERVAL (1 s), at
-// the end of a transaction.
-const pgPublishDelay = 1500 * time.Millisecond
-
-// measureChanging puts a random fraction of the sandbox rows into
-// snapshotting past the snapshot grace (their VMs run on the agents, so
-// vigil must move them back to running with a snapshot_recovered audit row),
-// then measures one sweep from that commit until every host has been
-// reconciled since and every such row is running again.
+// measureChanging measures sweeps, back to back like the steady ones,
+// while a fraction of the sandbox rows keeps needing a transition: an
+// injector moves ChangeFraction × all rows per steady sweep time, in batches
+// every 100 ms, from running into snapshotting past the snapshot grace (their
+// VMs run on the agents, so vigil must move them back to running with a
+// snapshot_recovered audit row). Every pass then meets about that share of
+// its rows changed since its last read, as in a fleet with that much churn,
+// and a changing sweep is directly comparable with a steady one. After the
+// window the injector stops and one more sweep must leave no row unrepaired.
 //
-// One sweep is too short for pg_stat_database's publication delay to cancel
-// out, so its counts are read pgPublishDelay after the sweep's end, and the
-// steady rate of this configuration (steady) over that extra time is
-// subtracted; without a steady rate they stay unattributed.
+// pg_stat_database's counts include the injector's own statements; vigil's
+// counters are vigil's alone.
 func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepStats) (*sweepStats, error) {
 	o := c.e.opts
-	want := max(1, int(math.Round(float64(o.Hosts*o.Sandboxes)*o.ChangeFraction)))
+	per := max(1, int(math.Round(float64(o.Hosts*o.Sandboxes)*o.ChangeFraction)))
+	sweep := time.Second
+	if steady != nil && steady.median() > 0 {
+		sweep = steady.median()
+	}
+	var running []string
+	rows, err := c.e.db.Query(ctx, `select id::text from sandboxes where status = 'running'`)
+	if err == nil {
+		running, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list running rows: %w", err)
+	}
+	rand.Shuffle(len(running), func(i, j int) { running[i], running[j] = running[j], running[i] })
+
 	pc := c.startPassCount()
 	defer c.countPasses(nil)
-	// Before the change: vigil starts repairing the moment it commits.
 	s0, err := c.snapshot(ctx, f)
 	if err != nil {
 		return nil, err
 	}
-	ids, t0, err := c.putIntoSnapshotting(ctx, want)
-	if err != nil {
-		return nil, err
-	}
-	pg0, err := c.e.pgStats(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var base float64
-	for _, r := range s0.replicas {
-		base += r.recovered
-	}
-	leftover := func() (int, error) {
-		var n int
-		err := c.e.db.QueryRow(ctx, `select count(*) from sandboxes where id = any($1::uuid[]) and status <> 'running'`, ids).Scan(&n)
-		return n, err
-	}
-	repaired := func(scrapes map[string]scrape) (bool, string, error) {
-		if c.e.caps.Metrics[mTransitions] {
-			var sum float64
-			for _, s := range scrapes {
-				sum += s.sum(mTransitions, map[string]string{"from": "snapshotting", "to": "running"})
-			}
-			return sum-base >= float64(want), fmt.Sprintf("%.0f of %d rows repaired", sum-base, want), nil
+	ictx, stop := context.WithCancel(ctx)
+	inj := &injector{db: c.e.db, ids: running, rate: float64(per) / sweep.Seconds()}
+	injDone := make(chan error, 1)
+	go func() { injDone <- inj.run(ictx) }()
+	stopInjector := func() error {
+		stop()
+		if err := <-injDone; err != nil && !errors.Is(err, context.Canceled) {
+			return err
 		}
-		n, err := leftover()
-		return n == 0, fmt.Sprintf("%d of %d rows not repaired", n, want), err
+		return nil
 	}
-	end, err := c.waitSweep(ctx, t0, o.SweepTimeout, repaired)
-	if err != nil {
+
+	st := &sweepStats{passes: -1}
+	t0, start := time.Now(), time.Now()
+	for {
+		elapsed := time.Since(start)
+		if len(st.walls) > 0 && (elapsed >= 3*o.Duration || len(st.walls) >= o.Sweeps && elapsed >= o.Duration ||
+			time.Until(c.deadline) < 3*st.median()) {
+			break
+		}
+		end, err := c.waitSweep(ctx, t0, o.SweepTimeout, nil)
+		if err != nil {
+			_ = stopInjector()
+			return nil, err
+		}
+		st.walls = append(st.walls, end.Sub(t0))
+		t0 = end
+	}
+	if err := stopInjector(); err != nil {
 		return nil, err
 	}
 	s1, err := c.snapshot(ctx, f)
 	if err != nil {
 		return nil, err
 	}
-	st := &sweepStats{walls: []time.Duration{end.Sub(t0)}, d: s1.sub(s0), passes: -1, rows: want}
+	pg1, err := c.e.pgStats(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st.d = s1.sub(s0)
+	st.rows = inj.total()
 	if pc != nil {
 		st.passes = pc.total()
 	}
-	if st.leftover, err = leftover(); err != nil {
-		return nil, err
-	}
-	if steady != nil && steady.pg != nil {
-		if st.pg, err = c.lateCounts(ctx, pg0, end, steady); err != nil {
-			return nil, err
-		}
-	}
-	return st, nil
-}
-
-// putIntoSnapshotting moves want random running rows to snapshotting, last
-// updated past the snapshot grace, in one statement, and returns their ids
-// and when it committed. The bench's own session then publishes its counts,
-// so the statement is not counted in the sweep's window.
-func (c *cluster) putIntoSnapshotting(ctx context.Context, want int) ([]string, time.Time, error) {
-	conn, err := c.e.db.Acquire(ctx)
-	if err != nil {
-		return nil, time.Time{}, err
-	}
-	defer conn.Release()
-	rows, err := conn.Query(ctx, `
-		with pick as (select id from sandboxes where status = 'running' order by random() limit $1)
-		update sandboxes s set status = 'snapshotting', last_updated = now() - interval '`+snapshotGraceExceeded+`'
-		  from pick where s.id = pick.id
-		returning s.id::text`, want)
-	if err != nil {
-		return nil, time.Time{}, fmt.Errorf("put rows into snapshotting: %w", err)
-	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	t0 := time.Now()
-	if err != nil {
-		return nil, t0, fmt.Errorf("put rows into snapshotting: %w", err)
-	}
-	flushOwnStats(ctx, conn)
-	if len(ids) != want {
-		return nil, t0, fmt.Errorf("put %d rows into snapshotting, want %d", len(ids), want)
-	}
-	return ids, t0, nil
-}
-
-// lateCounts is pg_stat_database's count of the window from pg0 to end: read
-// pgPublishDelay after end, minus the steady rate over that extra time.
-func (c *cluster) lateCounts(ctx context.Context, pg0 pgStats, end time.Time, steady *sweepStats) (*pgStats, error) {
-	// A wait on Postgres's documented publication interval, not on
-	// anything of the system under test.
-	if _, err := poll(ctx, 2*pgPublishDelay, 50*time.Millisecond, "pg_stat publication", func() (bool, string, error) {
-		return time.Since(end) >= pgPublishDelay, "", nil
+	// One more sweep after the last change: nothing may be left behind.
+	injected := inj.injected()
+	if _, err := c.waitSweep(ctx, time.Now(), o.SweepTimeout, func(map[string]scrape) (bool, string, error) {
+		var n int
+		err := c.e.db.QueryRow(ctx, `select count(*) from sandboxes where id = any($1::uuid[]) and status = 'snapshotting'`, injected).Scan(&n)
+		return n == 0, fmt.Sprintf("%d changed rows not repaired", n), err
 	}); err != nil {
 		return nil, err
 	}
-	late, err := c.e.pgStats(ctx)
-	if err != nil {
+	if err := c.e.db.QueryRow(ctx, `select count(*) from sandboxes where id = any($1::uuid[]) and status = 'snapshotting'`, injected).Scan(&st.leftover); err != nil {
 		return nil, err
 	}
-	extra := time.Since(end).Seconds() / steady.d.window.Seconds()
-	pg := late.sub(pg0).sub(steady.pg.scale(extra)).clamp()
-	return &pg, nil
+	pg := pg1.sub(s0.pg).clamp()
+	st.pg = &pg
+	return st, nil
+}
+
+// injector moves running rows into snapshotting at a steady rate.
+type injector struct {
+	db   *pgxpool.Pool
+	ids  []string // running rows, shuffled; used in order, cycling
+	rate float64  // rows per second
+
+	mu      sync.Mutex
+	touched []string // every id a batch named
+	changed int      // rows the batches really changed
+}
+
+func (in *injector) run(ctx context.Context) error {
+	const tick = 100 * time.Millisecond
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	start, next := time.Now(), 0
+	for sent := 0; ; {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		due := int(in.rate * time.Since(start).Seconds())
+		n := min(due-sent, len(in.ids))
+		if n <= 0 {
+			continue
+		}
+		batch := make([]string, 0, n)
+		for range n {
+			batch = append(batch, in.ids[next])
+			next = (next + 1) % len(in.ids)
+		}
+		tag, err := in.db.Exec(ctx, `
+			update sandboxes set status = 'snapshotting', last_updated = now() - interval '`+snapshotGraceExceeded+`'
+			 where id = any($1::uuid[]) and status = 'running'`, batch)
+		if err != nil {
+			return fmt.Errorf("inject changes: %w", err)
+		}
+		sent += n
+		in.mu.Lock()
+		in.touched = append(in.touched, batch...)
+		in.changed += int(tag.RowsAffected())
+		in.mu.Unlock()
+	}
+}
+
+func (in *injector) total() int {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.changed
+}
+
+// injected is every row the injector named, for the final repair check.
+func (in *injector) injected() []string {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return append([]string(nil), in.touched...)
 }
 
 // startPassCount starts counting shard passes when vigil exports their
@@ -327,13 +361,13 @@ func ratio(f *figure, rate float64, ref *refResult, of func(*refResult) float64,
 // repair: the changing sweep's rows and its time against the steady sweep.
 func (s *sweepFigs) repair(steady *sweepStats) {
 	st := s.st
-	rows := s.add("rows", fmt.Sprintf("rows put into snapshotting (%.0f %%)", s.e.opts.ChangeFraction*100), "").pos()
-	left := s.add("rows_left", "of those, not running at the sweep's end", "").want("==", 0)
+	rows := s.add("rows", fmt.Sprintf("rows changed per sweep (%.0f %% of all)", s.e.opts.ChangeFraction*100), "").pos()
+	left := s.add("rows_left", "changed rows still snapshotting a sweep after the last change", "").want("==", 0)
 	xSteady := s.add("x_steady", "× steady sweep time", "×").pos().want("<=", 1.5)
 	if !s.ok {
 		return
 	}
-	rows.set(float64(st.rows))
+	rows.set(st.perSweep(float64(st.rows)))
 	left.set(float64(st.leftover))
 	if steady == nil {
 		xSteady.na("no steady sweep of this configuration")
@@ -385,7 +419,7 @@ func (s *sweepFigs) postgres() {
 	}
 	xacts.set(st.perSweep(st.pg.Commit + st.pg.Rollback))
 	if s.kind == "changing" {
-		xacts.note("read %s after the sweep, minus the steady rate over that time", pgPublishDelay)
+		xacts.note("includes the injector's own updates")
 	}
 	s.perPass(xactsPass, func() float64 { return st.pg.Commit + st.pg.Rollback })
 	read.set(st.perSweep(st.pg.Returned + st.pg.Fetched))
