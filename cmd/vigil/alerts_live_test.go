@@ -126,10 +126,10 @@ func TestAlertsOnLivePrometheus(t *testing.T) {
 	var keyShard int
 	var keyOwner string
 	var keyToken int64
-	st := h.rec.state()
-	for s, o := range st.owners {
-		if o.value != killed && o.value != "" {
-			keyShard, keyOwner, keyToken = s, o.value, o.createRev
+	st := h.rec.State()
+	for s, o := range st.Owners {
+		if o.Value != killed && o.Value != "" {
+			keyShard, keyOwner, keyToken = s, o.Value, o.CreateRev
 			break
 		}
 	}
@@ -143,8 +143,8 @@ func TestAlertsOnLivePrometheus(t *testing.T) {
 	tKey := time.Now()
 	t.Logf("%s fault: owner key of shard %d (held by %s) deleted", since(start), keyShard, keyOwner)
 	h.poll(10*time.Second, "shard re-claimed under a new token", func() (bool, string) {
-		o := h.rec.state().owners[keyShard]
-		return o.value == keyOwner && o.createRev > keyToken, fmt.Sprintf("owner %q token %d", o.value, o.createRev)
+		o := h.rec.State().Owners[keyShard]
+		return o.Value == keyOwner && o.CreateRev > keyToken, fmt.Sprintf("owner %q token %d", o.Value, o.CreateRev)
 	})
 	t.Logf("%s shard %d re-claimed by %s %s after the delete", since(start), keyShard, keyOwner, since(tKey))
 	lost := prom.waitAlert(t, 15*time.Second, "VigilOwnerKeysLost", "firing")
@@ -162,12 +162,12 @@ func TestAlertsOnLivePrometheus(t *testing.T) {
 
 	// --- a replica killed --------------------------------------------------------
 	victim := h.replica(killed)
-	victim.kill(t)
+	kill(t, victim)
 	tKill := time.Now()
-	t.Logf("%s fault: replica %s (%s) killed with SIGKILL", since(start), killed, victim.admin)
+	t.Logf("%s fault: replica %s (%s) killed with SIGKILL", since(start), killed, victim.Admin)
 	down := prom.waitAlert(t, 15*time.Second, "VigilReplicaDown", "pending")
-	if down.Labels["instance"] != victim.admin {
-		t.Errorf("VigilReplicaDown for %v, want instance %s", down.Labels, victim.admin)
+	if down.Labels["instance"] != victim.Admin {
+		t.Errorf("VigilReplicaDown for %v, want instance %s", down.Labels, victim.Admin)
 	}
 	t.Logf("%s VigilReplicaDown pending for %s, %s after the kill", since(start), down.Labels["instance"], down.ActiveAt.Sub(tKill).Round(100*time.Millisecond))
 	unowned := prom.waitAlert(t, 15*time.Second, "VigilShardsUnowned", "pending")
@@ -265,25 +265,7 @@ func (h *harness) spawnWith(id string, override map[string]string) *replica {
 		}
 		args = append(args, f[0], v)
 	}
-	cmd := exec.Command(h.bin, args...)
-	cmd.Env = cleanEnv()
-	lb := &logBuffer{}
-	cmd.Stdout, cmd.Stderr = lb, lb
-	r := &replica{id: id, admin: admin, cmd: cmd, log: lb, done: make(chan struct{})}
-	if err := cmd.Start(); err != nil {
-		h.t.Fatalf("start replica %s: %v", id, err)
-	}
-	r.started = time.Now()
-	go func() {
-		_ = cmd.Wait()
-		r.state, r.exitedAt = cmd.ProcessState, time.Now()
-		close(r.done)
-	}()
-	h.mu.Lock()
-	h.replicas[id] = r
-	h.order = append(h.order, r)
-	h.mu.Unlock()
-	return r
+	return h.startProcess(id, admin, args)
 }
 
 // prometheusServer returns the prometheus binary, installing Debian's
@@ -333,7 +315,7 @@ func startPrometheus(t *testing.T, bin string, reps []*replica) *promServer {
 	}
 	var targets []string
 	for _, r := range reps {
-		targets = append(targets, strconv.Quote(r.admin))
+		targets = append(targets, strconv.Quote(r.Admin))
 	}
 	dir := t.TempDir()
 	cfg := fmt.Sprintf(`global:
@@ -365,14 +347,14 @@ scrape_configs:
 		_ = cmd.Process.Kill()
 		<-done
 		if t.Failed() {
-			t.Logf("---- prometheus log:\n%s", lb.tail(60))
+			t.Logf("---- prometheus log:\n%s", lb.Tail(60))
 		}
 	})
 	p := &promServer{base: "http://" + addr, log: lb}
 	p.waitFor(t, 30*time.Second, "prometheus ready", func() (bool, string) {
 		select {
 		case <-done:
-			t.Fatalf("prometheus exited:\n%s", lb.tail(40))
+			t.Fatalf("prometheus exited:\n%s", lb.Tail(40))
 		default:
 		}
 		resp, err := httpClient.Get(p.base + "/-/ready")

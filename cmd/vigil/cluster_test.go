@@ -42,11 +42,11 @@ func TestClusterColdStart(t *testing.T) {
 	for _, id := range names {
 		rs = append(rs, h.spawn(id, spawnOpts{}))
 	}
-	last := rs[len(rs)-1].started
+	last := rs[len(rs)-1].Started
 
 	allOwned := h.poll(10*time.Second, "every shard owned", func() (bool, string) {
-		st := h.rec.state()
-		return st.ownedCount() == h.shards, st.summary()
+		st := h.rec.State()
+		return st.OwnedCount() == h.shards, st.Summary()
 	})
 	settled := h.waitSettled(10*time.Second, names...)
 	t.Logf("cold start, 3 replicas, 256 shards: all shards owned %s after the last replica started, balanced and as assigned after %s (target 2s)",
@@ -55,16 +55,16 @@ func TestClusterColdStart(t *testing.T) {
 		t.Errorf("cold start took %s, want at most 10s", d)
 	}
 
-	st := h.rec.state()
+	st := h.rec.State()
 	for _, id := range names {
-		n := len(st.ownedBy(id))
+		n := len(st.OwnedBy(id))
 		if n != h.shards/3 && n != h.shards/3+1 {
 			t.Errorf("%s owns %d shards, want 85 or 86", id, n)
 		}
 	}
 	for _, r := range rs {
-		h.poll(10*time.Second, r.id+" /readyz 200", func() (bool, string) {
-			code, body, err := r.get("/readyz")
+		h.poll(10*time.Second, r.ID+" /readyz 200", func() (bool, string) {
+			code, body, err := r.Get("/readyz")
 			if err != nil {
 				return false, err.Error()
 			}
@@ -72,18 +72,18 @@ func TestClusterColdStart(t *testing.T) {
 		})
 	}
 	h.poll(5*time.Second, "vigil_shards_owned of every replica to match etcd and sum to 256", func() (bool, string) {
-		st := h.rec.state()
+		st := h.rec.State()
 		sum, detail := 0.0, ""
 		for _, r := range rs {
-			v, err := r.metric("vigil_shards_owned")
+			v, err := r.Metric("vigil_shards_owned")
 			if err != nil {
 				return false, err.Error()
 			}
-			if int(v) != len(st.ownedBy(r.id)) {
-				return false, fmt.Sprintf("%s: vigil_shards_owned %v, etcd %d", r.id, v, len(st.ownedBy(r.id)))
+			if int(v) != len(st.OwnedBy(r.ID)) {
+				return false, fmt.Sprintf("%s: vigil_shards_owned %v, etcd %d", r.ID, v, len(st.OwnedBy(r.ID)))
 			}
 			sum += v
-			detail += fmt.Sprintf("%s=%v ", r.id, v)
+			detail += fmt.Sprintf("%s=%v ", r.ID, v)
 		}
 		return sum == float64(h.shards), detail
 	})
@@ -97,8 +97,8 @@ func TestClusterColdStart(t *testing.T) {
 // its new owner.
 func killAndMeasure(t *testing.T, h *harness, victim string, survivors []string) time.Duration {
 	t.Helper()
-	before := h.rec.state()
-	mine := before.ownedBy(victim)
+	before := h.rec.State()
+	mine := before.OwnedBy(victim)
 	if len(mine) == 0 {
 		t.Fatalf("%s owns no shards before the kill", victim)
 	}
@@ -108,36 +108,36 @@ func killAndMeasure(t *testing.T, h *harness, victim string, survivors []string)
 	}
 	r := h.replica(victim)
 	t0 := time.Now()
-	r.kill(t)
+	kill(t, r)
 	h.waitSettled(3*testTTL+5*time.Second, survivors...)
-	after := h.rec.state()
+	after := h.rec.State()
 
 	var expired, reowned time.Time
 	for s := 0; s < h.shards; s++ {
-		ev := h.rec.history(s, before.rev)
+		ev := h.rec.History(s, before.Rev)
 		if !isMine[s] {
 			if len(ev) > 0 {
-				t.Errorf("shard %d of %s moved (%d events) although only %s was killed", s, before.owners[s].value, len(ev), victim)
+				t.Errorf("shard %d of %s moved (%d events) although only %s was killed", s, before.Owners[s].Value, len(ev), victim)
 			}
-			if after.assign[s] != before.assign[s] {
-				t.Errorf("shard %d reassigned from %s to %s although only %s was killed", s, before.assign[s], after.assign[s], victim)
+			if after.Assign[s] != before.Assign[s] {
+				t.Errorf("shard %d reassigned from %s to %s although only %s was killed", s, before.Assign[s], after.Assign[s], victim)
 			}
 			continue
 		}
-		if len(ev) != 2 || ev[0].put || ev[0].value != victim || !ev[1].put || ev[1].value != after.owners[s].value {
+		if len(ev) != 2 || ev[0].Put || ev[0].Value != victim || !ev[1].Put || ev[1].Value != after.Owners[s].Value {
 			t.Errorf("shard %d of %s: want its key deleted then claimed once by a survivor, got %d events: %+v", s, victim, len(ev), ev)
 			continue
 		}
-		if ev[0].at.After(expired) {
-			expired = ev[0].at
+		if ev[0].At.After(expired) {
+			expired = ev[0].At
 		}
-		if ev[1].at.After(reowned) {
-			reowned = ev[1].at
+		if ev[1].At.After(reowned) {
+			reowned = ev[1].At
 		}
 	}
 	lat := reowned.Sub(t0)
 	t.Logf("SIGKILL %s (%d shards, leader %v): its lease expired %s after the kill, all its shards re-owned after %s",
-		victim, len(mine), before.leader == victim, ms(expired.Sub(t0)), ms(lat))
+		victim, len(mine), before.Leader == victim, ms(expired.Sub(t0)), ms(lat))
 	return lat
 }
 
@@ -159,12 +159,12 @@ func TestKillReplica(t *testing.T) {
 		leader := h.leader()
 		var says []string
 		for _, r := range rs {
-			v, err := r.metric("vigil_leader")
+			v, err := r.Metric("vigil_leader")
 			if err != nil {
 				return false, err.Error()
 			}
 			if v == 1 {
-				says = append(says, r.id)
+				says = append(says, r.ID)
 			}
 		}
 		return len(says) == 1 && says[0] == leader, fmt.Sprintf("etcd leader %s, vigil_leader=1 on %v", leader, says)
@@ -260,47 +260,47 @@ func TestKillLatencyDistribution(t *testing.T) {
 // the release -> claim gaps and the time from SIGTERM to exit.
 func gracefulStop(t *testing.T, h *harness, victim string, survivors []string) (gaps []time.Duration, exit time.Duration) {
 	t.Helper()
-	before := h.rec.state()
-	mine := before.ownedBy(victim)
+	before := h.rec.State()
+	mine := before.OwnedBy(victim)
 	isMine := map[int]bool{}
 	for _, s := range mine {
 		isMine[s] = true
 	}
 	r := h.replica(victim)
 	t0 := time.Now()
-	if err := r.signal(syscall.SIGTERM); err != nil {
+	if err := r.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	bound := 2*testTTL + 3*time.Second
 	select {
-	case <-r.done:
+	case <-r.Done():
 	case <-time.After(bound):
 		t.Fatalf("%s still running %s after SIGTERM", victim, bound)
 	}
-	exit = r.exitedAt.Sub(t0)
-	if !r.state.Success() {
-		t.Errorf("%s exited with %s after SIGTERM, want status 0", victim, r.state)
+	exit = r.ExitedAt().Sub(t0)
+	if !r.State().Success() {
+		t.Errorf("%s exited with %s after SIGTERM, want status 0", victim, r.State())
 	}
 	h.waitSettled(10*time.Second, survivors...)
 
 	releaseRevs := map[int64]int{}
 	for s := 0; s < h.shards; s++ {
-		ev := h.rec.history(s, before.rev)
+		ev := h.rec.History(s, before.Rev)
 		if !isMine[s] {
 			if len(ev) > 0 {
-				t.Errorf("shard %d of %s moved (%d events) when %s stopped", s, before.owners[s].value, len(ev), victim)
+				t.Errorf("shard %d of %s moved (%d events) when %s stopped", s, before.Owners[s].Value, len(ev), victim)
 			}
 			continue
 		}
-		if len(ev) != 2 || ev[0].put || ev[0].createRev != before.owners[s].createRev || !ev[1].put {
+		if len(ev) != 2 || ev[0].Put || ev[0].CreateRev != before.Owners[s].CreateRev || !ev[1].Put {
 			t.Errorf("shard %d of %s: want its key released then claimed once, got %+v", s, victim, ev)
 			continue
 		}
-		if ev[1].value == victim {
+		if ev[1].Value == victim {
 			t.Errorf("shard %d re-claimed by the stopping %s", s, victim)
 		}
-		releaseRevs[ev[0].rev]++
-		gaps = append(gaps, ev[1].at.Sub(ev[0].at))
+		releaseRevs[ev[0].Rev]++
+		gaps = append(gaps, ev[1].At.Sub(ev[0].At))
 	}
 	for rev, n := range releaseRevs {
 		if n > 1 {
@@ -310,7 +310,7 @@ func gracefulStop(t *testing.T, h *harness, victim string, survivors []string) (
 	checkHandedOver(t, r)
 	p50, max := durations(gaps)
 	t.Logf("SIGTERM %s (%d shards, leader %v): exited 0 after %s; release -> claim gap p50 %s, max %s",
-		victim, len(mine), before.leader == victim, ms(exit), ms(p50), ms(max))
+		victim, len(mine), before.Leader == victim, ms(exit), ms(p50), ms(max))
 	return gaps, exit
 }
 
@@ -319,19 +319,19 @@ func gracefulStop(t *testing.T, h *harness, victim string, survivors []string) (
 // its session ended or its key vanished, and did not run out of time.
 func checkHandedOver(t *testing.T, r *replica) {
 	t.Helper()
-	for reason, n := range r.log.stopReasons() {
+	for reason, n := range r.Log.StopReasons() {
 		if reason != "reassigned" {
-			t.Errorf("%s stopped %d shards with reason %q during its graceful stop, want only \"reassigned\"", r.id, n, reason)
+			t.Errorf("%s stopped %d shards with reason %q during its graceful stop, want only \"reassigned\"", r.ID, n, reason)
 		}
 	}
-	if n := r.log.count("handover timed out"); n > 0 {
-		t.Errorf("%s logged 'handover timed out'", r.id)
+	if n := r.Log.Count("handover timed out"); n > 0 {
+		t.Errorf("%s logged 'handover timed out'", r.ID)
 	}
-	if n := r.log.count("withdrawing membership failed"); n > 0 {
-		t.Errorf("%s logged 'withdrawing membership failed'", r.id)
+	if n := r.Log.Count("withdrawing membership failed"); n > 0 {
+		t.Errorf("%s logged 'withdrawing membership failed'", r.ID)
 	}
-	if n := r.log.count("shard fenced by a newer owner"); n > 0 {
-		t.Errorf("%s was fenced %d times during a graceful handover", r.id, n)
+	if n := r.Log.Count("shard fenced by a newer owner"); n > 0 {
+		t.Errorf("%s was fenced %d times during a graceful handover", r.ID, n)
 	}
 }
 
@@ -405,37 +405,37 @@ func TestScaleUpDown(t *testing.T) {
 		h.start(id, spawnOpts{})
 	}
 	h.waitSettled(15*time.Second, three...)
-	o1 := h.rec.state()
+	o1 := h.rec.State()
 
 	t0 := time.Now()
 	h.start("scale-4", spawnOpts{})
 	four := append(append([]string(nil), three...), "scale-4")
 	at := h.waitSettled(15*time.Second, four...)
-	o2 := h.rec.state()
+	o2 := h.rec.State()
 	moved := 0
 	for s := 0; s < h.shards; s++ {
-		if o1.owners[s].value == o2.owners[s].value {
-			if ev := h.rec.history(s, o1.rev); len(ev) > 0 {
-				t.Errorf("shard %d of %s was released and re-claimed by it while scaling up: %+v", s, o1.owners[s].value, ev)
+		if o1.Owners[s].Value == o2.Owners[s].Value {
+			if ev := h.rec.History(s, o1.Rev); len(ev) > 0 {
+				t.Errorf("shard %d of %s was released and re-claimed by it while scaling up: %+v", s, o1.Owners[s].Value, ev)
 			}
 			continue
 		}
 		moved++
-		if o2.owners[s].value != "scale-4" {
-			t.Errorf("shard %d moved from %s to %s, not to the new replica", s, o1.owners[s].value, o2.owners[s].value)
+		if o2.Owners[s].Value != "scale-4" {
+			t.Errorf("shard %d moved from %s to %s, not to the new replica", s, o1.Owners[s].Value, o2.Owners[s].Value)
 		}
 		// One hop: released by its owner, claimed by the new replica.
-		if ev := h.rec.history(s, o1.rev); len(ev) != 2 || ev[0].put || ev[0].value != o1.owners[s].value || !ev[1].put || ev[1].value != "scale-4" {
-			t.Errorf("shard %d: want one move %s -> scale-4, got %+v", s, o1.owners[s].value, ev)
+		if ev := h.rec.History(s, o1.Rev); len(ev) != 2 || ev[0].Put || ev[0].Value != o1.Owners[s].Value || !ev[1].Put || ev[1].Value != "scale-4" {
+			t.Errorf("shard %d: want one move %s -> scale-4, got %+v", s, o1.Owners[s].Value, ev)
 		}
 	}
-	quota := len(o2.ownedBy("scale-4"))
+	quota := len(o2.OwnedBy("scale-4"))
 	if moved != quota || quota != h.shards/4 {
 		t.Errorf("scale-up moved %d shards; the new replica owns %d, its quota is %d", moved, quota, h.shards/4)
 	}
 	var gaps []time.Duration
 	for s := 0; s < h.shards; s++ {
-		gaps = append(gaps, releaseGaps(h.rec.history(s, o1.rev))...)
+		gaps = append(gaps, releaseGaps(h.rec.History(s, o1.Rev))...)
 	}
 	p50, max := durations(gaps)
 	t.Logf("scale 3 -> 4: %d shards moved to the new replica, settled %s after its start; handover gap p50 %s, max %s",
@@ -462,30 +462,30 @@ func TestScaleUpDown(t *testing.T) {
 	}
 	t1 := time.Now()
 	for _, id := range stop {
-		if err := h.replica(id).signal(syscall.SIGTERM); err != nil {
+		if err := h.replica(id).Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for _, id := range stop {
 		r := h.replica(id)
 		select {
-		case <-r.done:
+		case <-r.Done():
 		case <-time.After(2*testTTL + 5*time.Second):
 			t.Fatalf("%s still running after SIGTERM", id)
 		}
-		if !r.state.Success() {
-			t.Errorf("%s exited with %s, want 0", id, r.state)
+		if !r.State().Success() {
+			t.Errorf("%s exited with %s, want 0", id, r.State())
 		}
 		checkHandedOver(t, r)
 	}
 	at = h.waitSettled(15*time.Second, two...)
-	o3 := h.rec.state()
+	o3 := h.rec.State()
 	gaps = gaps[:0]
 	for s := 0; s < h.shards; s++ {
-		ev := h.rec.history(s, o2.rev)
-		prev := o2.owners[s].value
+		ev := h.rec.History(s, o2.Rev)
+		prev := o2.Owners[s].Value
 		if prev == two[0] || prev == two[1] {
-			if len(ev) > 0 || o3.owners[s].value != prev {
+			if len(ev) > 0 || o3.Owners[s].Value != prev {
 				t.Errorf("shard %d of survivor %s moved while %v stopped: %+v", s, prev, stop, ev)
 			}
 			continue
@@ -507,8 +507,8 @@ func TestScaleUpDown(t *testing.T) {
 func releaseGaps(ev []shardEvent) []time.Duration {
 	var out []time.Duration
 	for i := 0; i+1 < len(ev); i++ {
-		if !ev[i].put && ev[i+1].put {
-			out = append(out, ev[i+1].at.Sub(ev[i].at))
+		if !ev[i].Put && ev[i+1].Put {
+			out = append(out, ev[i+1].At.Sub(ev[i].At))
 		}
 	}
 	return out
@@ -531,22 +531,22 @@ func TestPartitionedReplicaStepsDown(t *testing.T) {
 	h.start(names[1], spawnOpts{})
 	p := h.start(names[2], spawnOpts{etcdEndpoint: proxy.Addr()})
 	h.waitSettled(15*time.Second, names...)
-	h.poll(15*time.Second, p.id+" to have written", func() (bool, string) {
-		n, err := h.writeCount(p.id)
+	h.poll(15*time.Second, p.ID+" to have written", func() (bool, string) {
+		n, err := h.writeCount(p.ID)
 		return err == nil && n > 0, fmt.Sprintf("%d journal rows, %v", n, err)
 	})
-	before := h.rec.state()
-	mine := before.ownedBy(p.id)
-	h.poll(5*time.Second, p.id+" vigil_shards_owned to match etcd", func() (bool, string) {
-		v, err := p.metric("vigil_shards_owned")
+	before := h.rec.State()
+	mine := before.OwnedBy(p.ID)
+	h.poll(5*time.Second, p.ID+" vigil_shards_owned to match etcd", func() (bool, string) {
+		v, err := p.Metric("vigil_shards_owned")
 		return err == nil && int(v) == len(mine), fmt.Sprintf("%v (%v), etcd %d", v, err, len(mine))
 	})
-	oldLease := before.members[p.id]
+	oldLease := before.Members[p.ID]
 
 	tB := time.Now()
 	proxy.Blackhole()
-	stopped := h.poll(3*testTTL, p.id+" to stop owning (vigil_shards_owned 0)", func() (bool, string) {
-		v, err := p.metric("vigil_shards_owned")
+	stopped := h.poll(3*testTTL, p.ID+" to stop owning (vigil_shards_owned 0)", func() (bool, string) {
+		v, err := p.Metric("vigil_shards_owned")
 		return err == nil && v == 0, fmt.Sprintf("%v (%v)", v, err)
 	})
 	others := names[:2]
@@ -554,40 +554,40 @@ func TestPartitionedReplicaStepsDown(t *testing.T) {
 
 	var expired, first, last time.Time
 	for _, s := range mine {
-		ev := h.rec.history(s, before.rev)
-		if len(ev) < 2 || ev[0].put || !ev[1].put {
+		ev := h.rec.History(s, before.Rev)
+		if len(ev) < 2 || ev[0].Put || !ev[1].Put {
 			t.Errorf("shard %d: want its key expired then claimed, got %+v", s, ev)
 			continue
 		}
-		expired = ev[0].at
-		if first.IsZero() || ev[1].at.Before(first) {
-			first = ev[1].at
+		expired = ev[0].At
+		if first.IsZero() || ev[1].At.Before(first) {
+			first = ev[1].At
 		}
-		if ev[1].at.After(last) {
-			last = ev[1].at
+		if ev[1].At.After(last) {
+			last = ev[1].At
 		}
 	}
 	t.Logf("partition of %s (%d shards): stepped down (owned 0 on /metrics) %s after the blackhole; lease expired server-side after %s; first successor claim after %s (%s after the step-down), last after %s",
-		p.id, len(mine), ms(stopped.Sub(tB)), ms(expired.Sub(tB)), ms(first.Sub(tB)), ms(first.Sub(stopped)), ms(last.Sub(tB)))
+		p.ID, len(mine), ms(stopped.Sub(tB)), ms(expired.Sub(tB)), ms(first.Sub(tB)), ms(first.Sub(stopped)), ms(last.Sub(tB)))
 	if !stopped.Before(first) {
-		t.Errorf("%s still owned shards %s after the first successor claim", p.id, stopped.Sub(first))
+		t.Errorf("%s still owned shards %s after the first successor claim", p.ID, stopped.Sub(first))
 	}
-	if lv, err := p.metric("vigil_leader"); err != nil || lv != 0 {
-		t.Errorf("partitioned %s: vigil_leader %v (%v)", p.id, lv, err)
+	if lv, err := p.Metric("vigil_leader"); err != nil || lv != 0 {
+		t.Errorf("partitioned %s: vigil_leader %v (%v)", p.ID, lv, err)
 	}
-	code, _, _ := p.get("/readyz")
+	code, _, _ := p.Get("/readyz")
 	if code == 200 {
-		t.Errorf("partitioned %s still answers /readyz 200", p.id)
+		t.Errorf("partitioned %s still answers /readyz 200", p.ID)
 	}
 
 	tH := time.Now()
 	proxy.Heal()
-	h.poll(20*time.Second, p.id+" to rejoin with a new lease", func() (bool, string) {
-		l := h.rec.state().members[p.id]
+	h.poll(20*time.Second, p.ID+" to rejoin with a new lease", func() (bool, string) {
+		l := h.rec.State().Members[p.ID]
 		return l != 0 && l != oldLease, fmt.Sprintf("member lease %x (old %x)", l, oldLease)
 	})
 	at := h.waitSettled(20*time.Second, names...)
-	t.Logf("after heal: %s rejoined and the cluster rebalanced in %s; it owns %d shards", p.id, ms(at.Sub(tH)), len(h.rec.state().ownedBy(p.id)))
+	t.Logf("after heal: %s rejoined and the cluster rebalanced in %s; it owns %d shards", p.ID, ms(at.Sub(tH)), len(h.rec.State().OwnedBy(p.ID)))
 	h.poll(5*time.Second, "every fence in Postgres to hold its etcd owner and token", h.fencesMatch)
 	n := h.checkWrites()
 	t.Logf("%d writes checked against the ownership record", n)
@@ -614,7 +614,7 @@ func freezeInWrite(t *testing.T, h *harness, w *workload, r *replica, shards []i
 		}
 	}
 	if len(hosts) == 0 {
-		t.Fatalf("no simulated host in the shards of %s", r.id)
+		t.Fatalf("no simulated host in the shards of %s", r.ID)
 	}
 	ctx := context.Background()
 	for attempt := 0; attempt < 5; attempt++ {
@@ -636,11 +636,11 @@ func freezeInWrite(t *testing.T, h *harness, w *workload, r *replica, shards []i
 			var waiting int
 			if err := h.db.QueryRow(ctx, `select count(*) from pg_stat_activity
 				 where datname = current_database() and application_name = $1 and wait_event_type = 'Lock'`,
-				"vigil "+r.id).Scan(&waiting); err != nil {
+				"vigil "+r.ID).Scan(&waiting); err != nil {
 				t.Fatal(err)
 			}
 			if waiting > 0 {
-				if err := r.signal(syscall.SIGSTOP); err != nil {
+				if err := r.Signal(syscall.SIGSTOP); err != nil {
 					t.Fatal(err)
 				}
 				at := time.Now()
@@ -650,9 +650,9 @@ func freezeInWrite(t *testing.T, h *harness, w *workload, r *replica, shards []i
 			time.Sleep(5 * time.Millisecond)
 		}
 		_ = tx.Rollback(ctx)
-		t.Logf("attempt %d: %s did not reach the locked row; trying again", attempt+1, r.id)
+		t.Logf("attempt %d: %s did not reach the locked row; trying again", attempt+1, r.ID)
 	}
-	t.Fatalf("could not catch %s inside a write transaction", r.id)
+	t.Fatalf("could not catch %s inside a write transaction", r.ID)
 	return uuid.Nil, time.Time{}
 }
 
@@ -683,9 +683,9 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 		n, err := h.writeCount(victim)
 		return err == nil && n >= 3, fmt.Sprintf("%d journal rows, %v", n, err)
 	})
-	before := h.rec.state()
-	mine := before.ownedBy(victim)
-	oldLease := before.members[victim]
+	before := h.rec.State()
+	mine := before.OwnedBy(victim)
+	oldLease := before.Members[victim]
 	others := without(names, victim)
 
 	frozenRow, t0 := freezeInWrite(t, h, w, p, mine)
@@ -699,7 +699,7 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 		if ok, d := h.settled(others); !ok {
 			return false, d
 		}
-		st := h.rec.state()
+		st := h.rec.State()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		for _, s := range mine {
@@ -707,8 +707,8 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 			if err := h.db.QueryRow(ctx, `select token, owner, updated_at from vigil_shard_fences where shard = $1`, s).Scan(&f.token, &f.owner, &f.at); err != nil {
 				return false, err.Error()
 			}
-			if f.token != st.owners[s].createRev || f.owner != st.owners[s].value {
-				return false, fmt.Sprintf("shard %d fence (%d, %s), etcd (%d, %s)", s, f.token, f.owner, st.owners[s].createRev, st.owners[s].value)
+			if f.token != st.Owners[s].CreateRev || f.owner != st.Owners[s].Value {
+				return false, fmt.Sprintf("shard %d fence (%d, %s), etcd (%d, %s)", s, f.token, f.owner, st.Owners[s].CreateRev, st.Owners[s].Value)
 			}
 			fences[s] = f
 		}
@@ -716,20 +716,20 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 	})
 	var lastClaim time.Time
 	for _, s := range mine {
-		for _, e := range h.rec.history(s, before.rev) {
-			if e.put && e.at.After(lastClaim) {
-				lastClaim = e.at
+		for _, e := range h.rec.History(s, before.Rev) {
+			if e.Put && e.At.After(lastClaim) {
+				lastClaim = e.At
 			}
 		}
 	}
 	t1 := time.Now()
-	if err := p.signal(syscall.SIGCONT); err != nil {
+	if err := p.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("paused %s (%d shards) for %s; successors claimed all its shards %s after the pause", victim, len(mine), ms(t1.Sub(t0)), ms(lastClaim.Sub(t0)))
 
 	h.poll(15*time.Second, victim+" to rejoin with a new lease", func() (bool, string) {
-		l := h.rec.state().members[victim]
+		l := h.rec.State().Members[victim]
 		return l != 0 && l != oldLease, fmt.Sprintf("member lease %x (old %x)", l, oldLease)
 	})
 	at := h.waitSettled(20*time.Second, names...)
@@ -758,10 +758,10 @@ func TestPausedReplicaIsFenced(t *testing.T) {
 	if late > 0 {
 		t.Errorf("%s committed %d writes under its old tokens after the successors raised the fences", victim, late)
 	}
-	rej, _ := p.metric("vigil_fence_rejections_total")
-	sessions, _ := p.metric("vigil_etcd_sessions_total")
+	rej, _ := p.Metric("vigil_fence_rejections_total")
+	sessions, _ := p.Metric("vigil_etcd_sessions_total")
 	t.Logf("%s: %d writes on its old shards in all, %d after the successors' fence raise; vigil_fence_rejections_total %v, %d 'shard fenced by a newer owner' log lines, vigil_etcd_sessions_total %v",
-		victim, total, late, rej, p.log.count("shard fenced by a newer owner"), sessions)
+		victim, total, late, rej, p.Log.Count("shard fenced by a newer owner"), sessions)
 	if sessions < 2 {
 		t.Errorf("%s: vigil_etcd_sessions_total %v, want a second session after the pause", victim, sessions)
 	}
@@ -821,7 +821,7 @@ func TestInspectCommands(t *testing.T) {
 		h.start(id, spawnOpts{})
 	}
 	h.waitSettled(15*time.Second, names...)
-	st := h.rec.state()
+	st := h.rec.State()
 	common := []string{"--etcd-endpoints", h.endpoint, "--cluster", h.cluster}
 
 	out, errOut, code := runVigil(t, h.bin, append([]string{"shards"}, common...)...)
@@ -836,19 +836,19 @@ func TestInspectCommands(t *testing.T) {
 			continue
 		}
 		s, _ := strconv.Atoi(m[1])
-		if m[2] != st.owners[s].value || m[3] != st.assign[s] {
-			t.Errorf("vigil shards: %q, etcd says owner %s assigned %s", line, st.owners[s].value, st.assign[s])
+		if m[2] != st.Owners[s].Value || m[3] != st.Assign[s] {
+			t.Errorf("vigil shards: %q, etcd says owner %s assigned %s", line, st.Owners[s].Value, st.Assign[s])
 		}
 		seen++
 	}
 	if seen != h.shards {
 		t.Errorf("vigil shards printed %d shard rows, want %d:\n%s", seen, h.shards, out)
 	}
-	if !strings.Contains(out, "leader: "+st.leader+"\n") {
-		t.Errorf("vigil shards does not name leader %s:\n%s", st.leader, out)
+	if !strings.Contains(out, "leader: "+st.Leader+"\n") {
+		t.Errorf("vigil shards does not name leader %s:\n%s", st.Leader, out)
 	}
 	for _, id := range names {
-		if want := fmt.Sprintf("member %s owns %d shards", id, len(st.ownedBy(id))); !strings.Contains(out, want) {
+		if want := fmt.Sprintf("member %s owns %d shards", id, len(st.OwnedBy(id))); !strings.Contains(out, want) {
 			t.Errorf("vigil shards lacks %q:\n%s", want, out)
 		}
 	}
@@ -868,12 +868,12 @@ func TestInspectCommands(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &js); err != nil {
 		t.Fatalf("vigil shards --output json: %v\n%s", err, out)
 	}
-	if len(js.Shards) != h.shards || js.Leader != st.leader || len(js.Member) != len(names) {
+	if len(js.Shards) != h.shards || js.Leader != st.Leader || len(js.Member) != len(names) {
 		t.Errorf("vigil shards --output json: %d shards, leader %q, %d members:\n%s", len(js.Shards), js.Leader, len(js.Member), out)
 	}
 	for _, r := range js.Shards {
-		if r.Shard < 0 || r.Shard >= h.shards || r.Owner != st.owners[r.Shard].value || r.Assigned != st.assign[r.Shard] {
-			t.Errorf("vigil shards --output json: %+v, etcd says owner %s", r, st.owners[r.Shard%h.shards].value)
+		if r.Shard < 0 || r.Shard >= h.shards || r.Owner != st.Owners[r.Shard].Value || r.Assigned != st.Assign[r.Shard] {
+			t.Errorf("vigil shards --output json: %+v, etcd says owner %s", r, st.Owners[r.Shard%h.shards].Value)
 		}
 	}
 
@@ -889,7 +889,7 @@ func TestInspectCommands(t *testing.T) {
 			if code != 0 {
 				t.Fatalf("vigil owner %s: exit %d: %s", form, code, errOut)
 			}
-			want := fmt.Sprintf("host %s (%s)\nshard %s\nowner %s\nassigned %s\n", id, ids.Host(id), shard.Key(s), st.owners[s].value, st.assign[s])
+			want := fmt.Sprintf("host %s (%s)\nshard %s\nowner %s\nassigned %s\n", id, ids.Host(id), shard.Key(s), st.Owners[s].Value, st.Assign[s])
 			if out != want {
 				t.Errorf("vigil owner %s:\n%s\nwant:\n%s", form, out, want)
 			}

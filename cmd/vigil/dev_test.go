@@ -61,12 +61,12 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 		_ = cmd.Process.Kill()
 		<-exited
 	})
-	reps := []*replica{{admin: "127.0.0.1:" + strconv.Itoa(base)}, {admin: "127.0.0.1:" + strconv.Itoa(base+1)}}
+	reps := []*replica{{Admin: "127.0.0.1:" + strconv.Itoa(base)}, {Admin: "127.0.0.1:" + strconv.Itoa(base+1)}}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		owned, ok, agentErrs := 0.0, 0.0, 0.0
 		for _, r := range reps {
-			m, err := r.metrics()
+			m, err := r.Metrics()
 			if err != nil {
 				continue
 			}
@@ -80,22 +80,22 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 		}
 		if owned == 16 && ok >= 40 { // every host reconciled at least twice
 			if agentErrs > 0 {
-				t.Fatalf("%v agent RPC errors over mutual TLS\n%s", agentErrs, out.tail(40))
+				t.Fatalf("%v agent RPC errors over mutual TLS\n%s", agentErrs, out.Tail(40))
 			}
 			break
 		}
 		select {
 		case <-exited:
-			t.Fatalf("vigil dev exited: %v\n%s", waitErr, out.tail(40))
+			t.Fatalf("vigil dev exited: %v\n%s", waitErr, out.Tail(40))
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("after 60s: %v shards owned, %v successful host reconciles\n%s", owned, ok, out.tail(40))
+			t.Fatalf("after 60s: %v shards owned, %v successful host reconciles\n%s", owned, ok, out.Tail(40))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	if !strings.Contains(out.String(), "agents over mutual TLS") {
-		t.Errorf("banner does not say the agents speak mutual TLS:\n%s", out.tail(40))
+		t.Errorf("banner does not say the agents speak mutual TLS:\n%s", out.Tail(40))
 	}
 	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
@@ -105,9 +105,9 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 	select {
 	case <-exited:
 		if waitErr != nil {
-			t.Fatalf("vigil dev after Ctrl-C: %v\n%s", waitErr, out.tail(40))
+			t.Fatalf("vigil dev after Ctrl-C: %v\n%s", waitErr, out.Tail(40))
 		}
 	case <-ctx.Done():
-		t.Fatalf("vigil dev still running 30s after Ctrl-C\n%s", out.tail(40))
+		t.Fatalf("vigil dev still running 30s after Ctrl-C\n%s", out.Tail(40))
 	}
 }

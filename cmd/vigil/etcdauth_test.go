@@ -215,14 +215,14 @@ func TestEtcdAuthentication(t *testing.T) {
 			_ = cmd.Process.Kill()
 			<-done
 			if t.Failed() {
-				t.Logf("replica log:\n%s", lb.tail(60))
+				t.Logf("replica log:\n%s", lb.Tail(60))
 			}
 		})
-		r := &replica{admin: admin}
+		r := &replica{Admin: admin}
 		waitUntil(t, 20*time.Second, "the replica ready, owning every shard", func() (bool, string) {
 			select {
 			case <-done:
-				t.Fatalf("replica exited:\n%s", lb.tail(40))
+				t.Fatalf("replica exited:\n%s", lb.Tail(40))
 			default:
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -231,7 +231,7 @@ func TestEtcdAuthentication(t *testing.T) {
 			if err != nil {
 				return false, err.Error()
 			}
-			code, body, err := r.get("/readyz")
+			code, body, err := r.Get("/readyz")
 			return err == nil && code == 200 && resp.Count == shards, strconv.FormatInt(resp.Count, 10) + " owner keys, /readyz " + strconv.Itoa(code) + " " + body
 		})
 		common := []string{"--etcd-endpoints", ae.endpoint, "--cluster", cluster}

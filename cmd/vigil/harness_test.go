@@ -6,13 +6,8 @@ package main
 // side (fences, audit rows) against that record.
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -28,14 +23,13 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/vigil-sh/vigil/agentsim"
 	"github.com/vigil-sh/vigil/election"
 	"github.com/vigil-sh/vigil/internal/etcdtest"
 	"github.com/vigil-sh/vigil/internal/pgtest"
-	"github.com/vigil-sh/vigil/shard"
+	"github.com/vigil-sh/vigil/internal/vigiltest"
 )
 
 // testTTL is every replica's lease TTL.
@@ -96,7 +90,7 @@ type harness struct {
 	cluster  string
 	layout   election.Layout
 	shards   int
-	rec      *recorder
+	rec      *vigiltest.Recorder
 
 	mu       sync.Mutex
 	replicas map[string]*replica
@@ -138,15 +132,15 @@ func (h *harness) cleanup() {
 	rs := append([]*replica(nil), h.order...)
 	h.mu.Unlock()
 	for _, r := range rs {
-		if !r.exited() {
-			_ = r.cmd.Process.Kill()
+		if !r.Exited() {
+			_ = r.Cmd.Process.Kill()
 		}
 	}
 	for _, r := range rs {
 		select {
-		case <-r.done:
+		case <-r.Done():
 		case <-time.After(10 * time.Second):
-			h.t.Logf("replica %s (pid %d) did not exit after SIGKILL", r.id, r.cmd.Process.Pid)
+			h.t.Logf("replica %s (pid %d) did not exit after SIGKILL", r.ID, r.Pid())
 		}
 	}
 	if dir := os.Getenv("VIGIL_E2E_LOGDIR"); dir != "" {
@@ -154,31 +148,24 @@ func (h *harness) cleanup() {
 		d := filepath.Join(dir, strings.ReplaceAll(h.t.Name(), "/", "_"))
 		if err := os.MkdirAll(d, 0o755); err == nil {
 			for _, r := range rs {
-				_ = os.WriteFile(filepath.Join(d, r.id+".log"), []byte(r.log.String()), 0o644)
+				_ = os.WriteFile(filepath.Join(d, r.ID+".log"), []byte(r.Log.String()), 0o644)
 			}
-			_ = os.WriteFile(filepath.Join(d, "etcd-events.txt"), []byte(h.rec.dump(1<<30)), 0o644)
+			_ = os.WriteFile(filepath.Join(d, "etcd-events.txt"), []byte(h.rec.Dump(1<<30)), 0o644)
 		}
 	}
 	if h.t.Failed() {
 		for _, r := range rs {
-			h.t.Logf("---- replica %s (pid %d, exit %s), last log lines:\n%s", r.id, r.cmd.Process.Pid, r.exitString(), r.log.tail(120))
+			h.t.Logf("---- replica %s (pid %d, exit %s), last log lines:\n%s", r.ID, r.Pid(), r.ExitString(), r.Log.Tail(120))
 		}
-		h.t.Logf("---- last ownership events:\n%s", h.rec.dump(60))
+		h.t.Logf("---- last ownership events:\n%s", h.rec.Dump(60))
 	}
 }
 
-// replica is one `vigil run` process.
-type replica struct {
-	id      string
-	admin   string // host:port of its admin listener
-	cmd     *exec.Cmd
-	log     *logBuffer
-	started time.Time
+// replica is one `vigil run` process (internal/vigiltest).
+type replica = vigiltest.Replica
 
-	done     chan struct{} // closed when the process has exited
-	state    *os.ProcessState
-	exitedAt time.Time
-}
+// logBuffer collects a process's output.
+type logBuffer = vigiltest.LogBuffer
 
 type spawnOpts struct {
 	etcdEndpoint string // default: the member itself
@@ -205,20 +192,17 @@ func (h *harness) spawn(id string, o spawnOpts) *replica {
 		"--db-max-conns", "4",
 		"--log-format", "json",
 	}
-	cmd := exec.Command(h.bin, args...)
-	cmd.Env = cleanEnv()
-	lb := &logBuffer{}
-	cmd.Stdout, cmd.Stderr = lb, lb
-	r := &replica{id: id, admin: admin, cmd: cmd, log: lb, done: make(chan struct{})}
-	if err := cmd.Start(); err != nil {
+	return h.startProcess(id, admin, args)
+}
+
+// startProcess starts the binary with args as replica id and registers it.
+func (h *harness) startProcess(id, admin string, args []string) *replica {
+	h.t.Helper()
+	p, err := vigiltest.Start(id, h.bin, args, nil)
+	if err != nil {
 		h.t.Fatalf("start replica %s: %v", id, err)
 	}
-	r.started = time.Now()
-	go func() {
-		_ = cmd.Wait()
-		r.state, r.exitedAt = cmd.ProcessState, time.Now()
-		close(r.done)
-	}()
+	r := &replica{Process: p, Admin: admin}
 	h.mu.Lock()
 	h.replicas[id] = r
 	h.order = append(h.order, r)
@@ -242,11 +226,11 @@ func (h *harness) replica(id string) *replica {
 
 func (h *harness) waitHealthy(r *replica) {
 	h.t.Helper()
-	h.poll(15*time.Second, "admin listener of "+r.id, func() (bool, string) {
-		if r.exited() {
-			h.t.Fatalf("replica %s exited during start-up (%s):\n%s", r.id, r.exitString(), r.log.tail(40))
+	h.poll(15*time.Second, "admin listener of "+r.ID, func() (bool, string) {
+		if r.Exited() {
+			h.t.Fatalf("replica %s exited during start-up (%s):\n%s", r.ID, r.ExitString(), r.Log.Tail(40))
 		}
-		code, body, err := r.get("/healthz")
+		code, body, err := r.Get("/healthz")
 		if err != nil {
 			return false, err.Error()
 		}
@@ -256,156 +240,26 @@ func (h *harness) waitHealthy(r *replica) {
 
 func freePort(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	a, err := vigiltest.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return a
 }
 
 // cleanEnv is the test's environment without VIGIL_* settings, so flags are
 // the only configuration of a replica.
-func cleanEnv() []string {
-	var out []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "VIGIL_") {
-			out = append(out, kv)
-		}
-	}
-	return out
-}
-
-func (r *replica) exited() bool {
-	select {
-	case <-r.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (r *replica) exitString() string {
-	if !r.exited() {
-		return "running"
-	}
-	return r.state.String()
-}
-
-func (r *replica) signal(sig os.Signal) error { return r.cmd.Process.Signal(sig) }
+func cleanEnv() []string { return vigiltest.CleanEnv() }
 
 // kill sends SIGKILL and waits for the process to be gone.
-func (r *replica) kill(t testing.TB) {
+func kill(t testing.TB, r *replica) {
 	t.Helper()
-	if err := r.cmd.Process.Kill(); err != nil {
-		t.Fatalf("kill %s: %v", r.id, err)
-	}
-	select {
-	case <-r.done:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("replica %s still running 10s after SIGKILL", r.id)
+	if err := r.Kill(10 * time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 
 var httpClient = &http.Client{Timeout: 2 * time.Second}
-
-func (r *replica) get(path string) (int, string, error) {
-	resp, err := httpClient.Get("http://" + r.admin + path)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, strings.TrimSpace(string(b)), err
-}
-
-// metrics reads the replica's /metrics as series -> value, the series being
-// the text before the value ("name" or "name{labels}").
-func (r *replica) metrics() (map[string]float64, error) {
-	code, body, err := r.get("/metrics")
-	if err != nil {
-		return nil, err
-	}
-	if code != 200 {
-		return nil, fmt.Errorf("/metrics: %d", code)
-	}
-	out := map[string]float64{}
-	sc := bufio.NewScanner(strings.NewReader(body))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			continue
-		}
-		out[line[:i]] = v
-	}
-	return out, sc.Err()
-}
-
-// metric is one series' value (0 when absent), or an error.
-func (r *replica) metric(series string) (float64, error) {
-	m, err := r.metrics()
-	if err != nil {
-		return 0, err
-	}
-	return m[series], nil
-}
-
-// logBuffer collects a process's output.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func (l *logBuffer) tail(n int) string {
-	lines := strings.Split(strings.TrimRight(l.String(), "\n"), "\n")
-	if len(lines) > n {
-		lines = append([]string{fmt.Sprintf("... (%d earlier lines)", len(lines)-n)}, lines[len(lines)-n:]...)
-	}
-	return strings.Join(lines, "\n")
-}
-
-// stopReasons counts the replica's "shard stopping" log lines by reason.
-func (l *logBuffer) stopReasons() map[string]int {
-	out := map[string]int{}
-	for _, line := range strings.Split(l.String(), "\n") {
-		if !strings.Contains(line, `"@message":"shard stopping"`) {
-			continue
-		}
-		var e struct {
-			Reason string `json:"reason"`
-		}
-		if json.Unmarshal([]byte(line), &e) == nil {
-			out[e.Reason]++
-		}
-	}
-	return out
-}
-
-// count is the number of log lines containing s.
-func (l *logBuffer) count(s string) int {
-	return strings.Count(l.String(), s)
-}
 
 // poll evaluates cond whenever the recorded etcd state changes, and at least
 // every 25ms, until it holds; it returns the time it held. At timeout the test
@@ -416,8 +270,8 @@ func (h *harness) poll(timeout time.Duration, what string, cond func() (bool, st
 	tick := time.NewTicker(25 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		ch := h.rec.changedCh()
-		if err := h.rec.error(); err != nil {
+		ch := h.rec.Changed()
+		if err := h.rec.Err(); err != nil {
 			h.t.Fatalf("etcd watch failed: %v", err)
 		}
 		ok, detail := cond()
@@ -439,39 +293,7 @@ func (h *harness) poll(timeout time.Duration, what string, cond func() (bool, st
 // is owned by the replica the leader assigned it to, and the assignment is
 // balanced exactly.
 func (h *harness) settled(ids []string) (bool, string) {
-	st := h.rec.state()
-	want := map[string]bool{}
-	for _, id := range ids {
-		want[id] = true
-	}
-	if len(st.members) != len(ids) {
-		return false, fmt.Sprintf("members %v, want %v", keys(st.members), ids)
-	}
-	for id := range st.members {
-		if !want[id] {
-			return false, fmt.Sprintf("members %v, want %v", keys(st.members), ids)
-		}
-	}
-	counts := map[string]int{}
-	for s := 0; s < h.shards; s++ {
-		o := st.owners[s]
-		switch {
-		case o.value == "":
-			return false, fmt.Sprintf("shard %d unowned (%s)", s, st.summary())
-		case !want[o.value]:
-			return false, fmt.Sprintf("shard %d owned by %s, not a wanted member (%s)", s, o.value, st.summary())
-		case st.assign[s] != o.value:
-			return false, fmt.Sprintf("shard %d owned by %s, assigned to %q (%s)", s, o.value, st.assign[s], st.summary())
-		}
-		counts[o.value]++
-	}
-	lo, hi := h.shards/len(ids), (h.shards+len(ids)-1)/len(ids)
-	for _, id := range ids {
-		if c := counts[id]; c < lo || c > hi {
-			return false, fmt.Sprintf("%s owns %d shards, want %d..%d (%s)", id, c, lo, hi, st.summary())
-		}
-	}
-	return true, ""
+	return h.rec.State().Settled(h.shards, ids)
 }
 
 // waitSettled waits for settled(ids) and returns when it first held.
@@ -507,14 +329,14 @@ func (h *harness) fencesMatch() (bool, string) {
 	if err := rows.Err(); err != nil {
 		return false, err.Error()
 	}
-	st := h.rec.state()
+	st := h.rec.State()
 	for s := 0; s < h.shards; s++ {
-		o, f := st.owners[s], fences[s]
-		if o.value == "" {
+		o, f := st.Owners[s], fences[s]
+		if o.Value == "" {
 			return false, fmt.Sprintf("shard %d unowned in etcd", s)
 		}
-		if f.token != o.createRev || f.owner != o.value {
-			return false, fmt.Sprintf("shard %d: fence (%d, %s), etcd owner (%d, %s)", s, f.token, f.owner, o.createRev, o.value)
+		if f.token != o.CreateRev || f.owner != o.Value {
+			return false, fmt.Sprintf("shard %d: fence (%d, %s), etcd owner (%d, %s)", s, f.token, f.owner, o.CreateRev, o.Value)
 		}
 	}
 	return true, ""
@@ -522,325 +344,28 @@ func (h *harness) fencesMatch() (bool, string) {
 
 // leader is the replica whose election key has the lowest create revision.
 func (h *harness) leader() string {
-	return h.rec.state().leader
+	return h.rec.State().Leader
 }
 
-// ownedBy lists the shards the replica owns in etcd.
-func (st clusterSnapshot) ownedBy(id string) []int {
-	var out []int
-	for s, o := range st.owners {
-		if o.value == id {
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
-func keys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}
+func keys[V any](m map[string]V) []string { return vigiltest.SortedKeys(m) }
 
 // ---------------------------------------------------------------------------
-// recorder: every change under the cluster's etcd root, in revision order
+// ownership record
 
-type ownerKey struct {
-	value     string
-	createRev int64
-	lease     int64
-}
+// shardEvent is one change of a shard's owner key (internal/vigiltest).
+type shardEvent = vigiltest.ShardEvent
 
-// shardEvent is one change of a shard's owner key.
-type shardEvent struct {
-	at        time.Time
-	rev       int64
-	put       bool
-	value     string // PUT: the new owner; DELETE: the owner whose key went
-	createRev int64  // the key's create revision (the fencing token)
-	lease     int64
-}
+// clusterSnapshot is a copy of the recorded etcd state.
+type clusterSnapshot = vigiltest.Snapshot
 
-func (e shardEvent) String() string {
-	op := "DELETE"
-	if e.put {
-		op = "PUT"
-	}
-	return fmt.Sprintf("%s rev %d %s %s token %d", e.at.Format("15:04:05.000"), e.rev, op, e.value, e.createRev)
-}
-
-type recorder struct {
-	t      testing.TB
-	layout election.Layout
-	shards int
-
-	mu         sync.Mutex
-	owners     []ownerKey
-	assign     []string
-	members    map[string]int64    // id -> lease
-	leaders    map[string]ownerKey // election key -> (replica, create revision, lease)
-	hist       [][]shardEvent      // by shard
-	violations []string
-	rev        int64
-	err        error
-	changed    chan struct{}
-}
-
-func newRecorder(t testing.TB, cli *clientv3.Client, layout election.Layout, shards int) *recorder {
-	r := &recorder{
-		t: t, layout: layout, shards: shards,
-		owners: make([]ownerKey, shards), assign: make([]string, shards),
-		members: map[string]int64{}, leaders: map[string]ownerKey{},
-		hist: make([][]shardEvent, shards), changed: make(chan struct{}),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	gctx, gcancel := context.WithTimeout(ctx, 10*time.Second)
-	resp, err := cli.Get(gctx, layout.Root+"/", clientv3.WithPrefix())
-	gcancel()
+func newRecorder(t testing.TB, cli *clientv3.Client, layout election.Layout, shards int) *vigiltest.Recorder {
+	t.Helper()
+	r, err := vigiltest.NewRecorder(context.Background(), cli, layout, shards)
 	if err != nil {
-		cancel()
-		t.Fatalf("recorder: read %s: %v", layout.Root, err)
+		t.Fatal(err)
 	}
-	now := time.Now()
-	for _, kv := range resp.Kvs {
-		r.apply(now, resp.Header.Revision, true, kv)
-	}
-	r.rev = resp.Header.Revision
-	wch := cli.Watch(ctx, layout.Root+"/", clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for wr := range wch {
-			at := time.Now()
-			if err := wr.Err(); err != nil {
-				r.fail(fmt.Errorf("watch: %w", err))
-				return
-			}
-			r.mu.Lock()
-			for _, ev := range wr.Events {
-				r.applyLocked(at, ev.Kv.ModRevision, ev.Type == mvccpb.PUT, ev.Kv)
-			}
-			r.rev = wr.Header.Revision
-			r.notifyLocked()
-			r.mu.Unlock()
-		}
-		if ctx.Err() == nil {
-			r.fail(fmt.Errorf("watch channel closed"))
-		}
-	}()
-	t.Cleanup(func() { cancel(); <-done })
+	t.Cleanup(r.Close)
 	return r
-}
-
-func (r *recorder) fail(err error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.err == nil {
-		r.err = err
-	}
-	r.notifyLocked()
-}
-
-func (r *recorder) error() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.err
-}
-
-func (r *recorder) notifyLocked() {
-	close(r.changed)
-	r.changed = make(chan struct{})
-}
-
-func (r *recorder) changedCh() <-chan struct{} {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.changed
-}
-
-func (r *recorder) apply(at time.Time, rev int64, put bool, kv *mvccpb.KeyValue) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.applyLocked(at, rev, put, kv)
-}
-
-func (r *recorder) applyLocked(at time.Time, rev int64, put bool, kv *mvccpb.KeyValue) {
-	key := string(kv.Key)
-	L := r.layout
-	switch {
-	case strings.HasPrefix(key, L.ShardsPrefix()):
-		s, err := shard.ParseKey(strings.TrimPrefix(key, L.ShardsPrefix()), r.shards)
-		if err != nil {
-			r.violations = append(r.violations, fmt.Sprintf("rev %d: bad shard key %s", rev, key))
-			return
-		}
-		cur := r.owners[s]
-		if put {
-			if cur.value != "" {
-				// create-if-absent makes this impossible: a second owner
-				// written over the first.
-				r.violations = append(r.violations, fmt.Sprintf("rev %d: shard %d owner key rewritten from %s (token %d) to %s (create rev %d)",
-					rev, s, cur.value, cur.createRev, kv.Value, kv.CreateRevision))
-			}
-			o := ownerKey{value: string(kv.Value), createRev: kv.CreateRevision, lease: kv.Lease}
-			r.owners[s] = o
-			r.hist[s] = append(r.hist[s], shardEvent{at: at, rev: rev, put: true, value: o.value, createRev: o.createRev, lease: o.lease})
-		} else {
-			r.owners[s] = ownerKey{}
-			r.hist[s] = append(r.hist[s], shardEvent{at: at, rev: rev, value: cur.value, createRev: cur.createRev, lease: cur.lease})
-		}
-	case strings.HasPrefix(key, L.AssignPrefix()):
-		s, err := shard.ParseKey(strings.TrimPrefix(key, L.AssignPrefix()), r.shards)
-		if err != nil {
-			return
-		}
-		if put {
-			r.assign[s] = string(kv.Value)
-		} else {
-			r.assign[s] = ""
-		}
-	case strings.HasPrefix(key, L.MembersPrefix()):
-		id := strings.TrimPrefix(key, L.MembersPrefix())
-		if put {
-			r.members[id] = kv.Lease
-		} else {
-			delete(r.members, id)
-		}
-	case strings.HasPrefix(key, L.LeaderPrefix()):
-		if put {
-			r.leaders[key] = ownerKey{value: string(kv.Value), createRev: kv.CreateRevision, lease: kv.Lease}
-		} else {
-			delete(r.leaders, key)
-		}
-	}
-}
-
-// clusterSnapshot is a copy of the recorded state.
-type clusterSnapshot struct {
-	rev     int64
-	owners  []ownerKey
-	assign  []string
-	members map[string]int64
-	leader  string
-}
-
-func (r *recorder) state() clusterSnapshot {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	st := clusterSnapshot{
-		rev:     r.rev,
-		owners:  append([]ownerKey(nil), r.owners...),
-		assign:  append([]string(nil), r.assign...),
-		members: map[string]int64{},
-	}
-	for k, v := range r.members {
-		st.members[k] = v
-	}
-	var best int64
-	for _, l := range r.leaders {
-		if best == 0 || l.createRev < best {
-			best, st.leader = l.createRev, l.value
-		}
-	}
-	return st
-}
-
-func (st clusterSnapshot) summary() string {
-	counts := map[string]int{}
-	for _, o := range st.owners {
-		counts[o.value]++
-	}
-	var parts []string
-	for _, k := range keys(counts) {
-		name := k
-		if name == "" {
-			name = "(unowned)"
-		}
-		parts = append(parts, fmt.Sprintf("%s=%d", name, counts[k]))
-	}
-	return "owners " + strings.Join(parts, " ") + ", leader " + st.leader
-}
-
-func (st clusterSnapshot) ownedCount() int {
-	n := 0
-	for _, o := range st.owners {
-		if o.value != "" {
-			n++
-		}
-	}
-	return n
-}
-
-// history returns the shard's events after revision rev.
-func (r *recorder) history(s int, after int64) []shardEvent {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []shardEvent
-	for _, e := range r.hist[s] {
-		if e.rev > after {
-			out = append(out, e)
-		}
-	}
-	return out
-}
-
-// tenure is when the owner key with create revision token was observed
-// created and deleted (zero when still held); found is false when no such key
-// of the shard was seen.
-func (r *recorder) tenure(s int, token int64) (owner string, claimed, released time.Time, found bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, e := range r.hist[s] {
-		if e.createRev != token {
-			continue
-		}
-		if e.put {
-			owner, claimed, found = e.value, e.at, true
-		} else {
-			released = e.at
-		}
-	}
-	return owner, claimed, released, found
-}
-
-func (r *recorder) violationList() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]string(nil), r.violations...)
-}
-
-// dump renders the last n shard events, for failure reports.
-func (r *recorder) dump(n int) string {
-	r.mu.Lock()
-	var all []struct {
-		s int
-		e shardEvent
-	}
-	for s, h := range r.hist {
-		for _, e := range h {
-			all = append(all, struct {
-				s int
-				e shardEvent
-			}{s, e})
-		}
-	}
-	r.mu.Unlock()
-	sort.Slice(all, func(i, j int) bool { return all[i].e.rev < all[j].e.rev })
-	if len(all) > n {
-		all = all[len(all)-n:]
-	}
-	var b strings.Builder
-	for _, x := range all {
-		op := "DELETE"
-		if x.e.put {
-			op = "PUT   "
-		}
-		fmt.Fprintf(&b, "%s rev %d %s shard %04d %s token %d\n", x.e.at.Format("15:04:05.000"), x.e.rev, op, x.s, x.e.value, x.e.createRev)
-	}
-	return b.String()
 }
 
 // checkHistory fails the test for any recorded key-level violation: an owner
@@ -848,14 +373,14 @@ func (r *recorder) dump(n int) string {
 // claim/release.
 func (h *harness) checkHistory() {
 	h.t.Helper()
-	for _, v := range h.rec.violationList() {
+	for _, v := range h.rec.Violations() {
 		h.t.Errorf("etcd: %s", v)
 	}
 	for s := 0; s < h.shards; s++ {
-		hist := h.rec.history(s, 0)
+		hist := h.rec.History(s, 0)
 		for i := 1; i < len(hist); i++ {
-			if hist[i].put == hist[i-1].put {
-				h.t.Errorf("shard %d: two %v events in a row at revisions %d and %d", s, hist[i].put, hist[i-1].rev, hist[i].rev)
+			if hist[i].Put == hist[i-1].Put {
+				h.t.Errorf("shard %d: two %v events in a row at revisions %d and %d", s, hist[i].Put, hist[i-1].Rev, hist[i].Rev)
 			}
 		}
 	}
@@ -871,13 +396,13 @@ func (h *harness) checkNoAnomalies() {
 	h.mu.Unlock()
 	for _, r := range rs {
 		var hits []string
-		for _, line := range strings.Split(r.log.String(), "\n") {
+		for _, line := range strings.Split(r.Log.String(), "\n") {
 			if strings.Contains(line, `"@message":"removing untrusted key"`) || strings.Contains(line, `"@message":"unexpected key under the cluster prefix"`) {
 				hits = append(hits, line)
 			}
 		}
 		if len(hits) > 0 {
-			h.t.Errorf("replica %s reported %d etcd anomalies in a cluster nobody else writes to, e.g.\n%s", r.id, len(hits), strings.Join(hits[:min(3, len(hits))], "\n"))
+			h.t.Errorf("replica %s reported %d etcd anomalies in a cluster nobody else writes to, e.g.\n%s", r.ID, len(hits), strings.Join(hits[:min(3, len(hits))], "\n"))
 		}
 	}
 }
@@ -968,7 +493,7 @@ func (h *harness) checkWrites() int {
 		}
 	}
 	for _, w := range writes {
-		owner, claimed, released, found := h.rec.tenure(w.shard, w.token)
+		owner, claimed, released, found := h.rec.Tenure(w.shard, w.token)
 		switch {
 		case !found:
 			report("write by %s on shard %d under token %d, which was never an owner key of the shard", w.replica, w.shard, w.token)
