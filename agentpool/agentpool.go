@@ -1,8 +1,9 @@
-// Package agentpool owns vigil's connections to host agents: one Connect
-// client per host, all sharing one HTTP/1.1 transport, speaking the Connect
-// protocol with the binary protobuf codec (connect-go's defaults, except that
-// gzip is not offered, so answers come uncompressed), over mutual TLS when
-// configured.
+// Package agentpool owns vigil's connections to host agents: HTTP/1.1 only
+// (the agents disable HTTP/2), the Connect protocol with the binary protobuf
+// codec (connect-go's defaults, except that gzip is not offered, so answers
+// come uncompressed), over mutual TLS when configured. Its own small HTTP/1.1
+// transport keeps idle connections without goroutines, so an owner can keep
+// its agents' connections open between passes.
 //
 // Every call is bounded in time (Config.Timeout) and in response size
 // (Config.MaxResponseBytes), so one slow, hung or lying agent costs its caller
@@ -39,41 +40,47 @@ const FenceHeader = "Vigil-Fence"
 // registered yet). No request is made.
 var ErrNoAddress = errors.New("agentpool: host has no address")
 
-// Transport tuning. An agent is called by one owner at a time, about once
-// per interval, so one idle connection per agent is all reuse can use.
+// Transport tuning.
 const (
-	maxIdleConnsPerHost    = 1
 	keepAlive              = 30 * time.Second
 	maxResponseHeaderBytes = 64 << 10
 )
 
-// Pool is a concurrency-safe cache of Connect clients to host agents, keyed by
-// host id. A client is built on first use and rebuilt whenever the host is
-// called with a different address than the one its client was built from; a
-// client not used for IdleTimeout is dropped. All clients share one
-// *http.Transport, so connections to an agent are reused across calls, and
-// the transport's idle connections are bounded (MaxIdleConns, IdleTimeout):
-// file descriptors and memory follow the calls in flight, not the fleet.
+// Pool calls host agents. It is safe for concurrent use. Two Connect
+// clients, one per procedure, serve every agent: the agent of a call is
+// chosen per call, its address checked and cached per host (dropped when the
+// host was not called for IdleTimeout). Connections go through the pool's
+// own HTTP/1.1 transport (transport.go), whose idle connections are bounded
+// (MaxIdleConns, IdleTimeout) and hold no goroutine: file descriptors and
+// memory follow MaxIdleConns and the calls in flight, not the fleet.
 type Pool struct {
-	cfg       Config
-	log       hclog.Logger
-	scheme    string // "http" or "https": prepended to addresses without one
-	transport *http.Transport
-	http      *http.Client
-	metrics   *metrics // nil: no metrics
+	cfg     Config
+	log     hclog.Logger
+	scheme  string // "http" or "https": prepended to addresses without one
+	tr      *transport
+	list    *connect.Client[hostagentv1.ListSandboxesRequest, hostagentv1.ListSandboxesResponse]
+	destroy *connect.Client[hostagentv1.DestroySandboxRequest, hostagentv1.DestroySandboxResponse]
+	metrics *metrics // nil: no metrics
 
 	now func() time.Time // time.Now; tests move it
 
 	mu        sync.Mutex
-	clients   map[uuid.UUID]*cachedClient
+	targets   map[uuid.UUID]*cachedTarget
 	lastSweep time.Time
 }
 
-type cachedClient struct {
+// target is where one agent is reached: the base URL's parts.
+type target struct {
+	scheme, host, prefix string
+}
+
+type cachedTarget struct {
 	address  string // as passed by the caller, before normalisation
-	client   hostagentv1connect.HostAgentServiceClient
+	target   target
 	lastUsed time.Time
 }
+
+type targetKey struct{}
 
 // New validates cfg (see Config.Validate), loads the TLS files when set, and
 // registers the metrics with cfg.Registerer when it is non-nil:
@@ -95,42 +102,57 @@ func New(cfg Config) (*Pool, error) {
 		cfg:     cfg,
 		log:     cfg.Logger.Named("agentpool"),
 		scheme:  "http",
-		clients: make(map[uuid.UUID]*cachedClient),
+		targets: make(map[uuid.UUID]*cachedTarget),
 		now:     time.Now,
 	}
+	// Agents are dialled directly: an HTTP proxy from the environment would
+	// sit between every owner and its agents unnoticed.
 	dialer := &net.Dialer{Timeout: cfg.Timeout, KeepAlive: keepAlive}
-	p.transport = &http.Transport{
-		// Agents are dialled directly; an HTTP proxy from the environment
-		// would sit between every owner and its agents unnoticed.
-		Proxy:       nil,
-		DialContext: dialer.DialContext,
-		// HTTP/1.1 only: the agents disable HTTP/2 (SPEC §1.2). A non-nil
-		// empty TLSNextProto keeps net/http from negotiating h2 over TLS.
-		ForceAttemptHTTP2:      false,
-		TLSNextProto:           map[string]func(string, *tls.Conn) http.RoundTripper{},
-		// Nor may net/http ask for gzip behind connect's back.
-		DisableCompression:     true,
-		MaxIdleConns:           cfg.MaxIdleConns,
-		MaxIdleConnsPerHost:    maxIdleConnsPerHost,
-		IdleConnTimeout:        cfg.IdleTimeout,
-		TLSHandshakeTimeout:    cfg.Timeout,
-		MaxResponseHeaderBytes: maxResponseHeaderBytes,
-	}
+	p.tr = &transport{dial: dialer.DialContext, maxIdle: cfg.MaxIdleConns, idleTimeout: cfg.IdleTimeout,
+		maxHeader: maxResponseHeaderBytes, now: func() time.Time { return p.now() }, idle: map[string]*conn{}}
 	if cfg.tlsEnabled() {
 		tlsCfg, err := loadTLS(cfg)
 		if err != nil {
 			return nil, err
 		}
-		p.transport.TLSClientConfig = tlsCfg
+		p.tr.tls = tlsCfg
 		p.scheme = "https"
 	}
-	p.http = &http.Client{Transport: p.transport}
+	opts := []connect.ClientOption{
+		connect.WithReadMaxBytes(cfg.MaxResponseBytes),
+		// No gzip: answers are a few KiB on a data-centre network, where
+		// compressing them costs the agent and vigil more CPU than it
+		// saves. Agents compress only when the client accepts it.
+		connect.WithAcceptCompression("gzip", nil, nil),
+	}
+	// The base URL is a placeholder: doer sends each call to its agent.
+	d := doer{p.tr}
+	p.list = connect.NewClient[hostagentv1.ListSandboxesRequest, hostagentv1.ListSandboxesResponse](
+		d, "http://agent"+hostagentv1connect.HostAgentServiceListSandboxesProcedure,
+		append(opts, connect.WithSchema(hostagentv1.File_hostagent_v1_hostagent_proto.Services().ByName("HostAgentService").Methods().ByName("ListSandboxes")))...)
+	p.destroy = connect.NewClient[hostagentv1.DestroySandboxRequest, hostagentv1.DestroySandboxResponse](
+		d, "http://agent"+hostagentv1connect.HostAgentServiceDestroySandboxProcedure,
+		append(opts, connect.WithSchema(hostagentv1.File_hostagent_v1_hostagent_proto.Services().ByName("HostAgentService").Methods().ByName("DestroySandbox")))...)
 	m, err := newMetrics(cfg.Registerer)
 	if err != nil {
 		return nil, err
 	}
 	p.metrics = m
 	return p, nil
+}
+
+// doer sends a request to the agent its context names.
+type doer struct{ t *transport }
+
+func (d doer) Do(req *http.Request) (*http.Response, error) {
+	tg, ok := req.Context().Value(targetKey{}).(target)
+	if !ok {
+		closeBody(req)
+		return nil, errors.New("agentpool: call without an agent")
+	}
+	req.URL.Scheme, req.URL.Host, req.Host = tg.scheme, tg.host, tg.host
+	req.URL.Path = tg.prefix + req.URL.Path
+	return d.t.Do(req)
 }
 
 // loadTLS builds the client TLS configuration: agents verified against the CA
@@ -152,6 +174,7 @@ func loadTLS(cfg Config) (*tls.Config, error) {
 		RootCAs:            roots,
 		Certificates:       []tls.Certificate{cert},
 		MinVersion:         tls.VersionTLS12,
+		NextProtos:         []string{"http/1.1"}, // the agents disable HTTP/2
 		ClientSessionCache: tls.NewLRUClientSessionCache(cfg.TLSSessions),
 	}, nil
 }
@@ -162,14 +185,14 @@ func loadTLS(cfg Config) (*tls.Config, error) {
 // ..." and keep their Connect code (connect.CodeOf) and sentinels
 // (errors.Is(err, ErrNoAddress)).
 func (p *Pool) ListSandboxes(ctx context.Context, hostID uuid.UUID, address string) (*hostagentv1.ListSandboxesResponse, error) {
-	client, err := p.client(hostID, address)
+	tg, err := p.target(hostID, address)
 	if err != nil {
 		return nil, fmt.Errorf("agent %s %s: %w", hostID, procListSandboxes, err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(context.WithValue(ctx, targetKey{}, tg), p.cfg.Timeout)
 	defer cancel()
 	start := time.Now()
-	resp, err := client.ListSandboxes(ctx, connect.NewRequest(&hostagentv1.ListSandboxesRequest{}))
+	resp, err := p.list.CallUnary(ctx, connect.NewRequest(&hostagentv1.ListSandboxesRequest{}))
 	p.done(hostID, procListSandboxes, err, false, time.Since(start))
 	if err != nil {
 		return nil, fmt.Errorf("agent %s %s: %w", hostID, procListSandboxes, err)
@@ -184,18 +207,18 @@ func (p *Pool) ListSandboxes(ctx context.Context, hostID uuid.UUID, address stri
 // nil. Bounds and error wrapping are as for ListSandboxes; a call whose
 // deadline passes may or may not have destroyed the sandbox.
 func (p *Pool) DestroySandbox(ctx context.Context, hostID uuid.UUID, address, sandboxID, fence string) error {
-	client, err := p.client(hostID, address)
+	tg, err := p.target(hostID, address)
 	if err != nil {
 		return fmt.Errorf("agent %s %s: %w", hostID, procDestroySandbox, err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(context.WithValue(ctx, targetKey{}, tg), p.cfg.Timeout)
 	defer cancel()
 	req := connect.NewRequest(&hostagentv1.DestroySandboxRequest{SandboxId: sandboxID})
 	if fence != "" {
 		req.Header().Set(FenceHeader, fence)
 	}
 	start := time.Now()
-	_, err = client.DestroySandbox(ctx, req)
+	_, err = p.destroy.CallUnary(ctx, req)
 	notFound := err != nil && connect.CodeOf(err) == connect.CodeNotFound
 	p.done(hostID, procDestroySandbox, err, notFound, time.Since(start))
 	if err != nil && !notFound {
@@ -218,42 +241,45 @@ func (p *Pool) done(hostID uuid.UUID, procedure string, err error, ok bool, elap
 	}
 }
 
-// client returns the cached client for hostID, building one when there is
-// none or when address differs from the one the cached client was built from.
-func (p *Pool) client(hostID uuid.UUID, address string) (hostagentv1connect.HostAgentServiceClient, error) {
+// target returns where hostID's agent is reached, from the cache when the
+// address is the one it was computed from.
+func (p *Pool) target(hostID uuid.UUID, address string) (target, error) {
 	now := p.now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if now.Sub(p.lastSweep) >= p.cfg.IdleTimeout {
 		p.sweep(now)
 	}
-	if c, ok := p.clients[hostID]; ok && c.address == address {
+	if c, ok := p.targets[hostID]; ok && c.address == address {
 		c.lastUsed = now
-		return c.client, nil
+		return c.target, nil
 	}
 	base, err := p.baseURL(address)
 	if err != nil {
-		return nil, err
+		return target{}, err
 	}
-	client := hostagentv1connect.NewHostAgentServiceClient(p.http, base,
-		connect.WithReadMaxBytes(p.cfg.MaxResponseBytes),
-		// No gzip: answers are a few KiB on a data-centre network, where
-		// compressing them costs the agent and vigil more CPU than it
-		// saves. Agents compress only when the client accepts it.
-		connect.WithAcceptCompression("gzip", nil, nil))
-	if old, ok := p.clients[hostID]; ok {
+	u, err := url.Parse(base)
+	if err != nil {
+		return target{}, fmt.Errorf("agentpool: bad address %q: %w", address, err)
+	}
+	host := u.Host
+	if u.Port() == "" {
+		host = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
+	}
+	if old, ok := p.targets[hostID]; ok {
 		p.log.Debug("agent address changed", "host", hostID, "old", old.address, "new", address)
 	}
-	p.clients[hostID] = &cachedClient{address: address, client: client, lastUsed: now}
-	return client, nil
+	tg := target{scheme: u.Scheme, host: host, prefix: u.EscapedPath()}
+	p.targets[hostID] = &cachedTarget{address: address, target: tg, lastUsed: now}
+	return tg, nil
 }
 
-// sweep drops the clients not used for IdleTimeout, so the cache follows
-// the hosts this replica calls. p.mu must be held.
+// sweep drops the targets of hosts not called for IdleTimeout, so the cache
+// follows the hosts this replica calls. p.mu must be held.
 func (p *Pool) sweep(now time.Time) {
-	for id, c := range p.clients {
+	for id, c := range p.targets {
 		if now.Sub(c.lastUsed) >= p.cfg.IdleTimeout {
-			delete(p.clients, id)
+			delete(p.targets, id)
 		}
 	}
 	p.lastSweep = now
@@ -286,17 +312,17 @@ func (p *Pool) baseURL(address string) (string, error) {
 	return strings.TrimSuffix(u.String(), "/"), nil
 }
 
-// Len returns the number of cached clients.
+// Len returns the number of hosts whose address is cached.
 func (p *Pool) Len() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return len(p.clients)
+	return len(p.targets)
 }
 
-// Close closes the transport's idle connections. Calls in flight are not
-// interrupted; their connections return to the idle set when they finish and
-// close after IdleConnTimeout (or at the next Close). The Pool stays usable:
-// later calls dial anew. Call it on shutdown, after the callers have stopped.
+// Close closes the idle connections. Calls in flight are not interrupted;
+// their connections return to the idle set when they finish and close after
+// IdleTimeout (or at the next Close). The Pool stays usable: later calls dial
+// anew. Call it on shutdown, after the callers have stopped.
 func (p *Pool) Close() {
-	p.transport.CloseIdleConnections()
+	p.tr.closeIdle()
 }

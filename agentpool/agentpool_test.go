@@ -214,19 +214,6 @@ func TestListSandboxesSpeaksConnectProtoOverHTTP1(t *testing.T) {
 	}
 }
 
-func TestTransportIsSharedAndHTTP1Only(t *testing.T) {
-	p := newPool(t, Config{})
-	if p.transport.ForceAttemptHTTP2 {
-		t.Error("ForceAttemptHTTP2 is set")
-	}
-	if p.transport.TLSNextProto == nil || len(p.transport.TLSNextProto) != 0 {
-		t.Errorf("TLSNextProto = %v, want empty non-nil map (disables h2)", p.transport.TLSNextProto)
-	}
-	if p.http.Transport != p.transport {
-		t.Error("http.Client does not use the pool's transport")
-	}
-}
-
 func TestDestroySandboxSendsFenceHeader(t *testing.T) {
 	var gotID string
 	var mu sync.Mutex
@@ -554,20 +541,114 @@ func TestAddressChangeRebuildsClient(t *testing.T) {
 	}
 }
 
-func TestSameAddressReusesClient(t *testing.T) {
-	addr, _ := startAgent(t, &fakeAgent{})
+// countingAgent serves agent and counts the TCP connections it accepted.
+func countingAgent(t *testing.T, agent hostagentv1connect.HostAgentServiceHandler) (string, func() int) {
+	addr, opened, _ := countingServer(t, agent)
+	return addr, opened
+}
+
+func countingServer(t *testing.T, agent hostagentv1connect.HostAgentServiceHandler) (string, func() int, *httptest.Server) {
+	t.Helper()
+	var mu sync.Mutex
+	opened := 0
+	srv := httptest.NewUnstartedServer(agentHandler(agent, &recorder{}))
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			mu.Lock()
+			opened++
+			mu.Unlock()
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv.Listener.Addr().String(), func() int { mu.Lock(); defer mu.Unlock(); return opened }, srv
+}
+
+// Calls to one agent reuse its connection.
+func TestConnectionIsReused(t *testing.T) {
+	addr, opened := countingAgent(t, &fakeAgent{})
 	p := newPool(t, Config{})
 	host := uuid.New()
-	c1, err := p.client(host, addr)
+	for range 5 {
+		if _, err := p.ListSandboxes(t.Context(), host, addr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.DestroySandbox(t.Context(), host, addr, "cl-x", "1:1"); err != nil {
+		t.Fatal(err)
+	}
+	if n := opened(); n != 1 {
+		t.Fatalf("6 calls opened %d connections, want 1", n)
+	}
+	if n := p.tr.idleCount(); n != 1 {
+		t.Fatalf("%d idle connections, want 1", n)
+	}
+}
+
+// An agent that closed an idle connection costs nothing but a new one: the
+// call is retried once, transparently.
+func TestClosedIdleConnectionIsRetried(t *testing.T) {
+	addr, opened, srv := countingServer(t, &fakeAgent{})
+	p := newPool(t, Config{})
+	host := uuid.New()
+	if _, err := p.ListSandboxes(t.Context(), host, addr); err != nil {
+		t.Fatal(err)
+	}
+	// The agent closes it while idle (its idle timeout, a restart).
+	srv.CloseClientConnections()
+	if _, err := p.ListSandboxes(t.Context(), host, addr); err != nil {
+		t.Fatalf("call after the agent closed the idle connection: %v", err)
+	}
+	if n := opened(); n != 2 {
+		t.Fatalf("%d connections opened, want 2 (the retry's)", n)
+	}
+}
+
+// An idle connection older than IdleTimeout is not used again.
+func TestIdleConnectionExpires(t *testing.T) {
+	addr, opened := countingAgent(t, &fakeAgent{})
+	p := newPool(t, Config{IdleTimeout: time.Minute})
+	now := time.Now()
+	p.now = func() time.Time { return now }
+	host := uuid.New()
+	if _, err := p.ListSandboxes(t.Context(), host, addr); err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(2 * time.Minute)
+	if _, err := p.ListSandboxes(t.Context(), host, addr); err != nil {
+		t.Fatal(err)
+	}
+	if n := opened(); n != 2 {
+		t.Fatalf("%d connections opened, want 2 (the idle one expired)", n)
+	}
+}
+
+// A response whose headers never end is refused, not held in memory.
+func TestHugeResponseHeaderIsRefused(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	c2, err := p.client(host, addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if c1 != c2 {
-		t.Fatal("same host and address built a second client")
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = io.CopyN(io.Discard, c, 1) // a request arrived
+		_, _ = c.Write([]byte("HTTP/1.1 200 OK\r\nX-Junk: "))
+		junk := bytes.Repeat([]byte("a"), 32<<10)
+		for range 8 {
+			if _, err := c.Write(junk); err != nil {
+				return
+			}
+		}
+	}()
+	p := newPool(t, Config{Timeout: 5 * time.Second})
+	_, err = p.ListSandboxes(t.Context(), uuid.New(), ln.Addr().String())
+	if err == nil || !strings.Contains(err.Error(), "header too large") {
+		t.Fatalf("got %v, want a refused header", err)
 	}
 }
 
@@ -597,7 +678,7 @@ func TestIdleClientsAreDropped(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	busyClient, _ := p.client(busy, addr)
+	busyTarget, _ := p.target(busy, addr)
 	now = now.Add(40 * time.Second)
 	if _, err := p.ListSandboxes(t.Context(), busy, addr); err != nil {
 		t.Fatal(err)
@@ -606,14 +687,14 @@ func TestIdleClientsAreDropped(t *testing.T) {
 		t.Fatalf("Len = %d before IdleTimeout, want 2", p.Len())
 	}
 	now = now.Add(30 * time.Second) // idle was last used 70 s ago, busy 30 s ago
-	if c, _ := p.client(busy, addr); c != busyClient {
-		t.Fatal("the client of a host in use was rebuilt")
+	if c, _ := p.target(busy, addr); c != busyTarget {
+		t.Fatal("the target of a host in use changed")
 	}
 	if p.Len() != 1 {
 		t.Fatalf("Len = %d after IdleTimeout, want 1 (the idle host's client dropped)", p.Len())
 	}
 	p.mu.Lock()
-	_, kept := p.clients[idle]
+	_, kept := p.targets[idle]
 	p.mu.Unlock()
 	if kept {
 		t.Fatal("the idle host's client was kept")
@@ -899,7 +980,7 @@ func TestMutualTLS(t *testing.T) {
 	before := len(rec.all())
 	t.Run("pool without a client certificate is refused", func(t *testing.T) {
 		p := newPool(t, cfg)
-		p.transport.TLSClientConfig.Certificates = nil
+		p.tr.tls.Certificates = nil
 		if _, err := p.ListSandboxes(t.Context(), uuid.New(), addr); err == nil {
 			t.Fatal("call without client certificate succeeded")
 		}

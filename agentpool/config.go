@@ -13,14 +13,14 @@ import (
 const (
 	DefaultTimeout          = 5 * time.Second
 	DefaultMaxResponseBytes = 4 << 20 // 4 MiB
-	DefaultMaxIdleConns     = 128
+	DefaultMaxIdleConns     = 2048
 	DefaultIdleTimeout      = 90 * time.Second
 	DefaultTLSSessions      = 16384
 )
 
 // Config configures a Pool. The zero value is valid: plain HTTP, 5 s per call,
-// 4 MiB per response, 128 idle connections idle for at most 90 s, no logs, no
-// metrics.
+// 4 MiB per response, 2048 idle connections idle for at most 90 s, no logs,
+// no metrics.
 type Config struct {
 	// Timeout bounds every call: each call runs under a deadline of Timeout
 	// from its start, or the caller's deadline when that is sooner. It also
@@ -33,9 +33,10 @@ type Config struct {
 	MaxResponseBytes int
 
 	// MaxIdleConns caps the idle keep-alive connections kept across all
-	// agents (at most one per agent); beyond it the least recently used
-	// one is closed. Zero means DefaultMaxIdleConns. With many more agents
-	// than the cap, calls dial anew and TLS sessions are resumed instead.
+	// agents (at most one per agent): a file descriptor each, no goroutine.
+	// A connection returning to a full pool is closed, so with more agents
+	// than the cap a fixed subset keeps its connection and the rest dial
+	// anew (resuming their TLS sessions). Zero means DefaultMaxIdleConns.
 	MaxIdleConns int
 
 	// IdleTimeout closes an idle connection, and drops an agent's cached

@@ -36,6 +36,11 @@ type Config struct {
 
 	// Hosts is the number of simulated hosts, 1..MaxHosts.
 	Hosts int
+	// AddressOffset shifts the hosts' addresses: host i gets the address
+	// of index AddressOffset+i (see the package doc). Several Sims on one
+	// machine give their hosts distinct IPs with distinct offsets, as real
+	// agents have; AddressOffset+Hosts must not exceed MaxHosts.
+	AddressOffset int
 	// ListenAddr is the one agent RPC listener, default "0.0.0.0:0" (random
 	// port). Its host part must be a wildcard (empty, 0.0.0.0 or ::): each
 	// simulated host has its own 127.x.y.z address on the same port, and a
@@ -138,6 +143,9 @@ func (c *Config) validate() error {
 	}
 	if c.Hosts < 1 || c.Hosts > MaxHosts {
 		return bad("Hosts", "must be between 1 and %d, got %d", MaxHosts, c.Hosts)
+	}
+	if c.AddressOffset < 0 || c.AddressOffset > MaxHosts-c.Hosts {
+		return bad("AddressOffset", "must be between 0 and %d (MaxHosts - Hosts), got %d", MaxHosts-c.Hosts, c.AddressOffset)
 	}
 	h, p, err := net.SplitHostPort(c.ListenAddr)
 	if err != nil {

@@ -17,6 +17,8 @@
 // connection to an address that is not one of its hosts (another interface,
 // 127.0.0.1), so nothing but its hosts is reachable through the wildcard.
 // 10,000 hosts cost one listening socket plus one per open client connection.
+// Config.AddressOffset shifts the indexes, so several Sims on one machine
+// (each on its own port) still give every host its own IP.
 //
 // # Mutual TLS
 //

@@ -162,7 +162,7 @@ func New(cfg Config) (*Sim, error) {
 	for i := range s.hosts {
 		h := &host{
 			id:   randomUUID(rng),
-			ip:   hostIP(i),
+			ip:   hostIP(cfg.AddressOffset + i),
 			vms:  make(map[uuid.UUID]*VM, cfg.SandboxesPerHost),
 			busy: map[uuid.UUID]bool{},
 		}
@@ -232,7 +232,8 @@ func hostIndex(a netip.Addr) (int, bool) {
 // hostAt is the host served at local address a, or nil.
 func (s *Sim) hostAt(a netip.Addr) *host {
 	i, ok := hostIndex(a)
-	if !ok || i >= len(s.hosts) {
+	i -= s.cfg.AddressOffset
+	if !ok || i < 0 || i >= len(s.hosts) {
 		return nil
 	}
 	return s.hosts[i]

@@ -532,6 +532,20 @@ func (c *cluster) countPasses(pc *passCounter) {
 }
 
 // profile fetches a CPU profile of r over seconds.
+// heap fetches the replica's heap profile.
+func (r *replica) heap(ctx context.Context) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	code, body, err := httpGetLong(ctx, fmt.Sprintf("http://%s/debug/pprof/heap", r.admin))
+	if err != nil {
+		return nil, err
+	}
+	if code != 200 {
+		return nil, fmt.Errorf("/debug/pprof/heap: %d %s", code, strings.TrimSpace(string(body)))
+	}
+	return body, nil
+}
+
 func (r *replica) profile(ctx context.Context, seconds int) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(seconds+15)*time.Second)
 	defer cancel()

@@ -41,6 +41,7 @@ func startFleet(ctx context.Context, e *env, tls bool, name string) (*fleet, err
 	o := e.opts
 	n := (o.Hosts + o.HostsPerAgentsim - 1) / o.HostsPerAgentsim
 	f := &fleet{tls: tls}
+	offset := 0
 	for i := range n {
 		hosts := o.Hosts / n
 		if i < o.Hosts%n {
@@ -57,6 +58,9 @@ func startFleet(ctx context.Context, e *env, tls bool, name string) (*fleet, err
 			"--churn", "0",
 			"--heartbeat-interval", o.Heartbeat.String(),
 			"--seed", strconv.Itoa(i + 1), // distinct hosts per process, the same on every start
+			// Distinct IPs per process, as real agents have (TLS sessions
+			// are cached per server name, the IP).
+			"--address-offset", strconv.Itoa(offset),
 			"--shared-fraction", "0",
 			"--admin-addr", admin,
 			"--log-format", "json",
@@ -73,6 +77,7 @@ func startFleet(ctx context.Context, e *env, tls bool, name string) (*fleet, err
 			return f, err
 		}
 		f.sims = append(f.sims, &agentsim{proc: p, admin: admin, hosts: hosts})
+		offset += hosts
 	}
 	// Registration of 200,000 sandbox rows takes a while on two cores.
 	timeout := 30*time.Second + time.Duration(o.Hosts*o.Sandboxes)*50*time.Microsecond

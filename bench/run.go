@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -235,8 +236,8 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 	}
 
 	profiled := func() {}
-	if o.Profile && n == 1 && tr == "plain" {
-		profiled = startProfile(ctx, e, rep, c.liveReplicas()[0], label)
+	if o.Profile && n == 1 {
+		profiled = startProfile(ctx, e, rep, c.liveReplicas()[0], label, tr)
 	}
 	log.printf("%s: steady sweeps (at least %d and %s)", label, o.Sweeps, o.Duration)
 	st, err := c.measureSteady(ctx, fl, o.Sweeps, o.Duration)
@@ -320,7 +321,7 @@ func runFaults(ctx context.Context, e *env, rep *report, c *cluster, fl *fleet, 
 
 // startProfile starts fetching a CPU profile of r, to overlap the steady
 // sweeps; the function it returns waits for it and records the outcome.
-func startProfile(ctx context.Context, e *env, rep *report, r *replica, label string) (wait func()) {
+func startProfile(ctx context.Context, e *env, rep *report, r *replica, label, transport string) (wait func()) {
 	if !e.caps.VigilDebugPprof {
 		rep.Notes = append(rep.Notes, "profile: vigil has no --debug-pprof yet")
 		return func() {}
@@ -330,7 +331,7 @@ func startProfile(ctx context.Context, e *env, rep *report, r *replica, label st
 	var err error
 	go func() {
 		defer close(done)
-		path, err = saveProfile(ctx, r, e.opts, rep.Started)
+		path, err = saveProfile(ctx, r, e.opts, rep.Started, transport)
 	}()
 	return func() {
 		<-done
@@ -345,7 +346,7 @@ func startProfile(ctx context.Context, e *env, rep *report, r *replica, label st
 
 // saveProfile fetches a CPU profile of r over max(5 s, -duration) and writes
 // it beside the results.
-func saveProfile(ctx context.Context, r *replica, o options, started time.Time) (string, error) {
+func saveProfile(ctx context.Context, r *replica, o options, started time.Time, transport string) (string, error) {
 	secs := max(5, int(o.Duration.Seconds()))
 	b, err := r.profile(ctx, secs)
 	if err != nil {
@@ -354,8 +355,15 @@ func saveProfile(ctx context.Context, r *replica, o options, started time.Time) 
 	if err := os.MkdirAll(o.Out, 0o755); err != nil {
 		return "", err
 	}
-	p := filepath.Join(o.Out, started.Format("20060102T150405Z")+"-cpu-1replica-steady-plain.pprof")
-	return p, os.WriteFile(p, b, 0o644)
+	p := filepath.Join(o.Out, started.Format("20060102T150405Z")+"-cpu-1replica-steady-"+transport+".pprof")
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		return "", err
+	}
+	// The heap at the end of the CPU profile's window, beside it.
+	if h, err := r.heap(ctx); err == nil {
+		_ = os.WriteFile(strings.Replace(p, "-cpu-", "-heap-", 1), h, 0o644)
+	}
+	return p, nil
 }
 
 // configNotRun adds one configuration's figures as n/a.

@@ -346,10 +346,8 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 		return err
 	}
 	byHost := map[uuid.UUID][]Row{}
-	for _, z := range zombies {
-		if r, ok := p.row(z); ok {
-			byHost[z.HostID] = append(byHost[z.HostID], r)
-		}
+	for _, z := range p.valid(zombies) {
+		byHost[z.HostID] = append(byHost[z.HostID], z)
 	}
 
 	var b store.Batch
@@ -357,8 +355,10 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 	for i := range plans {
 		pl := &plans[i]
 		h := p.out[pl.t].Host
-		rows := p.rows(h)
-		rows = append(rows, byHost[h]...)
+		rows := p.valid(p.read.Hosts[pl.t].Sandboxes)
+		if z := byHost[h]; len(z) > 0 {
+			rows = append(rows[:len(rows):len(rows)], z...)
+		}
 		pl.actions = Decide(p.r.cfg.Rules, rows, pl.report, p.read.Now)
 		for j, a := range pl.actions {
 			row := store.Sandbox{ID: a.Sandbox, TeamID: uuid.NullUUID{UUID: a.TeamID, Valid: true}, HostID: h, Status: a.From, LastUpdated: a.Seen}
@@ -469,25 +469,26 @@ func (p *Pass) failBatch(plans []hostPlan, err error) {
 	}
 }
 
-// rows converts a host's rows for Decide, leaving out damaged ones (no team:
-// their audit row could not be written), which are counted.
-func (p *Pass) rows(host uuid.UUID) []Row {
-	in := p.read.Sandboxes[host]
-	out := make([]Row, 0, len(in))
-	for _, s := range in {
-		if r, ok := p.row(s); ok {
+// valid leaves out damaged rows (no team: their audit row could not be
+// written), which are counted; without any it returns rows itself.
+func (p *Pass) valid(rows []Row) []Row {
+	bad := 0
+	for _, r := range rows {
+		if !r.TeamID.Valid {
+			bad++
+		}
+	}
+	if bad == 0 {
+		return rows
+	}
+	p.r.m.badRows.WithLabelValues("sandbox_null_team").Add(float64(bad))
+	out := make([]Row, 0, len(rows)-bad)
+	for _, r := range rows {
+		if r.TeamID.Valid {
 			out = append(out, r)
 		}
 	}
 	return out
-}
-
-func (p *Pass) row(s store.Sandbox) (Row, bool) {
-	if !s.TeamID.Valid {
-		p.r.m.badRows.WithLabelValues("sandbox_null_team").Inc()
-		return Row{}, false
-	}
-	return Row{ID: s.ID, TeamID: s.TeamID.UUID, Status: s.Status, LastUpdated: s.LastUpdated}, true
 }
 
 // sandboxAudit is the audit row of a sandbox action, nil for a silent one.

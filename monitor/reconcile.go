@@ -38,7 +38,7 @@ type Config struct {
 	Rules            Rules
 	UnreachableAfter time.Duration // heartbeat staleness threshold, default 90s
 	// AgentConcurrency bounds the agent calls in flight across the whole
-	// replica, default 64. Calls wait in one queue (reconnects first), so
+	// replica, default 128. Calls wait in one queue (reconnects first), so
 	// every owned host waits the same, whatever its shard.
 	AgentConcurrency int
 	// ApplyLinger is how long answers that arrived wait for the rest of
@@ -61,7 +61,7 @@ func (c *Config) Validate() error {
 		c.UnreachableAfter = 90 * time.Second
 	}
 	if c.AgentConcurrency == 0 {
-		c.AgentConcurrency = 64
+		c.AgentConcurrency = 128
 	}
 	if c.ApplyLinger == 0 {
 		c.ApplyLinger = 100 * time.Millisecond

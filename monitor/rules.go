@@ -8,6 +8,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vigil-sh/vigil/internal/status"
+	"github.com/vigil-sh/vigil/store"
 )
 
 // KnownStatus reports whether s is in the control plane's sandbox vocabulary.
@@ -94,13 +95,10 @@ func Merge(a, b Observed) Observed {
 	return Observed{Presence: PresentUnknown}
 }
 
-// Row is a sandbox row as read from the database.
-type Row struct {
-	ID          uuid.UUID
-	TeamID      uuid.UUID
-	Status      string
-	LastUpdated time.Time
-}
+// Row is a sandbox row as read from the database: store.Sandbox (Decide
+// reads ID, TeamID, Status and LastUpdated). Rows without a team are never
+// given to Decide.
+type Row = store.Sandbox
 
 // Rules holds the grace periods of SPEC §2.
 type Rules struct {
@@ -165,7 +163,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 		obs := report[r.ID]
 		age := now.Sub(r.LastUpdated)
 		act := func(to string, audit *Audit) {
-			out = append(out, Action{Kind: Transition, Sandbox: r.ID, TeamID: r.TeamID, From: r.Status, To: to, Seen: r.LastUpdated, Audit: audit})
+			out = append(out, Action{Kind: Transition, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: r.Status, To: to, Seen: r.LastUpdated, Audit: audit})
 		}
 		switch r.Status {
 		case status.Missing:
@@ -192,7 +190,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 			}
 		case status.Stopped:
 			if hasPaused && obs.Presence == PresentKnown && obs.Status == status.Paused {
-				out = append(out, Action{Kind: DestroyOnAgent, Sandbox: r.ID, TeamID: r.TeamID, From: status.Stopped, To: status.Stopped, Seen: r.LastUpdated,
+				out = append(out, Action{Kind: DestroyOnAgent, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: status.Stopped, To: status.Stopped, Seen: r.LastUpdated,
 					Audit: &Audit{Action: "destroy", Status: "warning", Reason: "paused_zombie_cleanup"}})
 			}
 		case status.Starting, status.Resuming:

@@ -19,7 +19,7 @@ var (
 )
 
 func row(id uuid.UUID, status string, age time.Duration) Row {
-	return Row{ID: id, TeamID: teamID, Status: status, LastUpdated: now.Add(-age)}
+	return Row{ID: id, TeamID: uuid.NullUUID{UUID: teamID, Valid: true}, Status: status, LastUpdated: now.Add(-age)}
 }
 
 func agent(pairs ...any) Report {

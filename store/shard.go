@@ -9,6 +9,9 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/vigil-sh/vigil/internal/status"
 )
 
 // This file is the reconcile's whole data access, shaped by the shard: one
@@ -25,6 +28,8 @@ type HostState struct {
 	// Stale: the heartbeat is older than the threshold, or absent, by the
 	// database clock at the read.
 	Stale bool
+	// Sandboxes are the host's rows in the statuses asked for, in id order.
+	Sandboxes []Sandbox
 }
 
 // Sandbox is a sandbox row.
@@ -48,7 +53,7 @@ type Read struct {
 // database clock, in one statement. Staleness is judged against staleAfter by
 // the database clock.
 func (s *Store) ReadHosts(ctx context.Context, hosts []uuid.UUID, staleAfter time.Duration, statuses []string) (Read, error) {
-	out := Read{Sandboxes: map[uuid.UUID][]Sandbox{}}
+	var out Read
 	if len(hosts) == 0 {
 		return out, s.pool.QueryRow(ctx, `select now()`).Scan(&out.Now)
 	}
@@ -64,29 +69,43 @@ func (s *Store) ReadHosts(ctx context.Context, hosts []uuid.UUID, staleAfter tim
 		return out, fmt.Errorf("store: read hosts: %w", err)
 	}
 	defer rows.Close()
+	// pgtype values scan the binary wire format directly; a uuid.NullUUID
+	// would go through database/sql's Scanner and a text round trip. One
+	// destination list for every row, and every row in one backing array
+	// that the hosts' Sandboxes slice.
 	var (
-		h     HostState
-		sbID  uuid.NullUUID
-		sbSt  *string
-		sbLU  *time.Time
-		sb    Sandbox
-		first = true
+		hid, hteam, sid, steam pgtype.UUID
+		addr, hst, sst         pgtype.Text
+		stale                  bool
+		now, slu               pgtype.Timestamptz
+		dst                    = []any{&hid, &hteam, &addr, &hst, &stale, &now, &sid, &steam, &sst, &slu}
+		all                    = make([]Sandbox, 0, 16*len(hosts))
+		from                   []int // per host, its first row in all
 	)
 	for rows.Next() {
-		var id uuid.UUID
-		if err := rows.Scan(&id, &h.TeamID, &h.Address, &h.Status, &h.Stale, &out.Now, &sbID, &sb.TeamID, &sbSt, &sbLU); err != nil {
+		if err := rows.Scan(dst...); err != nil {
 			return out, fmt.Errorf("store: read hosts: %w", err)
 		}
-		if first || id != out.Hosts[len(out.Hosts)-1].ID {
-			h.ID = id
-			out.Hosts = append(out.Hosts, h)
-			first = false
+		id := uuid.UUID(hid.Bytes)
+		if n := len(out.Hosts); n == 0 || out.Hosts[n-1].ID != id {
+			out.Hosts = append(out.Hosts, HostState{ID: id, TeamID: nullUUID(hteam), Address: addr.String, Status: internStatus(hst.String), Stale: stale})
+			from = append(from, len(all))
+			out.Now = now.Time
 		}
-		if sbID.Valid && sbSt != nil && sbLU != nil {
-			sb.ID, sb.HostID, sb.Status, sb.LastUpdated = sbID.UUID, id, *sbSt, *sbLU
-			out.Sandboxes[id] = append(out.Sandboxes[id], sb)
+		if sid.Valid && sst.Valid && slu.Valid {
+			all = append(all, Sandbox{ID: uuid.UUID(sid.Bytes), TeamID: nullUUID(steam), HostID: id,
+				Status: internStatus(sst.String), LastUpdated: slu.Time})
 		}
 	}
+	for i := range out.Hosts {
+		end := len(all)
+		if i+1 < len(from) {
+			end = from[i+1]
+		}
+		out.Hosts[i].Sandboxes = all[from[i]:end:end]
+	}
+	cur := len(out.Hosts) - 1
+	first := cur < 0
 	if err := rows.Err(); err != nil {
 		return out, fmt.Errorf("store: read hosts: %w", err)
 	}
@@ -94,6 +113,25 @@ func (s *Store) ReadHosts(ctx context.Context, hosts []uuid.UUID, staleAfter tim
 		return out, s.pool.QueryRow(ctx, `select now()`).Scan(&out.Now)
 	}
 	return out, nil
+}
+
+func nullUUID(u pgtype.UUID) uuid.NullUUID { return uuid.NullUUID{UUID: u.Bytes, Valid: u.Valid} }
+
+// statuses are the strings a read meets again and again; sharing them keeps
+// a shard's rows from holding a copy each.
+var statuses = func() map[string]string {
+	m := map[string]string{}
+	for _, s := range append([]string{status.HostPending, status.HostOnline, status.HostUnreachable}, status.Sandboxes...) {
+		m[s] = s
+	}
+	return m
+}()
+
+func internStatus(s string) string {
+	if c, ok := statuses[s]; ok {
+		return c
+	}
+	return s
 }
 
 // Candidate names a sandbox row expected on a host.
@@ -116,8 +154,8 @@ func (s *Store) StoppedAmong(ctx context.Context, cands []Candidate, before time
 		select s.id, s.team_id, s.host_id, s.status, s.last_updated
 		  from unnest($1::uuid[], $2::uuid[]) as c(id, host_id)
 		  join sandboxes s on s.id = c.id and s.host_id = c.host_id
-		 where s.status = 'stopped' and s.last_updated <= $3
-		 order by s.host_id, s.id`, ids, hosts, before)
+		 where s.status = $4 and s.last_updated <= $3
+		 order by s.host_id, s.id`, ids, hosts, before, status.Stopped)
 	if err != nil {
 		return nil, fmt.Errorf("store: read stopped sandboxes: %w", err)
 	}
@@ -407,11 +445,11 @@ func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]Mar
 			with cand as (
 				select h.id, h.status as was, h.team_id, c.rid
 				  from hosts h join unnest($1::uuid[], $2::text[]) as c(id, rid) on c.id = h.id
-				 where h.status <> 'unreachable'
+				 where h.status <> $12
 				   and (h.last_heartbeat_at is null or h.last_heartbeat_at < now() - make_interval(secs => $3))
 				   for update of h),
 			down as (
-				update hosts h set status = 'unreachable', updated_at = now()
+				update hosts h set status = $12, updated_at = now()
 				  from cand where h.id = cand.id
 				returning h.id, cand.was, cand.team_id, cand.rid),
 			gone as (
@@ -420,7 +458,7 @@ func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]Mar
 				 where s.status = any($4)
 				   for update of s),
 			missing as (
-				update sandboxes s set status = 'missing', last_updated = now()
+				update sandboxes s set status = $13, last_updated = now()
 				  from gone where s.id = gone.id
 				returning s.id, gone.was, gone.host_id),
 			aud as (
@@ -429,14 +467,15 @@ func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]Mar
 				  from down where team_id is not null),
 			jr as (
 				insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
-				select $9::int, $10::bigint, $11::text, id, null::uuid, was || '->unreachable' from down
+				select $9::int, $10::bigint, $11::text, id, null::uuid, was || '->' || $12 from down
 				union all
-				select $9::int, $10::bigint, $11::text, host_id, id, was || '->missing' from missing)
+				select $9::int, $10::bigint, $11::text, host_id, id, was || '->' || $13 from missing)
 			select id, id, was, team_id, false from down
 			union all
 			select host_id, id, was, null, true from missing`,
 			m.Hosts, m.ResourceIDs, m.StaleAfter.Seconds(), m.Live,
-			m.Audit.ResourceType, m.Audit.Action, m.Audit.Status, meta, f.Shard, f.Token, f.Replica)
+			m.Audit.ResourceType, m.Audit.Action, m.Audit.Status, meta, f.Shard, f.Token, f.Replica,
+			status.HostUnreachable, status.Missing)
 		if err != nil {
 			return fmt.Errorf("store: mark hosts unreachable: %w", err)
 		}
@@ -486,9 +525,9 @@ func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]Mar
 func (s *Store) StaleHosts(ctx context.Context, staleAfter time.Duration) ([]uuid.UUID, error) {
 	rows, err := s.pool.Query(ctx, `
 		select id from hosts
-		 where status <> 'unreachable'
+		 where status <> $2
 		   and (last_heartbeat_at is null or last_heartbeat_at < now() - make_interval(secs => $1))`,
-		staleAfter.Seconds())
+		staleAfter.Seconds(), status.HostUnreachable)
 	if err != nil {
 		return nil, fmt.Errorf("store: scan for stale hosts: %w", err)
 	}

@@ -198,7 +198,7 @@ func TestReadHostsIsOneStatement(t *testing.T) {
 			}
 		}
 		var got []uuid.UUID
-		for _, sb := range rd.Sandboxes[h.ID] {
+		for _, sb := range h.Sandboxes {
 			if sb.HostID != h.ID || sb.Status != "running" {
 				t.Errorf("row %+v", sb)
 			}

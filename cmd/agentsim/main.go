@@ -55,6 +55,7 @@ var flagFor = map[string]string{
 	"ChurnConcurrency":  "churn-concurrency",
 	"ChurnStepDelay":    "churn-step-delay",
 	"Seed":              "seed",
+	"AddressOffset":     "address-offset",
 	"CAFile":            "tls-ca-file",
 	"CertFile":          "tls-cert-file",
 	"KeyFile":           "tls-key-file",
@@ -88,6 +89,7 @@ func parseFlags(args []string, lookupEnv func(string) (string, bool), stderr io.
 	fs.Float64Var(&c.ChurnPerSecond, "churn", 1, "sandbox operations per second (create, pause, resume, snapshot, destroy); 0 disables")
 	fs.IntVar(&c.ChurnConcurrency, "churn-concurrency", agentsim.DefaultChurnConcurrency, "churn operations in flight at most")
 	fs.DurationVar(&c.ChurnStepDelay, "churn-step-delay", 500*time.Millisecond, "time the agent spends between the steps of one operation; negative for none")
+	fs.IntVar(&c.AddressOffset, "address-offset", 0, "host i listens on the address of index offset+i, so several agentsim processes on one machine give their hosts distinct IPs")
 	fs.Int64Var(&c.Seed, "seed", 0, "seed for host, team and sandbox ids; 0 is random, a fixed seed re-registers the same hosts")
 	fs.StringVar(&c.CAFile, "tls-ca-file", "", "mutual TLS on the agent listener: PEM CA bundle that client certificates must be signed by (with --tls-cert-file and --tls-key-file)")
 	fs.StringVar(&c.CertFile, "tls-cert-file", "", "mutual TLS: PEM serving certificate; if it is a CA, each host gets a certificate for its own IP minted from it")

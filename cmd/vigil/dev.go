@@ -135,9 +135,9 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			EtcdEndpoints: endpoint, EtcdPrefix: "/vigil", DatabaseURL: *dbURL, DBMaxConns: 8,
 			Cluster: *cluster, ReplicaID: fmt.Sprintf("dev-%d-%s", i+1, randSuffix()), Shards: *shards,
 			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: 30 * time.Second,
-			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, AgentConcurrency: 64,
+			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, AgentConcurrency: 128,
 			JournalRetention: 24 * time.Hour, HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)),
-			AgentMaxBytes: 4 << 20, AgentMaxIdle: 128, // AgentTimeout 0: derived from the TTL
+			AgentMaxBytes: 4 << 20, AgentMaxIdle: 2048, // AgentTimeout 0: derived from the TTL
 		}
 		if *agentTLS {
 			c.AgentCAFile, c.AgentCertFile, c.AgentKeyFile = pki.CA, pki.ClientCert, pki.ClientKey
