@@ -1,0 +1,319 @@
+package chaos
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/vigil-sh/vigil/agentsim"
+	"github.com/vigil-sh/vigil/internal/ids"
+	"github.com/vigil-sh/vigil/internal/status"
+)
+
+// The checks are pure functions of the history, so each has tests of its
+// own (check_test.go) on histories built by hand.
+
+// staleWrites finds, per shard, every committed write (journal row) under a
+// token lower than a token already committed for the shard — by another
+// journal row or by a fence raise — in commit order.
+func staleWrites(journal []journalRow, raises []fenceRaise) []string {
+	type item struct {
+		commitSeq int64
+		token     int64
+		what      string
+		raise     bool
+	}
+	byShard := map[int][]item{}
+	for _, r := range journal {
+		byShard[r.shard] = append(byShard[r.shard], item{r.commitSeq, r.token,
+			fmt.Sprintf("%s %s by %s (journal seq %d)", ids.Host(r.host), r.change, r.replica, r.seq), false})
+	}
+	for _, r := range raises {
+		byShard[r.shard] = append(byShard[r.shard], item{r.commitSeq, r.token, "fence raised by " + r.owner, true})
+	}
+	var out []string
+	for _, s := range sortedKeys(byShard, func(a, b int) bool { return a < b }) {
+		items := byShard[s]
+		sort.SliceStable(items, func(i, j int) bool { return items[i].commitSeq < items[j].commitSeq })
+		var max item
+		for _, it := range items {
+			if it.token < max.token && !it.raise {
+				out = append(out, fmt.Sprintf("shard %d: %s under token %d committed after %s under token %d (commit %d > %d)",
+					s, it.what, it.token, max.what, max.token, it.commitSeq, max.commitSeq))
+			}
+			if it.token > max.token {
+				max = it
+			}
+		}
+	}
+	return out
+}
+
+// doubleActing finds hosts on which two owners' committed actions
+// interleave: in commit order, a token's writes on the host resume after
+// another token's began. It also reports tokens under which two replicas
+// wrote.
+func doubleActing(journal []journalRow) (hosts []string, sharedTokens []string) {
+	type span struct {
+		replica string
+		last    int // index in the host's sequence of token blocks
+	}
+	seqs := map[uuid.UUID][]int64{} // host -> tokens in commit order, consecutive duplicates folded
+	writers := map[int64]string{}   // token -> replica
+	reported := map[int64]bool{}
+	for _, r := range journal {
+		if w, ok := writers[r.token]; ok && w != r.replica && !reported[r.token] {
+			sharedTokens = append(sharedTokens, fmt.Sprintf("token %d (shard %d) written by %s and %s", r.token, r.shard, w, r.replica))
+			reported[r.token] = true
+		}
+		writers[r.token] = r.replica
+		s := seqs[r.host]
+		if len(s) == 0 || s[len(s)-1] != r.token {
+			seqs[r.host] = append(s, r.token)
+		}
+	}
+	for _, h := range sortedKeys(seqs, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		seen := map[int64]bool{}
+		for _, tok := range seqs[h] {
+			if seen[tok] {
+				var parts []string
+				for _, t := range seqs[h] {
+					parts = append(parts, fmt.Sprintf("%d(%s)", t, writers[t]))
+				}
+				hosts = append(hosts, fmt.Sprintf("%s: owners' writes interleave: %s", ids.Host(h), strings.Join(parts, " ")))
+				break
+			}
+			seen[tok] = true
+		}
+	}
+	return hosts, sharedTokens
+}
+
+// agentDisagreements finds accepted DestroySandbox calls whose token is
+// lower than one the agent had already accepted for that host.
+func agentDisagreements(destroys map[uuid.UUID][]agentsim.DestroyRecord) []string {
+	var out []string
+	for _, h := range sortedKeys(destroys, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		var max int64
+		for _, d := range destroys[h] {
+			if !d.Fenced {
+				out = append(out, fmt.Sprintf("%s: destroy of %s accepted without a fence token", ids.Host(h), d.Sandbox))
+				continue
+			}
+			if d.Token < max {
+				out = append(out, fmt.Sprintf("%s: destroy of %s accepted under token %d after token %d", ids.Host(h), d.Sandbox, d.Token, max))
+			}
+			max = max64(max, d.Token)
+		}
+	}
+	return out
+}
+
+func max64(a, b int64) int64 {
+	if a > b {
+		return a
+	}
+	return b
+}
+
+// rulesModel is the checker's own statement of SPEC §2 (items 1, 3–6, 9),
+// kept apart from monitor.Decide on purpose: it says what a reconcile of
+// the final state would still change. Staleness (item 1) comes with the
+// final state, judged by the database clock against --unreachable-after.
+type rulesModel struct {
+	transientGrace time.Duration
+	snapshotGrace  time.Duration
+	// settle is how long a due change may wait for its pass (a few
+	// intervals); a row or host due for less than that is not judged.
+	settle time.Duration
+}
+
+// agentView is how an agent label settles a sandbox: absent (no VM, or
+// stopped/error), known (running or paused), or present with an unknown
+// status (transitional or foreign labels).
+func agentView(label string, ok bool) (presence string, known string) {
+	if !ok {
+		return "absent", ""
+	}
+	switch label {
+	case status.Running, status.Paused:
+		return "known", label
+	case status.Stopped, status.Error:
+		return "absent", ""
+	}
+	return "unknown", ""
+}
+
+// pending says what the rules would still do with a row given its agent's
+// report, "" for nothing; rule9 marks the stuck-destroy rule.
+func (m rulesModel) pending(row sandboxRow, vms map[uuid.UUID]string, hostHasPaused bool, now time.Time) (what string, rule9 bool) {
+	if row.status == nil || row.teamNull {
+		return "", false
+	}
+	label, ok := vms[row.id]
+	presence, known := agentView(label, ok)
+	age := now.Sub(row.lastUpdated)
+	due := func(grace time.Duration) bool { return age > grace+m.settle }
+	st := *row.status
+	switch st {
+	case status.Missing:
+		switch {
+		case presence == "absent" && due(0):
+			return "missing row absent on its agent not stopped (rule 3)", false
+		case presence == "known" && due(0):
+			return "missing row the agent reports " + known + " not restored (rule 3)", false
+		}
+	case status.Running:
+		switch {
+		case presence == "absent" && due(0):
+			return "running row absent on its agent not stopped (rule 4)", false
+		case presence == "known" && known == status.Paused && due(0):
+			return "running row the agent reports paused not synced (rule 4)", false
+		}
+	case status.Stopped:
+		if hostHasPaused && presence == "known" && known == status.Paused && due(0) {
+			return "stopped row paused on its agent not destroyed there (rule 5)", false
+		}
+	case status.Starting, status.Resuming:
+		switch {
+		case presence != "absent" && due(0):
+			return st + " row alive on its agent not running (rule 6)", false
+		case presence == "absent" && due(m.transientGrace):
+			return st + " row gone from its agent past the grace not in error (rule 6)", false
+		}
+	case status.Snapshotting:
+		switch {
+		case presence != "absent" && due(m.snapshotGrace):
+			return "snapshotting row past the snapshot grace not recovered (rule 6)", false
+		case presence == "absent" && due(m.transientGrace):
+			return "snapshotting row gone from its agent past the grace not in error (rule 6)", false
+		}
+	case status.Pausing:
+		if presence == "absent" && due(m.transientGrace) {
+			return "pausing row gone from its agent past the grace not paused (rule 6)", false
+		}
+	case status.Stopping:
+		switch {
+		case presence == "absent" && due(m.transientGrace):
+			return "stopping row gone from its agent past the grace not stopped (rule 6)", false
+		case presence != "absent" && due(m.transientGrace):
+			return "stopping row alive on its agent past the grace: destroy never re-sent (rule 9)", true
+		}
+	}
+	return "", false
+}
+
+// lostTransitions applies the model to the final state. Hosts in skip are
+// not judged (bad input); only hosts whose agent answers at the end are
+// judged by the active rules. Rule 9 findings come apart.
+func (m rulesModel) lostTransitions(fs finalState, skip map[uuid.UUID]bool) (lost, rule9 []string) {
+	for _, h := range sortedKeys(fs.hosts, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		hr := fs.hosts[h]
+		if skip[h] || hr.status == nil {
+			continue
+		}
+		if *hr.status != "unreachable" && hr.staleSince > m.settle {
+			lost = append(lost, fmt.Sprintf("%s: heartbeat stale for %s past the threshold, status still %q (rule 1)", ids.Host(h), hr.staleSince.Round(time.Second), *hr.status))
+		}
+	}
+	byHost := map[uuid.UUID][]sandboxRow{}
+	for _, s := range fs.sandboxes {
+		byHost[s.host] = append(byHost[s.host], s)
+	}
+	for _, h := range sortedKeys(byHost, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		hr, ok := fs.hosts[h]
+		if !ok || skip[h] || !fs.answering[h] || hr.status == nil || *hr.status != status.HostOnline || hr.address == nil || *hr.address == "" || hr.staleSince > 0 {
+			continue
+		}
+		hasPaused := func(vms map[uuid.UUID]string) bool {
+			for _, l := range vms {
+				if l == status.Paused {
+					return true
+				}
+			}
+			return false
+		}
+		for _, row := range byHost[h] {
+			w1, r9 := m.pending(row, fs.before[h], hasPaused(fs.before[h]), fs.now)
+			w2, _ := m.pending(row, fs.after[h], hasPaused(fs.after[h]), fs.now)
+			if w1 == "" || w2 == "" {
+				continue // not due in both agent snapshots: a change in flight
+			}
+			line := fmt.Sprintf("%s %s: %s (last updated %s before the end)", ids.Host(h), ids.Sandbox(row.id), w2, fs.now.Sub(row.lastUpdated).Round(time.Second))
+			if r9 {
+				rule9 = append(rule9, line)
+			} else {
+				lost = append(lost, line)
+			}
+		}
+	}
+	return lost, rule9
+}
+
+// forbiddenWrites finds journal rows vigil must never have written: rows of
+// hosts no agent stands behind, quarantined sandbox rows, and writes to a
+// sandbox on a host it had been moved away from.
+func forbiddenWrites(journal []journalRow, moves []sandboxMove, badHosts map[uuid.UUID]string, quarantined map[uuid.UUID]string) []string {
+	var out []string
+	movedAway := map[[2]uuid.UUID]int64{} // (sandbox, host) -> commit seq of the last move away from host
+	movedBack := map[[2]uuid.UUID]int64{} // (sandbox, host) -> commit seq of the last move onto host
+	for _, mv := range moves {
+		movedAway[[2]uuid.UUID{mv.sandbox, mv.from}] = mv.commitSeq
+		movedBack[[2]uuid.UUID{mv.sandbox, mv.to}] = mv.commitSeq
+	}
+	for _, r := range journal {
+		if what, ok := badHosts[r.host]; ok {
+			out = append(out, fmt.Sprintf("%s (%s): %s written by %s", ids.Host(r.host), what, r.change, r.replica))
+		}
+		if !r.sandbox.Valid {
+			continue
+		}
+		if what, ok := quarantined[r.sandbox.UUID]; ok {
+			out = append(out, fmt.Sprintf("%s (%s): %s written by %s", ids.Sandbox(r.sandbox.UUID), what, r.change, r.replica))
+		}
+		key := [2]uuid.UUID{r.sandbox.UUID, r.host}
+		if away, ok := movedAway[key]; ok && r.commitSeq > away && movedBack[key] < away {
+			out = append(out, fmt.Sprintf("%s: %s written on %s by %s after the row had moved to another host", ids.Sandbox(r.sandbox.UUID), r.change, ids.Host(r.host), r.replica))
+		}
+	}
+	return out
+}
+
+// ownership checks every journal row against etcd's record: its token must
+// have been an owner key of its shard held by the writing replica.
+func (e *env) ownership(journal []journalRow) (wrong []string, late int) {
+	for _, r := range journal {
+		owner, _, released, found := e.rec.Tenure(r.shard, r.token)
+		switch {
+		case !found:
+			wrong = append(wrong, fmt.Sprintf("write by %s on shard %d under token %d, never an owner key of the shard", r.replica, r.shard, r.token))
+		case owner != r.replica:
+			wrong = append(wrong, fmt.Sprintf("write by %s on shard %d under token %d, which %s held", r.replica, r.shard, r.token, owner))
+		case !released.IsZero() && r.writtenAt.After(released):
+			late++
+		}
+	}
+	return wrong, late
+}
+
+// crashes lists replicas that exited without the harness ending them, and
+// panics in any replica's log.
+func (e *env) crashes() []string {
+	e.mu.Lock()
+	ms := append([]*member(nil), e.members...)
+	e.mu.Unlock()
+	var out []string
+	for _, m := range ms {
+		if m.r.Exited() && m.intended() == "" {
+			out = append(out, fmt.Sprintf("replica %s exited on its own: %s (log %s)", m.id, m.r.ExitString(), m.logPath))
+		}
+		if b, err := os.ReadFile(m.logPath); err == nil && (strings.Contains(string(b), "panic:") || strings.Contains(string(b), "fatal error:")) {
+			out = append(out, fmt.Sprintf("replica %s panicked (log %s)", m.id, m.logPath))
+		}
+	}
+	return out
+}

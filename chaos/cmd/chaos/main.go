@@ -1,0 +1,90 @@
+// Command chaos runs vigil's nemesis harness (package chaos): a real
+// cluster under a seeded mix of faults and bad input, then the checker.
+// It prints progress and the report, then runs the broken build (fence
+// check disabled) that the checker must catch, and exits 1 if the checker
+// found any violation in the real run or did not catch the broken one, 2 if
+// a run could not be carried out. `make chaos` runs it;
+// SEED= and DURATION= pass -seed and -duration.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/vigil-sh/vigil/chaos"
+)
+
+func main() {
+	var cfg chaos.Config
+	var kinds, tags string
+	var broken, skipBroken bool
+	fs := flag.NewFlagSet("chaos", flag.ExitOnError)
+	fs.Int64Var(&cfg.Seed, "seed", 0, "seed of the fault schedule and the workload (0: from the clock)")
+	fs.DurationVar(&cfg.Duration, "duration", 10*time.Minute, "length of the fault phase (a quiet period follows)")
+	fs.DurationVar(&cfg.Quiet, "quiet", 0, "length of the quiet period before the final checks (default: every grace twice)")
+	fs.IntVar(&cfg.Hosts, "hosts", 1000, "simulated hosts")
+	fs.IntVar(&cfg.Shards, "shards", 64, "shards")
+	fs.IntVar(&cfg.Replicas, "replicas", 3, "replicas at the start and the floor of scale-down")
+	fs.IntVar(&cfg.MaxReplicas, "max-replicas", 5, "ceiling of scale-up")
+	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", 3*time.Second, "every replica's lease TTL")
+	fs.StringVar(&kinds, "kinds", "", "comma-separated fault kinds to use (default all): "+strings.Join(chaos.NemesisKinds(), ","))
+	fs.StringVar(&tags, "tags", "", "build tags for vigil, e.g. chaos_nofence (the broken build)")
+	fs.BoolVar(&broken, "broken", false, "run only the broken build (fence check disabled, -tags chaos_nofence) under this run's settings; exits 0 if the checker catches it")
+	fs.BoolVar(&skipBroken, "skip-broken-check", false, "do not follow the run with the broken-build run that proves the checker bites")
+	fs.StringVar(&cfg.Dir, "dir", "", "keep binaries, logs and the history here (default: a temporary directory, kept only on failure)")
+	fs.BoolVar(&cfg.PrivatePostgres, "private-postgres", true, "run Postgres as a server of the run's own (and restart it as a fault) instead of using the machine's shared server")
+	fs.StringVar(&cfg.RedisURL, "redis-url", "redis://127.0.0.1:6379/0", "Redis for the event checks (used once vigil has events)")
+	_ = fs.Parse(os.Args[1:])
+	if kinds != "" {
+		cfg.Kinds = strings.Split(kinds, ",")
+	}
+	if tags != "" {
+		cfg.BuildTags = strings.Split(tags, ",")
+	}
+	if broken {
+		cfg.BuildTags = append(cfg.BuildTags, "chaos_nofence")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	rep, err := chaos.Run(ctx, cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "chaos:", err)
+		os.Exit(2)
+	}
+	if broken {
+		// Only the broken build: success is being caught.
+		fmt.Printf("\n==== broken build caught: %v (%s)\n", rep.Caught(), rep.Summary())
+		if !rep.Caught() {
+			os.Exit(1)
+		}
+		return
+	}
+	failed := rep.Failed
+	if !skipBroken {
+		// The test must bite: the same harness against a build whose fence
+		// check is disabled has to fail.
+		bcfg := chaos.BrokenBuild(cfg)
+		bcfg.Dir = ""
+		fmt.Printf("\n==== the broken build (-tags chaos_nofence, %s of %s) must be caught\n", bcfg.Duration, strings.Join(bcfg.Kinds, ", "))
+		brep, err := chaos.Run(ctx, bcfg)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "chaos: broken-build run:", err)
+			os.Exit(2)
+		}
+		caught := brep.Caught()
+		fmt.Printf("\n==== verdict: run %s; broken build caught: %v (%s)\n", rep.Summary(), caught, brep.Summary())
+		if !caught {
+			fmt.Println("the test does not bite: the broken build was not caught")
+			failed = true
+		}
+	}
+	if failed {
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,520 @@
+package chaos
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/vigil-sh/vigil/agentsim"
+)
+
+// Violation categories; any entry in one fails the run.
+const (
+	vStale      = "stale writes"
+	vDouble     = "double-acted hosts"
+	vShared     = "tokens written by two replicas"
+	vOwner      = "writes under a token the writer did not hold"
+	vLost       = "lost transitions"
+	vAgent      = "agent disagreements"
+	vEventsLost = "events committed but not in the stream"
+	vEventsDup  = "events in the stream twice"
+	vEventsSpur = "events in the stream without a committed change"
+	vForbidden  = "writes to rows vigil must not write"
+	vCrash      = "replica crashes"
+	vEtcd       = "etcd record impossibilities"
+	vCutOff     = "cut-off owners acting after their successor claimed"
+	vRecover    = "faults the cluster did not recover from"
+	vBite       = "the test does not bite"
+)
+
+var categories = []string{vStale, vDouble, vShared, vOwner, vLost, vAgent, vEventsLost, vEventsDup, vEventsSpur,
+	vForbidden, vCrash, vEtcd, vCutOff, vRecover, vBite}
+
+// Report is a run's figures and verdict.
+type Report struct {
+	Seed      int64
+	Duration  time.Duration
+	Quiet     time.Duration
+	BuildTags []string
+	LeaseTTL  time.Duration
+
+	Faults     map[string]int
+	Violations map[string][]string
+	// KnownGaps are SPEC departures of vigil the checker sees but does not
+	// fail the run on (see the report's note for each).
+	KnownGaps map[string][]string
+
+	Failover       map[string][]time.Duration // by fault kind: owner loss -> first fenced write (the raise) by the new owner
+	FailoverCalm   []time.Duration            // outside etcd leader changes (one-way faults excluded)
+	FailoverOver   int                        // of FailoverCalm, beyond lease TTL + 1s
+	FailoverLeader []time.Duration            // with an etcd leader change in the window
+	HandoverGaps   []time.Duration            // release -> claim during rolling restarts and scale-downs
+	CutOff         []cutOff
+	PartitionMoves int
+	Partitions     int
+
+	FenceRejections      float64 // Postgres fence, summed over replicas
+	FencedTransactions   float64 // vigil_db_write_transactions_total{result="fenced"}
+	AgentFenceRejections int     // DestroySandbox refused for a stale token
+	DestroysAccepted     int
+	JournalRows          int
+	FenceRaises          int
+	LateWrites           int // began after their owner key was deleted, committed before the successor's raise
+	EtcdLeaderChanges    int
+	WatchResumes         int
+	Replicas             int // processes started
+
+	// Targets are figures that missed their target (not failing the run:
+	// they are about timing, not safety).
+	Targets []string
+
+	Workload map[string]int
+	Vigil    map[string]float64 // counters summed over the replicas
+	Events   string
+	Notes    []string
+
+	Failed    bool
+	CheckTime time.Duration
+	Dir       string // kept files, for a failed run
+}
+
+// cutOff is one owner cut off from etcd (or frozen): when it last acted on
+// a lost shard and when the first successor claimed one.
+type cutOff struct {
+	kind, victim string
+	lastAct      time.Time // last commit under an old token after the fault began (zero: none)
+	firstClaim   time.Time
+	margin       time.Duration // firstClaim - lastAct over the shards (minimum)
+	haveMargin   bool
+	steppedDown  time.Time // cut off from etcd: when its log says it stepped down (zero: not found)
+	keysDeleted  bool      // delete-owner-keys: acting after the claim is expected, the fences decide
+}
+
+// ownerLoss reports whether a fault takes ownership from a replica.
+func ownerLoss(kind string) bool {
+	switch kind {
+	case "kill", "pause", "pause-in-tx", "pause-pg-stalled", "stall-in-tx", "cut-etcd", "cut-both", "one-way-etcd-answers", "one-way-etcd-requests", "delete-owner-keys":
+		return true
+	}
+	return false
+}
+
+func (e *env) check(h *history) *Report {
+	rep := &Report{
+		Seed: e.cfg.Seed, Duration: e.cfg.Duration, Quiet: e.cfg.Quiet, BuildTags: e.cfg.BuildTags, LeaseTTL: e.cfg.LeaseTTL,
+		Faults: map[string]int{}, Violations: map[string][]string{}, KnownGaps: map[string][]string{},
+		Failover: map[string][]time.Duration{}, Workload: map[string]int{}, Vigil: map[string]float64{},
+		JournalRows: len(h.journal), FenceRaises: len(h.raises),
+	}
+	add := func(cat string, items ...string) { rep.Violations[cat] = append(rep.Violations[cat], items...) }
+
+	add(vStale, staleWrites(h.journal, h.raises)...)
+	dh, st := doubleActing(h.journal)
+	add(vDouble, dh...)
+	add(vShared, st...)
+	wrong, late := e.ownership(h.journal)
+	add(vOwner, wrong...)
+	rep.LateWrites = late
+	add(vEtcd, e.rec.Violations()...)
+	add(vAgent, agentDisagreements(h.destroy)...)
+	add(vCrash, e.crashes()...)
+
+	e.work.mu.Lock()
+	skip := map[uuid.UUID]bool{}
+	for k := range e.work.bad.excluded {
+		skip[k] = true
+	}
+	for k := range e.work.bad.deleted {
+		skip[k] = true
+	}
+	badHosts, quarantined := e.work.bad.badHosts, e.work.bad.quarantined
+	stuckHosts := map[uuid.UUID]bool{}
+	for _, h := range e.work.bad.stuck {
+		stuckHosts[h] = true
+	}
+	for k, v := range e.work.counts {
+		rep.Workload[k] = v
+	}
+	e.work.mu.Unlock()
+	add(vForbidden, forbiddenWrites(h.journal, h.moves, badHosts, quarantined)...)
+	model := rulesModel{transientGrace: e.cfg.TransientGrace, snapshotGrace: e.cfg.SnapshotGrace, settle: 3*e.cfg.Interval + 2*time.Second}
+	lost, rule9 := model.lostTransitions(h.final, skip)
+	add(vLost, lost...)
+	// The hosts that got a lost destroy were left out above (quarantined)
+	// and are judged here on their own, rule 9 included.
+	lostStuck, rule9Stuck := model.lostTransitions(onlyHosts(h.final, stuckHosts), nil)
+	add(vLost, lostStuck...)
+	rule9 = append(rule9, rule9Stuck...)
+	if len(rule9) > 0 {
+		rep.KnownGaps["SPEC §2 rule 9 (stuck destroys re-sent): vigil does not implement it (monitor.Decide has no rule 9, no destroy_retry)"] = rule9
+	}
+
+	// Events.
+	switch {
+	case e.events == nil:
+		rep.Events = "off: vigil has no --events-redis-url yet (SPEC §6, issue 8); the checks switch on when it does"
+	case h.streamErr != nil:
+		add(vEventsLost, "reading the stream failed: "+h.streamErr.Error())
+	default:
+		r := compareEvents(h.expectedEvents, h.stream)
+		rep.Events = fmt.Sprintf("%d committed, %d in the stream, %d lost, %d duplicated, %d without a change", r.Expected, r.Published, len(r.Lost), len(r.Duplicates), len(r.Spurious))
+		for _, k := range r.Lost {
+			add(vEventsLost, k.Event+" "+k.Resource)
+		}
+		add(vEventsDup, r.Duplicates...)
+		for _, k := range r.Spurious {
+			add(vEventsSpur, k.Event+" "+k.Resource)
+		}
+	}
+
+	// Faults and their figures.
+	e.mu.Lock()
+	faults := append([]*fault(nil), e.faults...)
+	members := append([]*member(nil), e.members...)
+	rep.Notes = append(rep.Notes, e.notes...)
+	e.mu.Unlock()
+	rep.Replicas = len(members)
+	bound := e.cfg.LeaseTTL + time.Second
+	for _, f := range faults {
+		rep.Faults[f.kind]++
+		if f.recoverErr != nil {
+			add(vRecover, fmt.Sprintf("%s %s on %s: %v", f.start.Format("15:04:05"), f.kind, f.target, f.recoverErr))
+		}
+		switch {
+		case f.owned != nil && ownerLoss(f.kind):
+			e.failover(rep, f, h, bound, add)
+		case f.kind == "rolling-restart" || f.kind == "scale-down":
+			rep.HandoverGaps = append(rep.HandoverGaps, e.handoverGaps(f)...)
+		case f.partitioned:
+			rep.Partitions++
+			n := e.claimsBetween(f.start, f.healed)
+			rep.PartitionMoves += n
+			if n > 0 {
+				rep.Targets = append(rep.Targets, fmt.Sprintf("%s etcd partition of %s: %d shards claimed meanwhile (expected 0)", f.start.Format("15:04:05"), f.target, n))
+			}
+		}
+	}
+
+	for _, m := range members {
+		rep.FenceRejections += m.counter("vigil_fence_rejections_total")
+		rep.FencedTransactions += m.counter(`vigil_db_write_transactions_total{result="fenced"}`)
+		for _, s := range countedSeries {
+			rep.Vigil[s] += m.counter(s)
+		}
+	}
+	for _, rs := range h.reject {
+		for _, r := range rs {
+			if r.Result == agentsim.DestroyStaleFence {
+				rep.AgentFenceRejections++
+			}
+		}
+	}
+	for _, ds := range h.destroy {
+		rep.DestroysAccepted += len(ds)
+	}
+	rep.EtcdLeaderChanges = e.leaders.count()
+	rep.WatchResumes = e.rec.Resumes()
+	if rep.FenceRejections == 0 {
+		add(vBite, "no write was ever rejected by a Postgres fence: the run never put a replica where only the fence decides (delete-owner-keys does)")
+	}
+	for _, c := range categories {
+		if len(rep.Violations[c]) > 0 {
+			rep.Failed = true
+		}
+	}
+	return rep
+}
+
+func onlyHosts(fs finalState, keep map[uuid.UUID]bool) finalState {
+	out := fs
+	out.hosts = map[uuid.UUID]hostRow{}
+	for id, hr := range fs.hosts {
+		if keep[id] {
+			out.hosts[id] = hr
+		}
+	}
+	out.sandboxes = nil
+	for _, s := range fs.sandboxes {
+		if keep[s.host] {
+			out.sandboxes = append(out.sandboxes, s)
+		}
+	}
+	return out
+}
+
+// failover measures one owner-loss fault: per lost shard, the time from
+// the loss to the new owner's first fenced write (its fence raise; the etcd
+// claim when no raise was recorded), and for cut-off owners the margin
+// between their last act on a lost shard and the first successor claim.
+// delete-owner-keys is no failover (the successors claim at once, by
+// design of the fault) and its victim is expected to act after they
+// claimed: only the fences stop it, which the stale-write check judges.
+func (e *env) failover(rep *Report, f *fault, h *history, bound time.Duration, add func(string, ...string)) {
+	lost := f.lostAt
+	if lost.IsZero() {
+		lost = f.start
+	}
+	co := cutOff{kind: f.kind, victim: f.target}
+	for _, s := range sortedShards(f.owned) {
+		old := f.owned[s]
+		var claim time.Time
+		for _, ev := range e.rec.History(s, f.etcdEvents) {
+			if ev.Put && ev.CreateRev > old {
+				claim = ev.At
+				break
+			}
+		}
+		first := time.Time{}
+		for _, r := range h.raises {
+			if r.shard == s && r.token > old && !r.raisedAt.Before(lost) {
+				first = r.raisedAt
+				break
+			}
+		}
+		if first.IsZero() {
+			first = claim
+		}
+		if first.IsZero() {
+			continue // never re-owned in the record (the run ended first)
+		}
+		d := first.Sub(lost)
+		if !f.keysDeleted {
+			rep.Failover[f.kind] = append(rep.Failover[f.kind], d)
+			leaderChange := e.leaders.changedWithin(lost.Add(-e.cfg.LeaseTTL), first)
+			if f.kind != "one-way-etcd-answers" {
+				if leaderChange {
+					rep.FailoverLeader = append(rep.FailoverLeader, d)
+				} else {
+					rep.FailoverCalm = append(rep.FailoverCalm, d)
+					if d > bound {
+						rep.FailoverOver++
+					}
+				}
+			}
+		}
+		if f.kind == "kill" || claim.IsZero() {
+			continue
+		}
+		last := time.Time{}
+		for _, r := range h.journal {
+			if r.shard == s && r.token == old && r.replica == f.target && r.committedAt.After(lost) && r.committedAt.After(last) {
+				last = r.committedAt
+			}
+		}
+		if co.firstClaim.IsZero() || claim.Before(co.firstClaim) {
+			co.firstClaim = claim
+		}
+		if last.After(co.lastAct) {
+			co.lastAct = last
+		}
+		if !last.IsZero() {
+			if m := claim.Sub(last); !co.haveMargin || m < co.margin {
+				co.margin, co.haveMargin = m, true
+			}
+		}
+	}
+	if f.kind == "kill" || co.firstClaim.IsZero() {
+		return
+	}
+	if !co.haveMargin {
+		co.margin = co.firstClaim.Sub(lost)
+	}
+	co.keysDeleted = f.keysDeleted
+	if strings.HasPrefix(f.kind, "cut-") || strings.HasPrefix(f.kind, "one-way-") || f.kind == "stall-in-tx" {
+		// Cut off from etcd while running: it must step down before its
+		// lease can expire, so before any successor claims.
+		co.steppedDown = stepDown(f.victim.logPath, lost)
+		if !co.steppedDown.IsZero() && co.steppedDown.After(co.firstClaim) {
+			add(vCutOff, fmt.Sprintf("%s %s of %s: stepped down %s after the first successor claim", lost.Format("15:04:05"), f.kind, f.target, co.steppedDown.Sub(co.firstClaim).Round(time.Millisecond)))
+		}
+	}
+	rep.CutOff = append(rep.CutOff, co)
+	if co.margin < 0 && !f.keysDeleted {
+		add(vCutOff, fmt.Sprintf("%s %s of %s: last act %s after the first successor claim", lost.Format("15:04:05"), f.kind, f.target, (-co.margin).Round(time.Millisecond)))
+	}
+}
+
+// handoverGaps are the release -> claim gaps of the shards handed over
+// during a graceful fault.
+func (e *env) handoverGaps(f *fault) []time.Duration {
+	var out []time.Duration
+	for s := 0; s < e.cfg.Shards; s++ {
+		ev := e.rec.History(s, f.etcdEvents)
+		for i := 0; i+1 < len(ev); i++ {
+			if ev[i].At.After(f.healed) {
+				break
+			}
+			if !ev[i].Put && ev[i+1].Put {
+				out = append(out, ev[i+1].At.Sub(ev[i].At))
+			}
+		}
+	}
+	return out
+}
+
+// claimsBetween counts owner-key claims in [from, to].
+func (e *env) claimsBetween(from, to time.Time) int {
+	n := 0
+	for s := 0; s < e.cfg.Shards; s++ {
+		for _, ev := range e.rec.History(s, 0) {
+			if ev.Put && !ev.At.Before(from) && !ev.At.After(to) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+func pct(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := int(p*float64(len(s))+0.5) - 1
+	return s[max(0, min(i, len(s)-1))]
+}
+
+func dist(ds []time.Duration) string {
+	if len(ds) == 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("p50 %s, p95 %s, max %s (n=%d)", ms(pct(ds, .5)), ms(pct(ds, .95)), ms(pct(ds, 1)), len(ds))
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%dms", d.Milliseconds()) }
+
+func (r *Report) print(w io.Writer) {
+	p := func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
+	p("")
+	p("==== chaos report: seed %d, %s of faults + %s quiet, lease TTL %s, build tags %v", r.Seed, r.Duration, r.Quiet, r.LeaseTTL, r.BuildTags)
+	var kinds []string
+	total := 0
+	for k, n := range r.Faults {
+		kinds = append(kinds, fmt.Sprintf("%s %d", k, n))
+		total += n
+	}
+	sort.Strings(kinds)
+	p("faults injected (%d): %s", total, strings.Join(kinds, ", "))
+	var wl []string
+	for k, n := range r.Workload {
+		wl = append(wl, fmt.Sprintf("%s %d", k, n))
+	}
+	sort.Strings(wl)
+	p("workload and bad input: %s", strings.Join(wl, ", "))
+	p("failover (owner loss -> first fenced write by the new owner):")
+	target := "met"
+	if r.FailoverOver > 0 {
+		target = fmt.Sprintf("MISSED by %d of %d", r.FailoverOver, len(r.FailoverCalm))
+	}
+	p("  outside etcd leader changes: %s; target <= lease TTL + 1s = %s: %s", dist(r.FailoverCalm), ms(r.LeaseTTL+time.Second), target)
+	p("  with an etcd leader change:  %s", dist(r.FailoverLeader))
+	for _, k := range sortedKeys(r.Failover, func(a, b string) bool { return a < b }) {
+		p("  %-22s %s", k+":", dist(r.Failover[k]))
+	}
+	over := 0
+	for _, g := range r.HandoverGaps {
+		if g >= 500*time.Millisecond {
+			over++
+		}
+	}
+	target = "met"
+	if over > 0 {
+		target = fmt.Sprintf("MISSED by %d", over)
+	}
+	p("handover gap (release -> claim) in rolling restarts and scale-downs: %s; target < 500ms: %s", dist(r.HandoverGaps), target)
+	p("cut-off owners: last act on a lost shard vs first successor claim (must be before):")
+	for _, c := range r.CutOff {
+		last := "no write after the fault began"
+		if !c.lastAct.IsZero() {
+			last = "last write " + c.lastAct.Format("15:04:05.000")
+		}
+		note := ""
+		if !c.steppedDown.IsZero() {
+			note = fmt.Sprintf(", stepped down %s before it", ms(c.firstClaim.Sub(c.steppedDown)))
+		}
+		if c.keysDeleted {
+			note = " (keys deleted under it: only the fences decide)"
+		}
+		p("  %-22s %s: %s, first successor claim %s, margin %s%s", c.kind, c.victim, last, c.firstClaim.Format("15:04:05.000"), ms(c.margin), note)
+	}
+	p("shards moved while one etcd member was partitioned: %d over %d partitions (expected 0)", r.PartitionMoves, r.Partitions)
+	for _, t := range r.Targets {
+		p("target missed: %s", t)
+	}
+	p("fence rejections: Postgres %.0f (fenced transactions %.0f), agents %d (of %d destroys accepted)", r.FenceRejections, r.FencedTransactions, r.AgentFenceRejections, r.DestroysAccepted)
+	p("history: %d journal rows, %d fence raises, %d writes begun after their owner key was deleted (committed before the successor's raise), %d etcd leader changes, %d watch resumes, %d replica processes",
+		r.JournalRows, r.FenceRaises, r.LateWrites, r.EtcdLeaderChanges, r.WatchResumes, r.Replicas)
+	var vc []string
+	for _, k := range countedSeries {
+		if v := r.Vigil[k]; v > 0 {
+			vc = append(vc, fmt.Sprintf("%s %.0f", k, v))
+		}
+	}
+	p("vigil counters (summed over replicas): %s", strings.Join(vc, ", "))
+	p("events: %s", r.Events)
+	for _, n := range r.Notes {
+		p("note: %s", n)
+	}
+	for k, items := range r.KnownGaps {
+		p("known gap (does not fail the run): %s: %d", k, len(items))
+		for i, it := range items {
+			if i == 5 {
+				p("    ... %d more", len(items)-5)
+				break
+			}
+			p("    %s", it)
+		}
+	}
+	p("checks:")
+	for _, c := range categories {
+		items := r.Violations[c]
+		p("  %-60s %d", c, len(items))
+		for i, it := range items {
+			if i == 10 {
+				p("      ... %d more", len(items)-10)
+				break
+			}
+			p("      %s", it)
+		}
+	}
+	verdict := "PASS"
+	if r.Failed {
+		verdict = "FAIL"
+	}
+	p("verdict: %s (checked in %s)", verdict, r.CheckTime.Round(time.Millisecond))
+	if r.Dir != "" {
+		p("files: %s", r.Dir)
+	}
+}
+
+// Count is the number of violations in category c (for tests).
+func (r *Report) Count(c string) int { return len(r.Violations[c]) }
+
+// stepDown is when a replica's log first says, after from, that its
+// session ended (the local lease deadline passed): the moment it stopped
+// acting on every shard.
+func stepDown(logPath string, from time.Time) time.Time {
+	b, err := os.ReadFile(logPath)
+	if err != nil {
+		return time.Time{}
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.Contains(line, `"@message":"lease deadline passed without a renewal; stepping down"`) {
+			continue
+		}
+		var l struct {
+			At time.Time `json:"@timestamp"`
+		}
+		if json.Unmarshal([]byte(line), &l) == nil && l.At.After(from) {
+			return l.At
+		}
+	}
+	return time.Time{}
+}
