@@ -3,7 +3,7 @@ TOOLS    := $(GO) tool -modfile=tools/go.mod
 PKGS     := ./...
 BIN      := bin
 
-.PHONY: all build dev test test-short test-long check fmt vet tidy generate generate-check bench clean
+.PHONY: all build dev test test-short test-long check fmt vet tidy generate generate-check bench clean chaos
 
 all: build
 
@@ -43,6 +43,16 @@ bench: build
 bench-smoke: build
 	./scripts/ensure-postgres.sh
 	$(GO) run ./bench -smoke -bin $(BIN) $(BENCH_FLAGS)
+
+## chaos: the nemesis harness (chaos/, see chaos/README.md): three etcd processes, agentsim with 1,000 hosts and
+## churn, 3-5 replicas behind fault proxies, a seeded mix of faults and bad input, a quiet period, then the checker
+## over the journal, etcd's record and the agents' records; then the same against a build with the fence check
+## disabled, which must be caught. Prints the figures; exits non-zero on any violation. DURATION=10m, SEED=, and
+## CHAOS_FLAGS= for more (-kinds kill,pause, -dir DIR, -lease-ttl 5s, ...; go run ./chaos/cmd/chaos -h).
+DURATION ?= 10m
+chaos:
+	./scripts/ensure-postgres.sh
+	$(GO) run ./chaos/cmd/chaos -duration $(DURATION) $(if $(SEED),-seed $(SEED)) $(CHAOS_FLAGS)
 
 ## check: formatting, vet, module tidiness and generated-code drift.
 check: fmt vet tidy generate-check
