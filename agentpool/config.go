@@ -13,13 +13,13 @@ import (
 const (
 	DefaultTimeout          = 5 * time.Second
 	DefaultMaxResponseBytes = 4 << 20 // 4 MiB
-	DefaultMaxIdleConns     = 2048
+	DefaultMaxIdleConns     = 3500
 	DefaultIdleTimeout      = 90 * time.Second
 	DefaultTLSSessions      = 16384
 )
 
 // Config configures a Pool. The zero value is valid: plain HTTP, 5 s per call,
-// 4 MiB per response, 2048 idle connections idle for at most 90 s, no logs,
+// 4 MiB per response, 3500 idle connections idle for at most 90 s, no logs,
 // no metrics.
 type Config struct {
 	// Timeout bounds every call: each call runs under a deadline of Timeout

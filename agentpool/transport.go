@@ -135,20 +135,9 @@ func (t *transport) open(ctx context.Context, scheme, addr string) (*conn, error
 		}
 		nc = tc
 	}
-	cr := &countingReader{r: nc, limit: -1}
-	br, _ := readers.Get().(*bufio.Reader)
-	if br == nil {
-		br = bufio.NewReaderSize(cr, 4<<10)
-	} else {
-		br.Reset(cr)
-	}
-	bw, _ := writers.Get().(*bufio.Writer)
-	if bw == nil {
-		bw = bufio.NewWriterSize(nc, 4<<10)
-	} else {
-		bw.Reset(nc)
-	}
-	return &conn{key: addr, nc: nc, cr: cr, br: br, bw: bw}, nil
+	c := &conn{key: addr, nc: nc, cr: &countingReader{r: nc, limit: -1}}
+	c.attach()
+	return c, nil
 }
 
 // Buffers of closed connections, for the next ones: most calls dial when an
@@ -159,6 +148,12 @@ var readers, writers sync.Pool
 // (the call using it, or the pool for an idle one) may discard it.
 func (c *conn) discard() {
 	c.nc.Close()
+	c.release()
+}
+
+// release gives c's buffers back (an idle connection needs none: nothing is
+// buffered when it goes idle); attach takes new ones before the next use.
+func (c *conn) release() {
 	if c.br != nil {
 		c.br.Reset(nil)
 		readers.Put(c.br)
@@ -166,6 +161,25 @@ func (c *conn) discard() {
 		writers.Put(c.bw)
 		c.br, c.bw = nil, nil
 	}
+}
+
+func (c *conn) attach() {
+	if c.br != nil {
+		return
+	}
+	br, _ := readers.Get().(*bufio.Reader)
+	if br == nil {
+		br = bufio.NewReaderSize(c.cr, 4<<10)
+	} else {
+		br.Reset(c.cr)
+	}
+	bw, _ := writers.Get().(*bufio.Writer)
+	if bw == nil {
+		bw = bufio.NewWriterSize(c.nc, 4<<10)
+	} else {
+		bw.Reset(c.nc)
+	}
+	c.br, c.bw = br, bw
 }
 
 // exchange writes req on c and reads the answer's header. On error c is
@@ -249,6 +263,9 @@ func (t *transport) take(key string) (*conn, bool) {
 		c.discard()
 		c = nil
 	}
+	if c != nil {
+		c.attach()
+	}
 	return c, c != nil
 }
 
@@ -264,6 +281,7 @@ func (t *transport) put(c *conn) {
 	stale := t.sweepLocked(now)
 	keep := t.idle[c.key] == nil && len(t.idle) < t.maxIdle
 	if keep {
+		c.release()
 		t.idle[c.key] = c
 	}
 	t.mu.Unlock()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -29,10 +30,11 @@ type shardWork struct {
 	f   store.Fence
 	log hclog.Logger
 
-	stale  hostSet // from the stale scan
-	wake   hostSet // from reconnect notifications, and hosts woken while busy
-	claims claims
-	lag    *lagClock
+	stale     hostSet // from the stale scan
+	wake      hostSet // from reconnect notifications, and hosts woken while busy
+	claims    claims
+	lag       *lagClock
+	firstDone atomic.Bool // a full pass completed under this ownership
 }
 
 type passKind int
@@ -169,7 +171,9 @@ func (w *shardWork) active(ctx context.Context, k passKind, hosts []uuid.UUID) p
 	}
 	w.release(p.NotAsked())
 	w.lag.counting(p.Outcomes(), d.started)
-	p.Urgent = k == wakePass
+	// Reconnects, and a new owner's first pass (its hosts went unwatched
+	// through the handover), go ahead of the steady passes' queue.
+	p.Urgent = k == wakePass || !w.firstDone.Load()
 	p.Settled = w.lag.settled
 	d.err = p.Run(ctx)
 	w.release(p.Asked())
@@ -198,6 +202,9 @@ func (w *shardWork) finished(d passDone, failing bool) bool {
 	w.lag.observe(d, now)
 	if d.kind != fullPass {
 		return failing
+	}
+	if d.err == nil && !w.firstDone.Swap(true) {
+		w.log.Debug("first full pass done", "after", now.Sub(w.lag.claimed).Round(time.Millisecond), "hosts", len(d.hosts))
 	}
 	failed := 0
 	var first error

@@ -104,7 +104,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go profiles under /debug/pprof/ on the admin listener")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 0, "deadline of every agent RPC (default: 5s, or half of --lease-ttl when that is shorter)")
 	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", 4<<20, "largest agent answer accepted")
-	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", 2048, "idle keep-alive connections to agents kept across the replica, one file descriptor each and no goroutine (bounds file descriptors); agents beyond it are dialled anew on each call, resuming TLS sessions")
+	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", 3500, "idle keep-alive connections to agents kept across the replica, one file descriptor each and no goroutine (bounds file descriptors); agents beyond it are dialled anew on each call, resuming TLS sessions")
 	fs.DurationVar(&c.AgentIdleTimeout, "agent-idle-timeout", 0, "an agent not called for this long has its idle connection closed and its client dropped (default: 1.5 × --interval, at least 10s)")
 	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
 	fs.StringVar(&c.AgentCertFile, "agent-cert-file", "", "client certificate for agent mutual TLS")
