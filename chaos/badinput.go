@@ -27,6 +27,9 @@ type badInput struct {
 	// quarantined sandbox rows vigil must never write (damaged rows, rows
 	// of hosts that do not exist).
 	quarantined map[uuid.UUID]string
+	// damaged are the quarantined rows with a NULL team (store.Sandbox:
+	// "such rows are never written").
+	damaged map[uuid.UUID]bool
 	// temporary changes to agentsim hosts, undone before the quiet period.
 	restore map[uuid.UUID]func(context.Context) error
 	// deleted hosts and when their row went.
@@ -40,7 +43,7 @@ type badInput struct {
 // plane's database accumulates, each with two sandbox rows.
 func (w *workload) createBadHosts(ctx context.Context) error {
 	w.bad = badInput{
-		excluded: map[uuid.UUID]bool{}, badHosts: map[uuid.UUID]string{}, quarantined: map[uuid.UUID]string{},
+		excluded: map[uuid.UUID]bool{}, badHosts: map[uuid.UUID]string{}, quarantined: map[uuid.UUID]string{}, damaged: map[uuid.UUID]bool{},
 		restore: map[uuid.UUID]func(context.Context) error{}, deleted: map[uuid.UUID]time.Time{},
 		stuck: map[uuid.UUID]uuid.UUID{},
 	}
@@ -194,6 +197,9 @@ func (w *workload) badOnce(ctx context.Context) error {
 		}
 		w.mu.Lock()
 		w.bad.quarantined[id] = c.what
+		if c.team == nil {
+			w.bad.damaged[id] = true
+		}
 		w.mu.Unlock()
 		w.count("bad input: " + c.what)
 	case 4: // an agentsim host's address broken for a while

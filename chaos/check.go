@@ -256,9 +256,9 @@ func (m rulesModel) lostTransitions(fs finalState, skip map[uuid.UUID]bool) (los
 
 // forbiddenWrites finds journal rows vigil must never have written: rows of
 // hosts no agent stands behind, quarantined sandbox rows, and writes to a
-// sandbox on a host it had been moved away from.
-func forbiddenWrites(journal []journalRow, moves []sandboxMove, badHosts map[uuid.UUID]string, quarantined map[uuid.UUID]string) []string {
-	var out []string
+// sandbox on a host it had been moved away from. Writes to damaged rows
+// (NULL team; store.Sandbox: "such rows are never written") come apart.
+func forbiddenWrites(journal []journalRow, moves []sandboxMove, badHosts, quarantined map[uuid.UUID]string, damaged map[uuid.UUID]bool) (out, damagedWrites []string) {
 	movedAway := map[[2]uuid.UUID]int64{} // (sandbox, host) -> commit seq of the last move away from host
 	movedBack := map[[2]uuid.UUID]int64{} // (sandbox, host) -> commit seq of the last move onto host
 	for _, mv := range moves {
@@ -273,14 +273,19 @@ func forbiddenWrites(journal []journalRow, moves []sandboxMove, badHosts map[uui
 			continue
 		}
 		if what, ok := quarantined[r.sandbox.UUID]; ok {
-			out = append(out, fmt.Sprintf("%s (%s): %s written by %s", ids.Sandbox(r.sandbox.UUID), what, r.change, r.replica))
+			line := fmt.Sprintf("%s (%s): %s written by %s", ids.Sandbox(r.sandbox.UUID), what, r.change, r.replica)
+			if damaged[r.sandbox.UUID] {
+				damagedWrites = append(damagedWrites, line)
+			} else {
+				out = append(out, line)
+			}
 		}
 		key := [2]uuid.UUID{r.sandbox.UUID, r.host}
 		if away, ok := movedAway[key]; ok && r.commitSeq > away && movedBack[key] < away {
 			out = append(out, fmt.Sprintf("%s: %s written on %s by %s after the row had moved to another host", ids.Sandbox(r.sandbox.UUID), r.change, ids.Host(r.host), r.replica))
 		}
 	}
-	return out
+	return out, damagedWrites
 }
 
 // ownership checks every journal row against etcd's record: its token must

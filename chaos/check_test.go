@@ -175,9 +175,13 @@ func TestForbiddenWrites(t *testing.T) {
 		w(6, hostB, moved),    // on the host it moved to: fine
 	}
 	moves := []sandboxMove{{sandbox: moved, from: hostA, to: hostB, commitSeq: 4}}
-	got := forbiddenWrites(journal, moves, map[uuid.UUID]string{bad: "malformed address"}, map[uuid.UUID]string{q: "NULL team"})
-	if len(got) != 3 {
-		t.Errorf("got %d, want 3: %v", len(got), got)
+	got, damaged := forbiddenWrites(journal, moves, map[uuid.UUID]string{bad: "malformed address"}, map[uuid.UUID]string{q: "NULL status"}, nil)
+	if len(got) != 3 || len(damaged) != 0 {
+		t.Errorf("got %d and %d, want 3 and 0: %v %v", len(got), len(damaged), got, damaged)
+	}
+	got, damaged = forbiddenWrites(journal, moves, nil, map[uuid.UUID]string{q: "NULL team"}, map[uuid.UUID]bool{q: true})
+	if len(got) != 1 || len(damaged) != 1 {
+		t.Errorf("a damaged row's write comes apart: %v %v", got, damaged)
 	}
 }
 

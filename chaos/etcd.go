@@ -375,3 +375,18 @@ func (c *etcdCluster) healthy(ctx context.Context) (bool, string) {
 	}
 	return true, ""
 }
+
+// dump renders the leader changes, one a line.
+func (l *leaderLog) dump() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var b strings.Builder
+	for _, c := range l.changes {
+		name := c.leader
+		if name == "" {
+			name = "(none)"
+		}
+		fmt.Fprintf(&b, "%s %s\n", c.at.Format("15:04:05.000"), name)
+	}
+	return b.String()
+}

@@ -269,6 +269,7 @@ func (e *env) saveHistory(h *history) {
 		fmt.Fprintf(&b, "%s\t%s\t%s\t%s\t%s\t%s\t%v\n", f.start.Format("15:04:05.000"), f.lostAt.Format("15:04:05.000"), f.healed.Format("15:04:05.000"), f.kind, f.target, f.detail, f.recoverErr)
 	}
 	e.mu.Unlock()
+	_ = os.WriteFile(e.dir+"/etcd-leaders.txt", []byte(e.leaders.dump()), 0o644)
 	_ = os.WriteFile(e.dir+"/faults.tsv", []byte("start\tlost\thealed\tkind\ttarget\tdetail\terror\n"+b.String()), 0o644)
 }
 

@@ -36,6 +36,7 @@ type fault struct {
 	inTx        bool  // pause-in-tx: the victim was frozen inside a fenced transaction
 	etcdMember  string
 	partitioned bool // an etcd member was cut off: no shard should move
+	wasLeader   bool // the etcd member the fault hit was the leader
 	detail      string
 }
 
@@ -637,8 +638,12 @@ func (e *env) nemEtcdPartition(ctx context.Context, f *fault) error {
 	i := e.rng.IntN(len(e.etcd.members))
 	m := e.etcd.members[i]
 	f.target, f.etcdMember, f.partitioned = m.name, m.name, true
+	f.wasLeader = e.etcd.majorityLeader(ctx) == m.name
 	d := 2*e.cfg.LeaseTTL + time.Duration(e.rng.Int64N(int64(e.cfg.LeaseTTL)))
 	f.detail = "partitioned " + d.Round(time.Millisecond).String()
+	if f.wasLeader {
+		f.detail += " (the leader)"
+	}
 	f.start = time.Now()
 	m.peerPx.Blackhole()
 	live := e.live()
