@@ -70,7 +70,13 @@ func main() {
 		// The test must bite: the same harness against a build whose fence
 		// check is disabled has to fail.
 		bcfg := chaos.BrokenBuild(cfg)
-		bcfg.Dir = ""
+		// Its files are kept only if it was not caught (the surprise).
+		dir, err := os.MkdirTemp("", "vigil-chaos-broken-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "chaos:", err)
+			os.Exit(2)
+		}
+		bcfg.Dir = dir
 		fmt.Printf("\n==== the broken build (-tags chaos_nofence, %s of %s) must be caught\n", bcfg.Duration, strings.Join(bcfg.Kinds, ", "))
 		brep, err := chaos.Run(ctx, bcfg)
 		if err != nil {
@@ -78,6 +84,11 @@ func main() {
 			os.Exit(2)
 		}
 		caught := brep.Caught()
+		if caught {
+			os.RemoveAll(dir)
+		} else {
+			fmt.Println("files of the broken-build run:", dir)
+		}
 		fmt.Printf("\n==== verdict: run %s; broken build caught: %v (%s)\n", rep.Summary(), caught, brep.Summary())
 		if !caught {
 			fmt.Println("the test does not bite: the broken build was not caught")
