@@ -16,6 +16,7 @@ import (
 )
 
 type cluster struct {
+	interval time.Duration // --interval of its replicas
 	e         *env
 	name      string
 	transport string
@@ -47,8 +48,8 @@ type replica struct {
 
 // newCluster starts n replicas in a fresh cluster (its own etcd root) and
 // waits for their admin listeners.
-func newCluster(ctx context.Context, e *env, transport string, n int) (*cluster, error) {
-	c := &cluster{e: e, transport: transport}
+func newCluster(ctx context.Context, e *env, transport string, n int, interval time.Duration) (*cluster, error) {
+	c := &cluster{e: e, transport: transport, interval: interval}
 	c.name = fmt.Sprintf("bench-%dr-%s-%d", n, transport, time.Now().UnixNano()%1e6)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	var err error
@@ -82,7 +83,7 @@ func (c *cluster) start(ctx context.Context) (*replica, error) {
 		"--replica-id", id,
 		"--shards", strconv.Itoa(o.Shards),
 		"--lease-ttl", o.LeaseTTL.String(),
-		"--interval", o.Interval.String(),
+		"--interval", c.interval.String(),
 		"--unreachable-after", o.UnreachableAfter.String(),
 		"--agent-timeout", o.agentTimeout().String(),
 		"--http-addr", admin,
@@ -411,6 +412,7 @@ type counters struct {
 	etcd     etcdStats
 	replicas map[string]replicaCounters
 	simCPU   float64
+	pgCPU    float64 // every postgres process on the machine
 }
 
 type replicaCounters struct {
@@ -420,6 +422,8 @@ type replicaCounters struct {
 	active     float64 // active reconciles, any result
 	recovered  float64 // snapshotting -> running transitions
 	agentErrs  float64 // failed ListSandboxes calls
+	hostErrs   float64 // active reconciles that failed in the database (result error)
+	failedTxns float64 // fenced write transactions that failed
 }
 
 // snapshot reads every counter. A replica whose scrape fails is missing
@@ -446,6 +450,8 @@ func (c *cluster) snapshot(ctx context.Context, f *fleet) (counters, error) {
 			active:     sc.sum(mReconciles, map[string]string{"kind": "active"}),
 			recovered:  sc.sum(mTransitions, map[string]string{"from": "snapshotting", "to": "running"}),
 			agentErrs:  sc.sum(mAgentErrors, map[string]string{"procedure": "ListSandboxes"}),
+			hostErrs:   sc.sum(mReconciles, map[string]string{"kind": "active", "result": "error"}),
+			failedTxns: sc.sum(mWriteTxns, map[string]string{"result": "failed"}),
 		}
 	}
 	for _, pid := range f.pids() {
@@ -453,6 +459,7 @@ func (c *cluster) snapshot(ctx context.Context, f *fleet) (counters, error) {
 			s.simCPU += v
 		}
 	}
+	s.pgCPU = postgresCPU()
 	if s.pg, err = c.e.pgStats(ctx); err != nil {
 		return s, err
 	}
@@ -470,16 +477,19 @@ type delta struct {
 	etcd       etcdStats
 	cpu        float64
 	simCPU     float64
+	pgCPU      float64
 	statements float64
 	writeTxns  float64
 	active     float64
 	recovered  float64
 	agentErrs  float64
+	hostErrs   float64
+	failedTxns float64
 	replicas   int
 }
 
 func (b counters) sub(a counters) delta {
-	d := delta{window: b.at.Sub(a.at), pg: b.pg.sub(a.pg), etcd: b.etcd.sub(a.etcd), simCPU: b.simCPU - a.simCPU}
+	d := delta{window: b.at.Sub(a.at), pg: b.pg.sub(a.pg), etcd: b.etcd.sub(a.etcd), simCPU: b.simCPU - a.simCPU, pgCPU: b.pgCPU - a.pgCPU}
 	for id, rb := range b.replicas {
 		ra, ok := a.replicas[id]
 		if !ok {
@@ -492,6 +502,8 @@ func (b counters) sub(a counters) delta {
 		d.active += rb.active - ra.active
 		d.recovered += rb.recovered - ra.recovered
 		d.agentErrs += rb.agentErrs - ra.agentErrs
+		d.hostErrs += rb.hostErrs - ra.hostErrs
+		d.failedTxns += rb.failedTxns - ra.failedTxns
 	}
 	return d
 }

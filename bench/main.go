@@ -70,6 +70,7 @@ type options struct {
 	Shards           int
 	LeaseTTL         time.Duration
 	Interval         time.Duration
+	FaultInterval    time.Duration
 	UnreachableAfter time.Duration
 	Heartbeat        time.Duration
 	ChangeFraction   float64
@@ -126,6 +127,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.Shards, "shards", 256, "shard count of every cluster")
 	fs.DurationVar(&o.LeaseTTL, "lease-ttl", 5*time.Second, "replicas' --lease-ttl (whole seconds)")
 	fs.DurationVar(&o.Interval, "interval", 200*time.Millisecond, "replicas' --interval: short, so they run flat out")
+	fs.DurationVar(&o.FaultInterval, "fault-interval", 10*time.Second, "replicas' --interval while failover, handover and unreachable detection are measured: a deployment's load, not flat out")
 	fs.DurationVar(&o.UnreachableAfter, "unreachable-after", 10*time.Second, "replicas' --unreachable-after")
 	fs.DurationVar(&o.Heartbeat, "heartbeat-interval", 5*time.Second, "agentsim --heartbeat-interval")
 	fs.Float64Var(&o.ChangeFraction, "change-fraction", 0.05, "fraction of sandboxes put into a state vigil must change before the changing sweep")

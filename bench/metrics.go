@@ -252,6 +252,31 @@ func (a etcdStats) sub(b etcdStats) etcdStats {
 const clockTicks = 100
 
 // procCPU is a process's user+system CPU time so far.
+// postgresCPU is the CPU seconds of every process named postgres (the
+// server and all its backends, exited ones not counted): the machine's
+// database, which the bench has to itself while it runs.
+func postgresCPU() float64 {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	var sum float64
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
+			continue
+		}
+		if v, err := procCPU(pid); err == nil {
+			sum += v
+		}
+	}
+	return sum
+}
+
 func procCPU(pid int) (float64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {

@@ -8,7 +8,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -90,24 +89,20 @@ func (c *cluster) measureSteady(ctx context.Context, f *fleet, sweeps int, durat
 const snapshotGraceExceeded = "20 minutes"
 
 // measureChanging measures sweeps, back to back like the steady ones,
-// while a fraction of the sandbox rows keeps needing a transition: an
-// injector moves ChangeFraction × all rows per steady sweep time, in batches
-// every 100 ms, from running into snapshotting past the snapshot grace (their
+// while a fraction of the sandbox rows keeps needing a transition: at the
+// start of every sweep one statement moves ChangeFraction × all rows (random,
+// distinct) from running into snapshotting past the snapshot grace (their
 // VMs run on the agents, so vigil must move them back to running with a
-// snapshot_recovered audit row). Every pass then meets about that share of
-// its rows changed since its last read, as in a fleet with that much churn,
-// and a changing sweep is directly comparable with a steady one. After the
-// window the injector stops and one more sweep must leave no row unrepaired.
+// snapshot_recovered audit row). In steady state every sweep repairs that
+// many rows, as in a fleet with that much churn, so a changing sweep is
+// directly comparable with a steady one. After the window one more sweep
+// must leave no row unrepaired.
 //
-// pg_stat_database's counts include the injector's own statements; vigil's
-// counters are vigil's alone.
+// pg_stat_database's counts include the injections; vigil's counters are
+// vigil's alone.
 func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepStats) (*sweepStats, error) {
 	o := c.e.opts
 	per := max(1, int(math.Round(float64(o.Hosts*o.Sandboxes)*o.ChangeFraction)))
-	sweep := time.Second
-	if steady != nil && steady.median() > 0 {
-		sweep = steady.median()
-	}
 	var running []string
 	rows, err := c.e.db.Query(ctx, `select id::text from sandboxes where status = 'running'`)
 	if err == nil {
@@ -117,6 +112,7 @@ func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepSt
 		return nil, fmt.Errorf("list running rows: %w", err)
 	}
 	rand.Shuffle(len(running), func(i, j int) { running[i], running[j] = running[j], running[i] })
+	inj := &injector{db: c.e.db, ids: running}
 
 	pc := c.startPassCount()
 	defer c.countPasses(nil)
@@ -124,18 +120,6 @@ func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepSt
 	if err != nil {
 		return nil, err
 	}
-	ictx, stop := context.WithCancel(ctx)
-	inj := &injector{db: c.e.db, ids: running, rate: float64(per) / sweep.Seconds()}
-	injDone := make(chan error, 1)
-	go func() { injDone <- inj.run(ictx) }()
-	stopInjector := func() error {
-		stop()
-		if err := <-injDone; err != nil && !errors.Is(err, context.Canceled) {
-			return err
-		}
-		return nil
-	}
-
 	st := &sweepStats{passes: -1}
 	t0, start := time.Now(), time.Now()
 	for {
@@ -144,16 +128,15 @@ func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepSt
 			time.Until(c.deadline) < 3*st.median()) {
 			break
 		}
+		if err := inj.inject(ctx, per); err != nil {
+			return nil, err
+		}
 		end, err := c.waitSweep(ctx, t0, o.SweepTimeout, nil)
 		if err != nil {
-			_ = stopInjector()
 			return nil, err
 		}
 		st.walls = append(st.walls, end.Sub(t0))
 		t0 = end
-	}
-	if err := stopInjector(); err != nil {
-		return nil, err
 	}
 	s1, err := c.snapshot(ctx, f)
 	if err != nil {
@@ -185,50 +168,36 @@ func (c *cluster) measureChanging(ctx context.Context, f *fleet, steady *sweepSt
 	return st, nil
 }
 
-// injector moves running rows into snapshotting at a steady rate.
+// injector moves running rows into snapshotting.
 type injector struct {
 	db   *pgxpool.Pool
 	ids  []string // running rows, shuffled; used in order, cycling
-	rate float64  // rows per second
+	next int
 
 	mu      sync.Mutex
 	touched []string // every id a batch named
 	changed int      // rows the batches really changed
 }
 
-func (in *injector) run(ctx context.Context) error {
-	const tick = 100 * time.Millisecond
-	t := time.NewTicker(tick)
-	defer t.Stop()
-	start, next := time.Now(), 0
-	for sent := 0; ; {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
-		}
-		due := int(in.rate * time.Since(start).Seconds())
-		n := min(due-sent, len(in.ids))
-		if n <= 0 {
-			continue
-		}
-		batch := make([]string, 0, n)
-		for range n {
-			batch = append(batch, in.ids[next])
-			next = (next + 1) % len(in.ids)
-		}
-		tag, err := in.db.Exec(ctx, `
-			update sandboxes set status = 'snapshotting', last_updated = now() - interval '`+snapshotGraceExceeded+`'
-			 where id = any($1::uuid[]) and status = 'running'`, batch)
-		if err != nil {
-			return fmt.Errorf("inject changes: %w", err)
-		}
-		sent += n
-		in.mu.Lock()
-		in.touched = append(in.touched, batch...)
-		in.changed += int(tag.RowsAffected())
-		in.mu.Unlock()
+// inject moves the next n rows in one statement.
+func (in *injector) inject(ctx context.Context, n int) error {
+	n = min(n, len(in.ids))
+	batch := make([]string, 0, n)
+	for range n {
+		batch = append(batch, in.ids[in.next])
+		in.next = (in.next + 1) % len(in.ids)
 	}
+	tag, err := in.db.Exec(ctx, `
+		update sandboxes set status = 'snapshotting', last_updated = now() - interval '`+snapshotGraceExceeded+`'
+		 where id = any($1::uuid[]) and status = 'running'`, batch)
+	if err != nil {
+		return fmt.Errorf("inject changes: %w", err)
+	}
+	in.mu.Lock()
+	in.touched = append(in.touched, batch...)
+	in.changed += int(tag.RowsAffected())
+	in.mu.Unlock()
+	return nil
 }
 
 func (in *injector) total() int {
@@ -348,6 +317,10 @@ func (s *sweepFigs) speed(ref *refResult, withTargets bool) {
 	s.metric(perHost, mReconciles, func() float64 { return st.perSweep(st.d.active) / float64(o.Hosts) })
 	agentErrs := s.add("agent_errors_sweep", "failed ListSandboxes calls per sweep (vigil)", "")
 	s.metric(agentErrs, mAgentErrors, func() float64 { return st.perSweep(st.d.agentErrs) })
+	hostErrs := s.add("host_errors_sweep", "host reconciles failed in the database per sweep (vigil)", "")
+	s.metric(hostErrs, mReconciles, func() float64 { return st.perSweep(st.d.hostErrs) })
+	txns := s.add("failed_txns_sweep", "write transactions failed per sweep (vigil)", "")
+	s.metric(txns, mWriteTxns, func() float64 { return st.perSweep(st.d.failedTxns) })
 }
 
 func ratio(f *figure, rate float64, ref *refResult, of func(*refResult) float64, why string) {
@@ -451,9 +424,11 @@ func (s *sweepFigs) etcd() {
 func (s *sweepFigs) cpu() {
 	cpu := s.add("cpu_s_sweep", "CPU seconds per sweep (all replicas)", "s").pos()
 	sim := s.add("sim_cpu_s_sweep", "CPU seconds per sweep (agentsim)", "s").pos()
+	pg := s.add("pg_cpu_s_sweep", "CPU seconds per sweep (Postgres, whole server)", "s")
 	if s.ok {
 		cpu.set(s.st.perSweep(s.st.d.cpu))
 		sim.set(s.st.perSweep(s.st.d.simCPU))
+		pg.set(s.st.perSweep(s.st.d.pgCPU)).note("backends that exited during the window are not counted")
 	}
 }
 

@@ -3,6 +3,7 @@ package monitor
 import (
 	"sync"
 	"testing"
+	"time"
 )
 
 // The queue runs at most max calls at once, urgent ones before the normal
@@ -65,5 +66,22 @@ func TestCallQueueOrderBoundAndAbandon(t *testing.T) {
 	<-ran
 	if started.abandon() {
 		t.Fatal("a started call was abandoned")
+	}
+}
+
+func TestUntilPhase(t *testing.T) {
+	const iv = 10 * time.Second
+	for _, c := range []struct {
+		now, phase, want time.Duration
+	}{
+		{0, 0, iv},
+		{time.Second, 0, 9 * time.Second},
+		{time.Second, 3 * time.Second, 2 * time.Second},
+		{5 * time.Second, 3 * time.Second, 8 * time.Second},
+		{3 * time.Second, 3 * time.Second, iv},
+	} {
+		if got := untilPhase(time.Unix(0, int64(1000*iv+c.now)), iv, c.phase); got != c.want {
+			t.Errorf("now %s phase %s: %s, want %s", c.now, c.phase, got, c.want)
+		}
 	}
 }

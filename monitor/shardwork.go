@@ -92,7 +92,12 @@ func (w *shardWork) run(ctx context.Context) error {
 	}
 
 	cfg := w.r.cfg
-	full := time.NewTimer(time.Duration(int64(cfg.Interval) * int64(w.f.Shard) / int64(cfg.Shards)))
+	// The first pass at once: the shard's hosts went unwatched through the
+	// handover. Later ones at the shard's phase within the interval (its
+	// share of it, counted from the Unix epoch, so every replica spreads
+	// the same way), so a cold start does not keep all shards in step.
+	phase := time.Duration(int64(cfg.Interval) * int64(w.f.Shard) / int64(cfg.Shards))
+	full := time.NewTimer(0)
 	defer full.Stop()
 	trim := time.NewTicker(time.Hour)
 	defer trim.Stop()
@@ -128,7 +133,7 @@ func (w *shardWork) run(ctx context.Context) error {
 		}
 		if fullDue && !running[fullPass] {
 			fullDue = false
-			full.Reset(cfg.Interval)
+			full.Reset(untilPhase(time.Now(), cfg.Interval, phase))
 			hosts := w.claims.take(w.r.shardHosts(w.f.Shard), false)
 			start(fullPass, func() passDone { return w.active(ctx, fullPass, hosts) })
 		}
@@ -156,6 +161,17 @@ func (w *shardWork) run(ctx context.Context) error {
 			})
 		}
 	}
+}
+
+// untilPhase is the time from now to the next instant t with t ≡ phase
+// (mod interval), counted from the Unix epoch; a full interval when now is
+// such an instant.
+func untilPhase(now time.Time, interval, phase time.Duration) time.Duration {
+	since := (now.UnixNano() - int64(phase)) % int64(interval)
+	if since < 0 {
+		since += int64(interval)
+	}
+	return interval - time.Duration(since)
 }
 
 // active runs a full or wake pass over the claimed hosts, releasing each

@@ -423,7 +423,8 @@ type MarkDown struct {
 // one fenced transaction and one statement: every candidate whose heartbeat
 // is older than the threshold by the database clock (or absent) and whose
 // status is not unreachable (nor NULL) becomes unreachable with updated_at =
-// now(); its sandboxes in m.Live become missing with last_updated = now(); a
+// now(); its sandboxes in m.Live become missing with last_updated = now()
+// (but not damaged ones, without a team, which no rule may write); a
 // host with a team gets its audit row; every change gets a journal row. All
 // conditional, row by row, on the host really changing: a heartbeat that
 // commits first wins.
@@ -455,7 +456,7 @@ func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]Mar
 			gone as (
 				select s.id, s.status as was, s.host_id
 				  from sandboxes s join down on s.host_id = down.id
-				 where s.status = any($4)
+				 where s.status = any($4) and s.team_id is not null -- damaged rows are never written
 				   for update of s),
 			missing as (
 				update sandboxes s set status = $13, last_updated = now()

@@ -334,6 +334,14 @@ func TestMarkUnreachableIsSetBased(t *testing.T) {
 	paused := addSandbox(t, s, teamHost, "paused")
 	starting := addSandbox(t, s, shared, "starting")
 	freshRow := addSandbox(t, s, fresh, "running")
+	// A damaged row (no team, where the column allows it) is never written.
+	if _, err := db(s).Exec(ctx, `alter table sandboxes alter column team_id drop not null`); err != nil {
+		t.Fatal(err)
+	}
+	damaged := addSandbox(t, s, teamHost, "running")
+	if _, err := db(s).Exec(ctx, `update sandboxes set team_id = null where id = $1`, damaged.ID); err != nil {
+		t.Fatal(err)
+	}
 
 	hosts := []uuid.UUID{teamHost, shared, fresh, down, uuid.New()}
 	rids := []string{"host-a", "host-b", "host-c", "host-d", "host-e"}
@@ -360,7 +368,7 @@ func TestMarkUnreachableIsSetBased(t *testing.T) {
 	if m := got[shared].Missing; len(m) != 1 || m[0].ID != starting.ID || m[0].From != "starting" {
 		t.Errorf("shared host's missing rows %+v", m)
 	}
-	for id, want := range map[uuid.UUID]string{live.ID: "missing", paused.ID: "paused", starting.ID: "missing", freshRow.ID: "running"} {
+	for id, want := range map[uuid.UUID]string{live.ID: "missing", paused.ID: "paused", starting.ID: "missing", freshRow.ID: "running", damaged.ID: "running"} {
 		if st := status(t, s, id); st != want {
 			t.Errorf("row %s is %s, want %s", id, st, want)
 		}
