@@ -95,6 +95,7 @@ var smokeDefaults = map[string]string{
 	"unreachable-after":  "4s",
 	"heartbeat-interval": "1s",
 	"sweep-timeout":      "20s",
+	"fault-interval":     "2s",
 	"unreachable-hosts":  "2",
 	"budget":             "150s",
 	"out":                filepath.Join(os.TempDir(), "vigil-bench-smoke"),

@@ -406,29 +406,40 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 			}
 			handoverDeadline = nil
 		case s := <-finished:
-			o := owned[s]
-			if o == nil {
-				continue
-			}
-			if o.err != nil && o.reason == "" {
-				n.m.losses.WithLabelValues("worker_error").Inc()
-				n.log.Warn("shard worker stopped with an error; releasing", "shard", s, "error", o.err)
-				o.release = true
-			}
-			if o.release || o.reason == "" {
-				ctx, cancel := context.WithTimeout(sctx, n.cfg.LeaseTTL)
-				resp, err := n.cfg.Client.Txn(ctx).
-					If(clientv3.Compare(clientv3.CreateRevision(L.Shard(s)), "=", o.token)).
-					Then(clientv3.OpDelete(L.Shard(s))).Commit()
-				cancel()
-				if err == nil {
-					releasedAt[s] = resp.Header.Revision
-				}
-				if err != nil {
-					n.log.Warn("deleting released owner key failed; it expires with the lease", "shard", s, "error", err)
+			// Every worker that has finished by now, released together:
+			// a handover of many shards must not queue their deletes.
+			done := []int{s}
+		drain:
+			for {
+				select {
+				case s := <-finished:
+					done = append(done, s)
+				default:
+					break drain
 				}
 			}
-			delete(owned, s)
+			var release []release
+			for _, s := range done {
+				o := owned[s]
+				if o == nil {
+					continue
+				}
+				if o.err != nil && o.reason == "" {
+					n.m.losses.WithLabelValues("worker_error").Inc()
+					n.log.Warn("shard worker stopped with an error; releasing", "shard", s, "error", o.err)
+					o.release = true
+				}
+				if o.release || o.reason == "" {
+					release = append(release, struct {
+						shard int
+						token int64
+					}{s, o.token})
+				}
+				delete(owned, s)
+			}
+			for s, rev := range n.releaseAll(sctx, release) {
+				releasedAt[s] = rev
+			}
 			publish()
 		case <-resync.C:
 		case <-trig:
@@ -448,6 +459,7 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 
 		// Ownership.
 		assignedToMe, ownedOK := 0, 0
+		var toClaim []int
 		for s := 0; s < n.cfg.Shards; s++ {
 			desired := v.assign[s].value
 			if !v.validOwner(kv{value: desired, lease: v.members[desired].lease, createRev: 1}) {
@@ -496,12 +508,11 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 			if !sess.Valid() || leaving {
 				continue
 			}
-			token, ok := n.claim(sctx, s, lease)
-			if !ok {
-				continue
-			}
+			toClaim = append(toClaim, s)
+		}
+		for s, token := range n.claimAll(sctx, toClaim, lease) {
 			wctx, cancel := context.WithCancel(sctx)
-			o = &ownership{token: token, cancel: cancel, done: make(chan struct{})}
+			o := &ownership{token: token, cancel: cancel, done: make(chan struct{})}
 			owned[s] = o
 			n.m.acquisitions.Inc()
 			go func(s int, o *ownership) {
@@ -523,6 +534,65 @@ func (n *Node) ownerLoop(sctx context.Context, sess *Session, w *watcher, trig c
 		}
 		_ = poke
 	}
+}
+
+// release is a shard whose owner key we delete, guarded by its token.
+type release = struct {
+	shard int
+	token int64
+}
+
+// releaseAll deletes our owner keys of the released shards, each guarded by
+// its create revision, all at once. It returns the revision of each delete
+// that succeeded; a failed one is logged (the key expires with the lease).
+func (n *Node) releaseAll(ctx context.Context, rs []release) map[int]int64 {
+	revs := make([]int64, len(rs))
+	var wg sync.WaitGroup
+	for i, r := range rs {
+		wg.Go(func() {
+			key := n.cfg.Layout.Shard(r.shard)
+			cctx, cancel := context.WithTimeout(ctx, n.cfg.LeaseTTL)
+			defer cancel()
+			resp, err := n.cfg.Client.Txn(cctx).
+				If(clientv3.Compare(clientv3.CreateRevision(key), "=", r.token)).
+				Then(clientv3.OpDelete(key)).Commit()
+			if err != nil {
+				n.log.Warn("deleting released owner key failed; it expires with the lease", "shard", r.shard, "error", err)
+				return
+			}
+			revs[i] = resp.Header.Revision
+		})
+	}
+	wg.Wait()
+	out := make(map[int]int64, len(rs))
+	for i, r := range rs {
+		if revs[i] != 0 {
+			out[r.shard] = revs[i]
+		}
+	}
+	return out
+}
+
+// claimAll claims the shards at once (each its own transaction, in flight
+// together) and returns the token of each claim that succeeded.
+func (n *Node) claimAll(ctx context.Context, shards []int, lease clientv3.LeaseID) map[int]int64 {
+	tokens := make([]int64, len(shards))
+	var wg sync.WaitGroup
+	for i, s := range shards {
+		wg.Go(func() {
+			if t, ok := n.claim(ctx, s, lease); ok {
+				tokens[i] = t
+			}
+		})
+	}
+	wg.Wait()
+	out := make(map[int]int64, len(shards))
+	for i, s := range shards {
+		if tokens[i] != 0 {
+			out[s] = tokens[i]
+		}
+	}
+	return out
 }
 
 // claim creates the shard's owner key if absent, bound to our lease. The
