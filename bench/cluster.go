@@ -16,7 +16,7 @@ import (
 )
 
 type cluster struct {
-	interval time.Duration // --interval of its replicas
+	interval  time.Duration // --interval of its replicas
 	e         *env
 	name      string
 	transport string
