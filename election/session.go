@@ -130,7 +130,11 @@ func (s *Session) end(err error) {
 }
 
 // keepAlive renews the lease every TTL/3. Each renewal's send time moves the
-// deadline; a timer ends the session the moment the deadline passes.
+// deadline; a timer ends the session the moment the deadline passes. An
+// attempt gets half that period; a failed one is retried a tenth of a period
+// later, so one
+// etcd member that swallows requests (the client spreads them over every
+// endpoint) costs half a period, not the session.
 func (s *Session) keepAlive(parent context.Context) {
 	defer close(s.done)
 	interval := s.ttl / 3
@@ -145,11 +149,14 @@ func (s *Session) keepAlive(parent context.Context) {
 	}
 	results := make(chan result, 1)
 	inflight := false
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
 	send := func() {
 		inflight = true
 		sent := s.now()
 		go func() {
-			ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(s.ctx), interval)
+			ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(s.ctx), interval/2)
 			defer cancel()
 			resp, err := s.client.KeepAliveOnce(ctx, s.lease)
 			r := result{sent: sent, err: err}
@@ -176,6 +183,10 @@ func (s *Session) keepAlive(parent context.Context) {
 			if !inflight {
 				send()
 			}
+		case <-retry.C:
+			if !inflight {
+				send()
+			}
 		case r := <-results:
 			inflight = false
 			if r.err != nil {
@@ -183,7 +194,8 @@ func (s *Session) keepAlive(parent context.Context) {
 					s.end(fmt.Errorf("%w: %w", ErrSessionExpired, r.err))
 					continue
 				}
-				s.log.Debug("keep-alive failed", "error", r.err)
+				s.log.Debug("keep-alive failed; retrying", "error", r.err)
+				retry.Reset(interval / 10) // not a spin when etcd refuses at once
 				continue
 			}
 			s.mu.Lock()
