@@ -1,6 +1,10 @@
 package monitor
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/vigil-sh/vigil/events"
+)
 
 // metrics are the reconcile's Prometheus series. All are documented in
 // docs/metrics.md.
@@ -12,6 +16,11 @@ type metrics struct {
 	fenceRejections prometheus.Counter
 	reportProblems  *prometheus.CounterVec // kind
 	zombies         prometheus.Counter
+	resent          prometheus.Counter
+	eventsPending   *prometheus.GaugeVec   // shard
+	eventsOldest    *prometheus.GaugeVec   // shard
+	published       *prometheus.CounterVec // event
+	publishErrors   prometheus.Counter
 	badRows         *prometheus.CounterVec // kind
 	lastSuccess     *prometheus.GaugeVec   // shard
 	lastPass        *prometheus.GaugeVec   // shard
@@ -50,6 +59,26 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "vigil_zombies_destroyed_total",
 			Help: "Sandboxes stopped in the database but paused on their agent that vigil destroyed on the agent.",
 		}),
+		resent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_destroys_resent_total",
+			Help: "DestroySandbox calls re-sent for rows stopping past the transient grace whose VM the agent still had (rule 9), accepted by the agent.",
+		}),
+		eventsPending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "vigil_events_pending",
+			Help: "Notification events of the shard committed but not yet published to Redis; exported by the shard's owner only.",
+		}, []string{"shard"}),
+		eventsOldest: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "vigil_events_oldest_pending_age_seconds",
+			Help: "Age of the shard's oldest unpublished event at the relay's last look (0: none pending); exported by the shard's owner only.",
+		}, []string{"shard"}),
+		published: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_events_published_total",
+			Help: "Notification events Redis acknowledged, by event (a republished duplicate counts again).",
+		}, []string{"event"}),
+		publishErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_event_publish_errors_total",
+			Help: "Failed publishes of a batch of events to Redis (the batch stays pending and is retried).",
+		}),
 		badRows: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vigil_bad_rows_total",
 			Help: "Control-plane rows vigil will not act on, by kind (host_null_status, sandbox_null_team); counted once per pass that met them.",
@@ -71,9 +100,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "The shard's online hosts with an address (the ones its lag is made of); exported by the shard's owner only.",
 		}, []string{"shard"}),
 	}
+	for _, e := range []string{events.HostDown, events.CapsulePaused, events.CapsuleDestroyed} {
+		m.published.WithLabelValues(e)
+	}
 	if reg != nil {
 		reg.MustRegister(m.reconciles, m.duration, m.transitions, m.markedDown, m.fenceRejections, m.reportProblems, m.zombies,
-			m.badRows, m.lastSuccess, m.lastPass, m.blindHosts, m.shardHosts)
+			m.resent, m.eventsPending, m.eventsOldest, m.published, m.publishErrors, m.badRows, m.lastSuccess, m.lastPass, m.blindHosts, m.shardHosts)
 	}
 	return m
 }

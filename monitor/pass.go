@@ -350,8 +350,9 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 		byHost[z.HostID] = append(byHost[z.HostID], z)
 	}
 
-	var b store.Batch
-	var changeRef, heldRef []actionRef
+	b := store.Batch{RetryGrace: p.r.cfg.Rules.TransientGrace}
+	var changeRef, heldRef, retryRef []actionRef
+	now := time.Now()
 	for i := range plans {
 		pl := &plans[i]
 		h := p.out[pl.t].Host
@@ -362,13 +363,17 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 		pl.actions = Decide(p.r.cfg.Rules, rows, pl.report, p.read.Now)
 		for j, a := range pl.actions {
 			row := store.Sandbox{ID: a.Sandbox, TeamID: uuid.NullUUID{UUID: a.TeamID, Valid: true}, HostID: h, Status: a.From, LastUpdated: a.Seen}
-			if a.Kind == DestroyOnAgent {
+			switch a.Kind {
+			case DestroyOnAgent:
 				b.Held = append(b.Held, row)
 				heldRef = append(heldRef, actionRef{i, j})
-				continue
+			case RetryDestroy:
+				b.HeldRetry = append(b.HeldRetry, row)
+				retryRef = append(retryRef, actionRef{i, j})
+			default:
+				b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: p.r.audit(a, now)})
+				changeRef = append(changeRef, actionRef{i, j})
 			}
-			b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: sandboxAudit(a)})
-			changeRef = append(changeRef, actionRef{i, j})
 		}
 	}
 	res, err := p.r.store.Apply(ctx, p.f, b)
@@ -392,7 +397,14 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 			p.out[plans[rf.plan].t].Missed++
 		}
 	}
-	now := time.Now()
+	for k, rf := range retryRef {
+		// A miss here is no conflict: the destroy was re-sent within
+		// the grace (or the row moved on).
+		if res.HeldRetry[k] {
+			held = append(held, rf)
+		}
+	}
+	now = time.Now()
 	for _, pl := range plans {
 		p.out[pl.t].Done = now
 	}
@@ -404,14 +416,15 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 	if len(held) == 0 {
 		return nil
 	}
-	return p.destroyZombies(ctx, plans, held)
+	return p.destroyOnAgents(ctx, plans, held)
 }
 
-// destroyZombies sends DestroySandbox for zombies the fenced check confirmed,
-// with the fence token in the Vigil-Fence header, then writes the audit rows
-// of the ones the agents accepted in one fenced transaction. A host counts
-// as reconciled only once that commits.
-func (p *Pass) destroyZombies(ctx context.Context, plans []hostPlan, held []actionRef) error {
+// destroyOnAgents sends DestroySandbox for the zombies and stuck destroys the
+// fenced check confirmed, with the fence token in the Vigil-Fence header,
+// then writes the audit rows (and events, and retry times) of the ones the
+// agents accepted in one fenced transaction. A host counts as reconciled
+// only once that commits.
+func (p *Pass) destroyOnAgents(ctx context.Context, plans []hostPlan, held []actionRef) error {
 	ok := make([]bool, len(held))
 	var wg sync.WaitGroup
 	for k, rf := range held {
@@ -426,7 +439,7 @@ func (p *Pass) destroyZombies(ctx context.Context, plans []hostPlan, held []acti
 			}
 			err := p.r.agents.DestroySandbox(ctx, h, p.addr[h], ids.Sandbox(a.Sandbox), p.f.Header())
 			if err != nil {
-				p.r.log.Warn("destroy zombie on agent failed", "host", h, "sandbox", a.Sandbox, "error", err)
+				p.r.log.Warn("destroy on agent failed", "host", h, "sandbox", a.Sandbox, "kind", a.Kind, "error", err)
 				return
 			}
 			ok[k] = true
@@ -446,7 +459,11 @@ func (p *Pass) destroyZombies(ctx context.Context, plans []hostPlan, held []acti
 		}
 		a := plans[rf.plan].actions[rf.action]
 		h := p.out[plans[rf.plan].t].Host
-		recs = append(recs, store.Record{Host: h, Sandbox: a.Sandbox, Change: "destroyed_on_agent", Audit: *sandboxAudit(a)})
+		change := "destroyed_on_agent"
+		if a.Kind == RetryDestroy {
+			change = "destroy_resent"
+		}
+		recs = append(recs, store.Record{Host: h, Sandbox: a.Sandbox, Change: change, Audit: *p.r.audit(a, time.Now()), Retry: a.Kind == RetryDestroy})
 		done = append(done, rf)
 	}
 	if _, err := p.r.store.Apply(ctx, p.f, store.Batch{Records: recs}); err != nil {
@@ -456,8 +473,13 @@ func (p *Pass) destroyZombies(ctx context.Context, plans []hostPlan, held []acti
 	now := time.Now()
 	for _, rf := range done {
 		o := &p.out[plans[rf.plan].t]
-		o.Destroyed++
-		o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
+		a := plans[rf.plan].actions[rf.action]
+		if a.Kind == DestroyOnAgent {
+			o.Destroyed++
+		} else {
+			o.Resent++
+		}
+		o.Applied = append(o.Applied, a)
 		o.Done = now
 	}
 	return nil
@@ -489,6 +511,16 @@ func (p *Pass) valid(rows []Row) []Row {
 		}
 	}
 	return out
+}
+
+// audit is the audit row of a sandbox action (with its event when events are
+// on), nil for a silent one.
+func (r *Reconciler) audit(a Action, now time.Time) *store.Audit {
+	au := sandboxAudit(a)
+	if au != nil && r.pub != nil {
+		au.Event = sandboxEvent(a, now)
+	}
+	return au
 }
 
 // sandboxAudit is the audit row of a sandbox action, nil for a silent one.

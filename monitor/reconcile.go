@@ -45,8 +45,15 @@ type Config struct {
 	// their pass before their changes are applied anyway, default 100ms: a
 	// slow agent delays the others' writes by at most this much.
 	ApplyLinger time.Duration
-	Logger      hclog.Logger
-	Registerer  prometheus.Registerer
+	// Publisher, when set, turns the events on (SPEC §6): each change's
+	// notification event is written to the outbox beside its audit row,
+	// and shard owners relay their outbox to it. Nil: no event state is
+	// kept.
+	Publisher Publisher
+	// RelayBatch is how many events one publish carries, default 100.
+	RelayBatch int
+	Logger     hclog.Logger
+	Registerer prometheus.Registerer
 }
 
 // Validate fills defaults and checks values.
@@ -66,6 +73,9 @@ func (c *Config) Validate() error {
 	if c.ApplyLinger == 0 {
 		c.ApplyLinger = 100 * time.Millisecond
 	}
+	if c.RelayBatch == 0 {
+		c.RelayBatch = 100
+	}
 	switch {
 	case c.Rules.TransientGrace < 0:
 		return fmt.Errorf("monitor: transient grace %s must be positive", c.Rules.TransientGrace)
@@ -77,6 +87,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("monitor: agent concurrency %d must be at least 1", c.AgentConcurrency)
 	case c.ApplyLinger < 0:
 		return fmt.Errorf("monitor: apply linger %s must not be negative", c.ApplyLinger)
+	case c.RelayBatch < 1 || c.RelayBatch > 10000:
+		return fmt.Errorf("monitor: events batch %d must be between 1 and 10000", c.RelayBatch)
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
@@ -92,6 +104,7 @@ type Reconciler struct {
 	log    hclog.Logger
 	m      *metrics
 	calls  *callQueue // every agent call goes through it
+	pub    Publisher  // nil: events off
 }
 
 // New builds a Reconciler.
@@ -100,7 +113,7 @@ func New(cfg Config, st *store.Store, agents Agents) (*Reconciler, error) {
 		return nil, err
 	}
 	return &Reconciler{cfg: cfg, store: st, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer),
-		calls: newCallQueue(cfg.AgentConcurrency)}, nil
+		calls: newCallQueue(cfg.AgentConcurrency), pub: cfg.Publisher}, nil
 }
 
 // Outcome says what a pass did for one host.
@@ -115,6 +128,7 @@ type Outcome struct {
 	Applied     []Action
 	Missed      int // compare-and-set misses: a concurrent transition won
 	Destroyed   int // zombies destroyed on the agent
+	Resent      int // stuck destroys re-sent to the agent (rule 9)
 	Problems    []Problem
 	// Err: the host could not be reconciled (agent, database or fence).
 	Err error
@@ -175,11 +189,15 @@ func (r *Reconciler) markStale(ctx context.Context, f store.Fence, out []Outcome
 	for i, o := range out {
 		ids[i], rids[i], at[o.Host] = o.Host, hostResourceID(o.Host), i
 	}
-	marked, err := r.store.MarkUnreachable(ctx, f, store.MarkDown{
+	md := store.MarkDown{
 		Hosts: ids, ResourceIDs: rids, StaleAfter: r.cfg.UnreachableAfter, Live: MissingOnHostDown,
 		Audit: store.Audit{ResourceType: "host", Action: "marked_down", Status: "error", Metadata: map[string]any{
 			"reason": "heartbeat_timeout", "error": fmt.Sprintf("no heartbeat for more than %s", r.cfg.UnreachableAfter)}},
-	})
+	}
+	if r.pub != nil {
+		md.Event = hostDownEvent
+	}
+	marked, err := r.store.MarkUnreachable(ctx, f, md)
 	if err != nil {
 		for i := range out {
 			out[i].fail(err)
@@ -231,13 +249,16 @@ func (r *Reconciler) record(f store.Fence, kind string, out []Outcome) {
 			r.m.markedDown.Inc()
 		}
 		for _, a := range o.Applied {
-			if a.Kind == DestroyOnAgent {
+			if a.Kind != Transition {
 				continue
 			}
 			r.m.transitions.WithLabelValues(a.From, a.To).Inc()
 		}
 		if o.Destroyed > 0 {
 			r.m.zombies.Add(float64(o.Destroyed))
+		}
+		if o.Resent > 0 {
+			r.m.resent.Add(float64(o.Resent))
 		}
 		for _, p := range o.Problems {
 			r.m.reportProblems.WithLabelValues(p.Kind).Inc()

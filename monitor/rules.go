@@ -119,11 +119,18 @@ const (
 	// DestroyOnAgent destroys a sandbox on the agent because the database
 	// says stopped but the agent still holds it paused.
 	DestroyOnAgent
+	// RetryDestroy re-sends DestroySandbox for a row stopping past the
+	// transient grace whose VM the agent still reports: the control
+	// plane's destroy was lost (rule 9). The row stays stopping.
+	RetryDestroy
 )
 
 func (k Kind) String() string {
-	if k == DestroyOnAgent {
+	switch k {
+	case DestroyOnAgent:
 		return "destroy_on_agent"
+	case RetryDestroy:
+		return "retry_destroy"
 	}
 	return "transition"
 }
@@ -222,8 +229,15 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 				act(status.Paused, &Audit{Action: "pause", Status: "info", Reason: "transient_timeout_inferred"})
 			}
 		case status.Stopping:
-			if obs.Presence == Absent && age > rules.TransientGrace {
+			switch {
+			case age <= rules.TransientGrace:
+			case obs.Presence == Absent:
 				act(status.Stopped, &Audit{Action: "destroy", Status: "warning", Reason: "transient_timeout_inferred"})
+			default:
+				// Rule 9: the destroy was lost; the row stays stopping
+				// until the agent no longer reports the sandbox.
+				out = append(out, Action{Kind: RetryDestroy, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: status.Stopping, To: status.Stopping, Seen: r.LastUpdated,
+					Audit: &Audit{Action: "destroy", Status: "warning", Reason: "destroy_retry"}})
 			}
 		}
 	}

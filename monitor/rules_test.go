@@ -111,7 +111,12 @@ func TestDecide(t *testing.T) {
 		{"pausing alive waits", []Row{row(sbA, "pausing", ancient)}, agent(sbA, "paused"), nil},
 		{"stopping gone past grace is inferred stopped", []Row{row(sbA, "stopping", old)}, agent(),
 			[]want{{Transition, "stopped", "destroy", "warning", "transient_timeout_inferred", ""}}},
-		{"stopping alive waits", []Row{row(sbA, "stopping", ancient)}, agent(sbA, "running"), nil},
+		// Rule 9: a stuck destroy.
+		{"stopping alive past grace re-sends the destroy, destroy_retry", []Row{row(sbA, "stopping", old)}, agent(sbA, "running"),
+			[]want{{RetryDestroy, "stopping", "destroy", "warning", "destroy_retry", ""}}},
+		{"stopping reported mid-transition past grace re-sends the destroy", []Row{row(sbA, "stopping", ancient)}, agent(sbA, "stopping"),
+			[]want{{RetryDestroy, "stopping", "destroy", "warning", "destroy_retry", ""}}},
+		{"stopping alive within grace waits", []Row{row(sbA, "stopping", young)}, agent(sbA, "running"), nil},
 		{"grace boundary is exclusive", []Row{row(sbA, "starting", 2*time.Minute)}, agent(), nil},
 
 		// Statuses outside the rules.

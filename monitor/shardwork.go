@@ -21,6 +21,8 @@ import (
 //	wake     at once, over hosts that just came back online (rule 8)
 //	passive  at once, over hosts the stale scan found (rule 1)
 //	trim     about hourly, the shard's old journal rows
+//	relay    with events on: after writes, at the claim (a backlog left by
+//	         the previous owner) and, while Redis fails, with backoff
 //
 // A host is in at most one active pass (full or wake) at a time (claims).
 // The passive rule may run beside an active pass on the same host: every
@@ -34,6 +36,7 @@ type shardWork struct {
 	wake      hostSet // from reconnect notifications, and hosts woken while busy
 	claims    claims
 	lag       *lagClock
+	rl        *relayer    // nil: events off
 	firstDone atomic.Bool // a full pass completed under this ownership
 }
 
@@ -44,11 +47,12 @@ const (
 	wakePass
 	passivePass
 	trimPass
+	relayPass
 	passKinds
 )
 
 func (k passKind) String() string {
-	return [...]string{"full", "wake", "passive", "trim"}[k]
+	return [...]string{"full", "wake", "passive", "trim", "relay"}[k]
 }
 
 // passDone is a finished pass as the scheduler sees it.
@@ -66,6 +70,9 @@ func newShardWork(r *Runner, f store.Fence) *shardWork {
 	w.wake.init()
 	w.claims.busy, w.claims.again = map[uuid.UUID]bool{}, map[uuid.UUID]bool{}
 	w.lag = newLagClock(r.rec.m, strconv.Itoa(f.Shard), 2*r.cfg.Interval, time.Now())
+	if r.rec.pub != nil {
+		w.rl = newRelayer()
+	}
 	return w
 }
 
@@ -101,7 +108,13 @@ func (w *shardWork) run(ctx context.Context) error {
 	defer full.Stop()
 	trim := time.NewTicker(time.Hour)
 	defer trim.Stop()
-	fullDue, trimDue := false, false
+	fullDue, trimDue, relayDue := false, false, false
+	var relayRetry <-chan time.Time
+	var relayWake <-chan struct{}
+	if w.rl != nil {
+		relayWake, relayRetry = w.rl.poke, w.rl.retry.C
+		defer w.rl.retry.Stop()
+	}
 	failing := false // the previous full pass had failures: log recovery
 	for {
 		select {
@@ -120,6 +133,10 @@ func (w *shardWork) run(ctx context.Context) error {
 			trimDue = cfg.JournalRetention > 0
 		case <-w.stale.notify:
 		case <-w.wake.notify:
+		case <-relayWake:
+			relayDue = true
+		case <-relayRetry:
+			relayDue = true
 		case d := <-done:
 			running[d.kind] = false
 			if errors.Is(d.err, ErrFenced) {
@@ -149,6 +166,12 @@ func (w *shardWork) run(ctx context.Context) error {
 					return passDone{kind: passivePass, out: out, err: err}
 				})
 			}
+		}
+		if relayDue && !running[relayPass] {
+			relayDue = false
+			start(relayPass, func() passDone {
+				return passDone{kind: relayPass, err: w.r.rec.relay(ctx, w.f, w.lag.label)}
+			})
 		}
 		if trimDue && !running[trimPass] {
 			trimDue = false
@@ -208,6 +231,20 @@ func (w *shardWork) release(hosts []uuid.UUID) {
 // finished folds a pass's outcomes into the lag clock and logs what went
 // wrong, once per change from healthy to failing and back.
 func (w *shardWork) finished(d passDone, failing bool) bool {
+	if d.kind == relayPass {
+		was := w.rl.failing
+		w.rl.done(d.err)
+		switch {
+		case w.rl.failing && !was:
+			w.log.Warn("publishing events failed; they wait in the outbox, retrying", "error", d.err)
+		case !w.rl.failing && was:
+			w.log.Info("publishing events again")
+		}
+		return failing
+	}
+	if w.rl != nil && changed(d.out) {
+		w.rl.wake()
+	}
 	if d.kind == trimPass {
 		if d.err != nil && !errors.Is(d.err, context.Canceled) {
 			w.log.Warn("journal trim failed", "error", d.err)
@@ -244,6 +281,17 @@ func (w *shardWork) finished(d passDone, failing bool) bool {
 		w.log.Info("shard pass healthy again", "hosts", len(d.hosts))
 	}
 	return failed > 0
+}
+
+// changed reports whether any outcome wrote something (and so may have
+// written events).
+func changed(out []Outcome) bool {
+	for _, o := range out {
+		if o.MarkedDown || len(o.Applied) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // hostSet is a set of hosts with a coalescing notification: adds never
@@ -427,6 +475,8 @@ func (c *lagClock) publish(now time.Time) {
 func (c *lagClock) forget() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.m.eventsPending.DeleteLabelValues(c.label)
+	c.m.eventsOldest.DeleteLabelValues(c.label)
 	c.m.lastSuccess.DeleteLabelValues(c.label)
 	c.m.lastPass.DeleteLabelValues(c.label)
 	c.m.blindHosts.DeleteLabelValues(c.label)

@@ -171,7 +171,8 @@ func (s *Store) StoppedAmong(ctx context.Context, cands []Candidate, before time
 }
 
 // Audit is an audit_logs row. Write adds the writer's replica, fence token and
-// shard to Metadata.
+// shard to Metadata. Event, when set, is the notification event the change
+// publishes: written to the outbox exactly when the audit row is.
 type Audit struct {
 	TeamID       uuid.UUID
 	ResourceType string // host, sandbox
@@ -179,6 +180,14 @@ type Audit struct {
 	Action       string
 	Status       string
 	Metadata     map[string]any
+	Event        *Event
+}
+
+// Event is an outbox row: a notification event to publish.
+type Event struct {
+	ID      uuid.UUID // vigil_id
+	Name    string
+	Payload string
 }
 
 // Change is a compare-and-set of one sandbox row: it happens only if the row
@@ -192,11 +201,13 @@ type Change struct {
 }
 
 // Record is a side effect that already happened (a sandbox destroyed on its
-// agent), written as its audit row and journal row.
+// agent), written as its audit row (with its event, if any) and journal row.
+// Retry also records the time of a re-sent destroy (rule 9).
 type Record struct {
 	Host, Sandbox uuid.UUID
 	Change        string // journal text, e.g. "destroyed_on_agent"
 	Audit         Audit
+	Retry         bool
 }
 
 // Batch is everything one fenced transaction writes or checks.
@@ -205,16 +216,37 @@ type Batch struct {
 	// Held checks, under the fence and FOR SHARE, that each row is still as
 	// read (host, status, last_updated): the gate before a side effect on an
 	// agent.
-	Held    []Sandbox
-	Records []Record
+	Held []Sandbox
+	// HeldRetry is Held for re-sent destroys: the row must also not have
+	// had its destroy re-sent within RetryGrace.
+	HeldRetry  []Sandbox
+	RetryGrace time.Duration
+	Records    []Record
 }
 
-func (b Batch) empty() bool { return len(b.Changes) == 0 && len(b.Held) == 0 && len(b.Records) == 0 }
+func (b Batch) empty() bool {
+	return len(b.Changes) == 0 && len(b.Held) == 0 && len(b.HeldRetry) == 0 && len(b.Records) == 0
+}
+
+func (b Batch) events() bool {
+	for _, c := range b.Changes {
+		if c.Audit != nil && c.Audit.Event != nil {
+			return true
+		}
+	}
+	for _, r := range b.Records {
+		if r.Audit.Event != nil {
+			return true
+		}
+	}
+	return false
+}
 
 // Outcome says, per Batch entry in order, what happened.
 type Outcome struct {
-	Applied []bool // Changes: the compare-and-set matched and the row changed
-	Held    []bool // Held: the row is still as read
+	Applied   []bool // Changes: the compare-and-set matched and the row changed
+	Held      []bool // Held: the row is still as read
+	HeldRetry []bool // HeldRetry: as Held, and not re-sent within the grace
 }
 
 // Apply runs b in one fenced transaction (see WithFence): the changes as one
@@ -224,26 +256,48 @@ type Outcome struct {
 // no transaction. On error nothing was written; errors.Is(err, ErrFenced)
 // means the shard is lost.
 func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Outcome, error) {
-	out := Outcome{Applied: make([]bool, len(b.Changes)), Held: make([]bool, len(b.Held))}
+	fresh := func() Outcome {
+		return Outcome{Applied: make([]bool, len(b.Changes)), Held: make([]bool, len(b.Held)), HeldRetry: make([]bool, len(b.HeldRetry))}
+	}
+	out := fresh()
 	if b.empty() {
 		return out, nil
 	}
 	err := s.WithFence(ctx, f, func(tx pgx.Tx) error {
-		clear(out.Applied)
-		clear(out.Held)
+		out = fresh()
+		if b.events() {
+			if err := lockEvents(ctx, tx, f.Shard); err != nil {
+				return err
+			}
+		}
 		if err := applyChanges(ctx, tx, f, b.Changes, out.Applied); err != nil {
 			return err
 		}
-		if err := checkHeld(ctx, tx, b.Held, out.Held); err != nil {
+		if err := checkHeld(ctx, tx, b.Held, 0, out.Held); err != nil {
+			return err
+		}
+		if err := checkHeld(ctx, tx, b.HeldRetry, b.RetryGrace, out.HeldRetry); err != nil {
 			return err
 		}
 		return writeRecords(ctx, tx, f, b.Records)
 	})
 	if err != nil {
-		return Outcome{Applied: make([]bool, len(b.Changes)), Held: make([]bool, len(b.Held))}, err
+		return fresh(), err
 	}
 	return out, nil
 }
+
+// lockEvents serialises the transactions that write one shard's events, so
+// their seq order is their commit order.
+func lockEvents(ctx context.Context, tx pgx.Tx, shard int) error {
+	if _, err := tx.Exec(ctx, `select pg_advisory_xact_lock($1, $2)`, eventsLockSpace, shard); err != nil {
+		return fmt.Errorf("store: lock the events of shard %d: %w", shard, err)
+	}
+	return nil
+}
+
+// eventsLockSpace is the first key of the events' advisory locks.
+const eventsLockSpace = 0x76696731 // "vig1"
 
 func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied []bool) error {
 	if len(cs) == 0 {
@@ -258,6 +312,9 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 		aIdx                          []int32
 		aTeam                         []uuid.UUID
 		aType, aRID, aAct, aSt, aMeta []string
+		eIdx                          []int32
+		eID                           []uuid.UUID
+		eName, ePayload               []string
 	)
 	for i, c := range cs {
 		idx[i], id[i], host[i], from[i], to[i], seen[i] = int32(i), c.Row.ID, c.Row.HostID, c.Row.Status, c.To, c.Row.LastUpdated
@@ -270,6 +327,10 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 			aTeam = append(aTeam, c.Audit.TeamID)
 			aType, aRID = append(aType, c.Audit.ResourceType), append(aRID, c.Audit.ResourceID)
 			aAct, aSt, aMeta = append(aAct, c.Audit.Action), append(aSt, c.Audit.Status), append(aMeta, meta)
+			if e := c.Audit.Event; e != nil {
+				eIdx, eID = append(eIdx, int32(i)), append(eID, e.ID)
+				eName, ePayload = append(eName, e.Name), append(ePayload, e.Payload)
+			}
 		}
 	}
 	// Rows are locked in id order (the input is sorted by the caller's
@@ -293,9 +354,16 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 			  join upd on upd.idx = a.idx),
 		jr as (
 			insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
-			select $14, $15, $16, upd.host_id, upd.id, upd.from_status || '->' || upd.to_status from upd)
+			select $14, $15, $16, upd.host_id, upd.id, upd.from_status || '->' || upd.to_status from upd),
+		ev as (
+			insert into vigil_events (shard, vigil_id, event, payload)
+			select $14, e.id, e.name, e.payload
+			  from unnest($17::int[], $18::uuid[], $19::text[], $20::text[]) with ordinality as e(idx, id, name, payload, ord)
+			  join upd on upd.idx = e.idx
+			 order by e.ord)
 		select idx from upd`,
-		idx, id, host, from, to, seen, aIdx, aTeam, aType, aRID, aAct, aSt, aMeta, f.Shard, f.Token, f.Replica)
+		idx, id, host, from, to, seen, aIdx, aTeam, aType, aRID, aAct, aSt, aMeta, f.Shard, f.Token, f.Replica,
+		eIdx, eID, eName, ePayload)
 	if err != nil {
 		return fmt.Errorf("store: apply %d changes: %w", n, err)
 	}
@@ -313,7 +381,9 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 	return nil
 }
 
-func checkHeld(ctx context.Context, tx pgx.Tx, hs []Sandbox, held []bool) error {
+// checkHeld checks that rows are still as read, FOR SHARE; with a grace, also
+// that their destroy was not re-sent within it.
+func checkHeld(ctx context.Context, tx pgx.Tx, hs []Sandbox, grace time.Duration, held []bool) error {
 	if len(hs) == 0 {
 		return nil
 	}
@@ -327,7 +397,9 @@ func checkHeld(ctx context.Context, tx pgx.Tx, hs []Sandbox, held []bool) error 
 		select c.idx
 		  from unnest($1::int[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[]) as c(idx, id, host_id, status, seen)
 		  join sandboxes s on s.id = c.id and s.host_id = c.host_id and s.status = c.status and s.last_updated = c.seen
-		   for share of s`, idx, id, host, st, seen)
+		  left join vigil_destroy_retries r on $6 > 0 and r.sandbox_id = c.id
+		 where r.retried_at is null or r.retried_at < now() - make_interval(secs => $6)
+		   for share of s`, idx, id, host, st, seen, grace.Seconds())
 	if err != nil {
 		return fmt.Errorf("store: check %d rows: %w", len(hs), err)
 	}
@@ -352,24 +424,39 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 	n := len(rs)
 	host, sb, team := make([]uuid.UUID, n), make([]uuid.UUID, n), make([]uuid.UUID, n)
 	change, rtype, rid, act, st, meta := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	retry := make([]bool, n)
+	var eID []uuid.UUID
+	var eName, ePayload []string
 	for i, r := range rs {
 		m, err := metadata(f, r.Audit.Metadata)
 		if err != nil {
 			return err
 		}
-		host[i], sb[i], team[i], change[i] = r.Host, r.Sandbox, r.Audit.TeamID, r.Change
+		host[i], sb[i], team[i], change[i], retry[i] = r.Host, r.Sandbox, r.Audit.TeamID, r.Change, r.Retry
 		rtype[i], rid[i], act[i], st[i], meta[i] = r.Audit.ResourceType, r.Audit.ResourceID, r.Audit.Action, r.Audit.Status, m
+		if e := r.Audit.Event; e != nil {
+			eID, eName, ePayload = append(eID, e.ID), append(eName, e.Name), append(ePayload, e.Payload)
+		}
 	}
 	_, err := tx.Exec(ctx, `
 		with r as (
-			select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[])
-			           as r(host_id, sandbox_id, team_id, change, rtype, rid, action, status, meta)),
+			select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $13::bool[])
+			           as r(host_id, sandbox_id, team_id, change, rtype, rid, action, status, meta, retry)),
 		aud as (
 			insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
-			select gen_random_uuid(), team_id, 'system', null, '', rtype, rid, action, 'team', status, meta::jsonb, now() from r)
+			select gen_random_uuid(), team_id, 'system', null, '', rtype, rid, action, 'team', status, meta::jsonb, now() from r),
+		rt as (
+			insert into vigil_destroy_retries (sandbox_id, retried_at)
+			select sandbox_id, now() from r where retry
+			on conflict (sandbox_id) do update set retried_at = excluded.retried_at),
+		ev as (
+			insert into vigil_events (shard, vigil_id, event, payload)
+			select $10, e.id, e.name, e.payload
+			  from unnest($14::uuid[], $15::text[], $16::text[]) with ordinality as e(id, name, payload, ord)
+			 order by e.ord)
 		insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
 		select $10, $11, $12, host_id, sandbox_id, change from r`,
-		host, sb, team, change, rtype, rid, act, st, meta, f.Shard, f.Token, f.Replica)
+		host, sb, team, change, rtype, rid, act, st, meta, f.Shard, f.Token, f.Replica, retry, eID, eName, ePayload)
 	if err != nil {
 		return fmt.Errorf("store: write %d records: %w", n, err)
 	}
@@ -417,6 +504,10 @@ type MarkDown struct {
 	StaleAfter  time.Duration
 	Live        []string // sandbox statuses that become missing
 	Audit       Audit
+	// Event, when set, gives the notification event of a marked host that
+	// has a team (the one its audit row announces), written in the same
+	// transaction.
+	Event func(MarkedHost) Event
 }
 
 // MarkUnreachable is the passive rule (SPEC §2 item 1) for a set of hosts, in
@@ -512,12 +603,89 @@ func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]Mar
 				out[i].Missing = append(out[i].Missing, x.sb)
 			}
 		}
-		return nil
+		return insertHostEvents(ctx, tx, f, m.Event, out)
 	})
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
+}
+
+// insertHostEvents writes the events of the marked hosts that have a team.
+func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(MarkedHost) Event, marked []MarkedHost) error {
+	if event == nil {
+		return nil
+	}
+	var id []uuid.UUID
+	var name, payload []string
+	for _, h := range marked {
+		if !h.TeamID.Valid {
+			continue
+		}
+		e := event(h)
+		id, name, payload = append(id, e.ID), append(name, e.Name), append(payload, e.Payload)
+	}
+	if len(id) == 0 {
+		return nil
+	}
+	if err := lockEvents(ctx, tx, f.Shard); err != nil {
+		return err
+	}
+	_, err := tx.Exec(ctx, `
+		insert into vigil_events (shard, vigil_id, event, payload)
+		select $1, e.id, e.name, e.payload from unnest($2::uuid[], $3::text[], $4::text[]) with ordinality as e(id, name, payload, ord)
+		 order by e.ord`, f.Shard, id, name, payload)
+	if err != nil {
+		return fmt.Errorf("store: write %d host events: %w", len(id), err)
+	}
+	return nil
+}
+
+// PendingEvent is an outbox row waiting to be published.
+type PendingEvent struct {
+	Seq       int64
+	Event     Event
+	CreatedAt time.Time
+}
+
+// PendingEvents returns the shard's oldest pending events, at most limit, in
+// commit order, and how many are pending in all, in one statement.
+func (s *Store) PendingEvents(ctx context.Context, shard, limit int) ([]PendingEvent, int, error) {
+	rows, err := s.pool.Query(ctx, `
+		select seq, vigil_id, event, payload, created_at, count(*) over ()
+		  from vigil_events where shard = $1
+		 order by seq limit $2`, shard, limit)
+	if err != nil {
+		return nil, 0, fmt.Errorf("store: read pending events of shard %d: %w", shard, err)
+	}
+	defer rows.Close()
+	var out []PendingEvent
+	total := 0
+	for rows.Next() {
+		var p PendingEvent
+		if err := rows.Scan(&p.Seq, &p.Event.ID, &p.Event.Name, &p.Event.Payload, &p.CreatedAt, &total); err != nil {
+			return nil, 0, fmt.Errorf("store: read pending events of shard %d: %w", shard, err)
+		}
+		out = append(out, p)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, 0, fmt.Errorf("store: read pending events of shard %d: %w", shard, err)
+	}
+	return out, total, nil
+}
+
+// DeleteEvents removes published outbox rows of f's shard, under the fence.
+func (s *Store) DeleteEvents(ctx context.Context, f Fence, seqs []int64) error {
+	if len(seqs) == 0 {
+		return nil
+	}
+	return s.WithFence(ctx, f, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `delete from vigil_events where shard = $1 and seq = any($2)`, f.Shard, seqs)
+		if err != nil {
+			return fmt.Errorf("store: delete %d published events: %w", len(seqs), err)
+		}
+		return nil
+	})
 }
 
 // StaleHosts lists hosts whose heartbeat is older than staleAfter by the

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/vigil-sh/vigil/agentsim"
+	"github.com/vigil-sh/vigil/events"
 	"github.com/vigil-sh/vigil/internal/cli"
 	"github.com/vigil-sh/vigil/internal/devcerts"
 	"github.com/vigil-sh/vigil/internal/embedetcd"
@@ -41,6 +42,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level")
 	agentTLS := fs.Bool("agent-tls", false, "run the agents and the replicas over mutual TLS with a throwaway CA made for this run")
+	eventsURL := fs.String("events-redis-url", "redis://127.0.0.1:6379/0", "Redis for the notification events, used when it answers (empty: events off)")
+	eventsStream := fs.String("events-stream", "vigil-dev:events", "stream key of the dev cluster's events")
 	if err := cli.Parse(fs, args); err != nil {
 		return usageErr(err)
 	}
@@ -129,6 +132,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		defer srv.Close()
 	}
 
+	redisURL := *eventsURL
+	if redisURL != "" {
+		if err := pingRedis(ctx, redisURL); err != nil {
+			log.Warn("Redis does not answer: events off", "url", redisURL, "error", err)
+			redisURL = ""
+		}
+	}
 	var addrs []string
 	for i := 0; i < *replicas; i++ {
 		c := replicaConfig{
@@ -138,6 +148,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, AgentConcurrency: 128,
 			JournalRetention: 24 * time.Hour, HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)),
 			AgentMaxBytes: 4 << 20, AgentMaxIdle: 3500, // AgentTimeout 0: derived from the TTL
+			EventsRedisURL: redisURL, EventsStream: *eventsStream, EventsMarkerTTL: 24 * time.Hour, EventsBatch: 100,
 		}
 		if *agentTLS {
 			c.AgentCAFile, c.AgentCertFile, c.AgentKeyFile = pki.CA, pki.ClientCert, pki.ClientKey
@@ -162,9 +173,10 @@ vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s, 
   one host:   go run ./cmd/vigil owner <host-uuid> --etcd-endpoints=%s --cluster=%s
   agents:     curl http://%s/hosts   (POST /hosts/<id>/mode {"kind":"dead"} to kill one)
   database:   psql '%s'
+  events:     %s
 
 Ctrl-C stops everything.
-`, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL)
+`, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL, eventsLine(redisURL, *eventsStream))
 
 	var first error
 	select {
@@ -176,6 +188,25 @@ Ctrl-C stops everything.
 	wg.Wait()
 	log.Info("dev cluster stopped")
 	return first
+}
+
+func eventsLine(url, stream string) string {
+	if url == "" {
+		return "off (no Redis)"
+	}
+	return fmt.Sprintf("redis-cli -u %s XRANGE %s - +", url, stream)
+}
+
+// pingRedis checks that Redis answers within a second.
+func pingRedis(ctx context.Context, url string) error {
+	p, err := events.New(events.Config{URL: url, Timeout: time.Second})
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	return p.Ping(ctx)
 }
 
 func transport(tls bool) string {

@@ -25,6 +25,7 @@ import (
 
 	"github.com/vigil-sh/vigil/agentpool"
 	"github.com/vigil-sh/vigil/election"
+	"github.com/vigil-sh/vigil/events"
 	"github.com/vigil-sh/vigil/monitor"
 	"github.com/vigil-sh/vigil/shard"
 	"github.com/vigil-sh/vigil/store"
@@ -62,6 +63,10 @@ type replicaConfig struct {
 	AgentCAFile      string
 	AgentCertFile    string
 	AgentKeyFile     string
+	EventsRedisURL   string
+	EventsStream     string
+	EventsMarkerTTL  time.Duration
+	EventsBatch      int
 }
 
 func defaultReplicaID() string {
@@ -109,6 +114,10 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
 	fs.StringVar(&c.AgentCertFile, "agent-cert-file", "", "client certificate for agent mutual TLS")
 	fs.StringVar(&c.AgentKeyFile, "agent-key-file", "", "client key for agent mutual TLS")
+	fs.StringVar(&c.EventsRedisURL, "events-redis-url", "", "redis:// or rediss:// URL (user and password for AUTH/ACL in it) of the control plane's Redis: each change's notification event reaches its stream exactly once; empty turns events off")
+	fs.StringVar(&c.EventsStream, "events-stream", events.DefaultStream, "stream key the control plane's dispatcher reads")
+	fs.DurationVar(&c.EventsMarkerTTL, "events-marker-ttl", events.DefaultMarkerTTL, "how long a published event's id is remembered in Redis: a republish within it is dropped (it must outlast a crash and the failover after it)")
+	fs.IntVar(&c.EventsBatch, "events-batch", 100, "events published per Redis round trip")
 }
 
 func (c *replicaConfig) validate() error {
@@ -154,6 +163,15 @@ func (c *replicaConfig) validate() error {
 	}
 	if c.JournalRetention < 0 {
 		return fmt.Errorf("--journal-retention %s must not be negative", c.JournalRetention)
+	}
+	if c.EventsRedisURL != "" && !strings.HasPrefix(c.EventsRedisURL, "redis://") && !strings.HasPrefix(c.EventsRedisURL, "rediss://") {
+		return errors.New("--events-redis-url must be a redis:// or rediss:// URL")
+	}
+	if c.EventsBatch < 1 || c.EventsBatch > 10000 {
+		return fmt.Errorf("--events-batch %d must be between 1 and 10000", c.EventsBatch)
+	}
+	if c.EventsMarkerTTL < time.Minute {
+		return fmt.Errorf("--events-marker-ttl %s must be at least 1m", c.EventsMarkerTTL)
 	}
 	if c.DBMaxConns < 1 {
 		return fmt.Errorf("--db-max-conns %d must be at least 1", c.DBMaxConns)
@@ -379,11 +397,21 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 		return usageErr(err)
 	}
 	defer pool.Close()
-	rec, err := monitor.New(monitor.Config{
+	mcfg := monitor.Config{
 		Rules:            monitor.Rules{TransientGrace: c.TransientGrace, SnapshotGrace: c.SnapshotGrace},
 		UnreachableAfter: c.UnreachableAfter, AgentConcurrency: c.AgentConcurrency,
-		Logger: log.Named("reconcile"), Registerer: reg,
-	}, st, pool)
+		RelayBatch: c.EventsBatch, Logger: log.Named("reconcile"), Registerer: reg,
+	}
+	if c.EventsRedisURL != "" {
+		pub, err := events.New(events.Config{URL: c.EventsRedisURL, Stream: c.EventsStream, MarkerTTL: c.EventsMarkerTTL})
+		if err != nil {
+			return usageErr(fmt.Errorf("--events-redis-url: %w", err))
+		}
+		defer pub.Close()
+		mcfg.Publisher = pub
+		log.Info("events on", "stream", c.EventsStream)
+	}
+	rec, err := monitor.New(mcfg, st, pool)
 	if err != nil {
 		return usageErr(err)
 	}

@@ -1,7 +1,8 @@
 // Package ids converts between database UUIDs and the prefixed identifiers the
 // control plane and its host agents use on the wire: a prefix ("cl-" for
-// sandboxes, "host-" for hosts) followed by the UUID's 128-bit value in base
-// 36 (digits, then lowercase letters), left-padded with '0' to 25 characters.
+// sandboxes, "host-" for hosts, "team-" for teams) followed by the UUID's
+// 128-bit value in base 36 (digits, then lowercase letters), left-padded with
+// '0' to 25 characters.
 package ids
 
 import (
@@ -15,6 +16,7 @@ import (
 const (
 	SandboxPrefix = "cl-"
 	HostPrefix    = "host-"
+	TeamPrefix    = "team-"
 )
 
 // Width is the number of base-36 digits after the prefix; 36^25 > 2^128.
@@ -31,6 +33,9 @@ func Sandbox(u uuid.UUID) string { return SandboxPrefix + encode(u) }
 
 // Host returns the wire id of a host ("host-...").
 func Host(u uuid.UUID) string { return HostPrefix + encode(u) }
+
+// Team returns the wire id of a team ("team-...").
+func Team(u uuid.UUID) string { return TeamPrefix + encode(u) }
 
 // ParseSandbox parses a "cl-..." identifier.
 func ParseSandbox(s string) (uuid.UUID, error) { return parse(SandboxPrefix, s) }

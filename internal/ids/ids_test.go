@@ -93,3 +93,9 @@ func FuzzRoundTrip(f *testing.F) {
 		}
 	})
 }
+
+func TestTeam(t *testing.T) {
+	if got := Team(uuid.MustParse("6ba7b810-9dad-11d1-80b4-00c04fd430c8")); got != "team-6dfzh5ik5uxynzmlf5cshamdk" {
+		t.Fatalf("Team = %s", got)
+	}
+}

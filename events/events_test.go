@@ -1,0 +1,138 @@
+package events
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
+)
+
+// redisURL is the machine's Redis (no auth, nothing on disk).
+const redisURL = "redis://127.0.0.1:6379/0"
+
+// newPublisher publishes to a stream of the test's own, deleted at the end.
+func newPublisher(t *testing.T, ttl time.Duration) (*Publisher, *redis.Client) {
+	t.Helper()
+	stream := "vigil-test:" + t.Name() + ":" + uuid.NewString()[:8]
+	p, err := New(Config{URL: redisURL, Stream: stream, MarkerTTL: ttl})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opt, _ := redis.ParseURL(redisURL)
+	rdb := redis.NewClient(opt)
+	if err := rdb.Ping(context.Background()).Err(); err != nil {
+		t.Fatalf("Redis at %s: %v", redisURL, err)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		keys, _ := rdb.Keys(ctx, stream+"*").Result()
+		if len(keys) > 0 {
+			rdb.Del(ctx, keys...)
+		}
+		rdb.Close()
+		p.Close()
+	})
+	return p, rdb
+}
+
+func entries(t *testing.T, rdb *redis.Client, stream string) []redis.XMessage {
+	t.Helper()
+	msgs, err := rdb.XRange(context.Background(), stream, "-", "+").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return msgs
+}
+
+func TestPayloadShape(t *testing.T) {
+	team := uuid.MustParse("6ba7b810-9dad-11d1-80b4-00c04fd430c8")
+	got := Encode(HostDown, team, "host", "host-f5lxx1zz5pnorynqglhzmsp33", time.Date(2026, 12, 1, 9, 30, 15, 999, time.FixedZone("x", 3600)))
+	want := `{"event":"host.down","timestamp":"2026-12-01T08:30:15Z","team_id":"team-6dfzh5ik5uxynzmlf5cshamdk","actor":{"type":"system"},"resource":{"id":"host-f5lxx1zz5pnorynqglhzmsp33","type":"host"}}`
+	if got != want {
+		t.Fatalf("payload\n%s\nwant\n%s", got, want)
+	}
+}
+
+// A batch goes to the stream in order, payload and vigil_id fields; the same
+// ids published again append nothing.
+func TestPublishAppendsOnceInOrder(t *testing.T) {
+	ctx := context.Background()
+	p, rdb := newPublisher(t, time.Hour)
+	var evs []Event
+	for i := range 5 {
+		evs = append(evs, Event{ID: uuid.New(), Name: CapsulePaused, Payload: `{"n":` + string(rune('0'+i)) + `}`})
+	}
+	if n, err := p.Publish(ctx, evs[:3]); err != nil || n != 3 {
+		t.Fatalf("first publish: %d, %v", n, err)
+	}
+	// A relay that died before deleting its outbox rows publishes them
+	// again, with the rest.
+	if n, err := p.Publish(ctx, evs); err != nil || n != 2 {
+		t.Fatalf("second publish: %d new, %v; want 2", n, err)
+	}
+	msgs := entries(t, rdb, p.Stream())
+	if len(msgs) != 5 {
+		t.Fatalf("%d entries, want 5", len(msgs))
+	}
+	for i, m := range msgs {
+		if m.Values["vigil_id"] != evs[i].ID.String() || m.Values["payload"] != evs[i].Payload {
+			t.Errorf("entry %d = %v, want %s %s", i, m.Values, evs[i].ID, evs[i].Payload)
+		}
+		var v map[string]any
+		if err := json.Unmarshal([]byte(m.Values["payload"].(string)), &v); err != nil {
+			t.Errorf("entry %d payload is not JSON: %v", i, err)
+		}
+	}
+}
+
+// The marker TTL bounds how long a duplicate is caught: within it a
+// republish is a no-op, after it the event is appended again.
+func TestMarkerTTLBoundsDeduplication(t *testing.T) {
+	ctx := context.Background()
+	p, rdb := newPublisher(t, time.Second)
+	e := Event{ID: uuid.New(), Name: HostDown, Payload: "{}"}
+	if n, _ := p.Publish(ctx, []Event{e}); n != 1 {
+		t.Fatal("not published")
+	}
+	if n, _ := p.Publish(ctx, []Event{e}); n != 0 {
+		t.Fatal("republished within the marker TTL")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for rdb.Exists(ctx, p.markerKey(e.ID)).Val() == 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("marker never expired")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n, _ := p.Publish(ctx, []Event{e}); n != 1 {
+		t.Fatal("after the marker expired the event was not appended again")
+	}
+	if got := len(entries(t, rdb, p.Stream())); got != 2 {
+		t.Fatalf("%d entries, want 2 (the duplicate the TTL no longer catches)", got)
+	}
+}
+
+func TestRedisDownIsAnError(t *testing.T) {
+	p, err := New(Config{URL: "redis://127.0.0.1:1/0", Timeout: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if n, err := p.Publish(context.Background(), []Event{{ID: uuid.New(), Payload: "{}"}}); err == nil || n != 0 {
+		t.Fatalf("publish to nothing: %d, %v", n, err)
+	}
+}
+
+func TestConfig(t *testing.T) {
+	for _, c := range []Config{{}, {URL: "redis://x", MarkerTTL: time.Millisecond}, {URL: "redis://x", MaxLen: -1}, {URL: "http://x"}} {
+		if _, err := New(c); err == nil {
+			t.Errorf("%+v accepted", c)
+		}
+	}
+	if _, err := New(Config{URL: "rediss://user:pw@redis.example:6380/2"}); err != nil {
+		t.Errorf("rediss with ACL user: %v", err)
+	}
+}

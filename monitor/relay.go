@@ -1,0 +1,111 @@
+package monitor
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/vigil-sh/vigil/events"
+	"github.com/vigil-sh/vigil/store"
+)
+
+// Publisher is where the shard owners' events go (events.Publisher). Publish
+// appends a batch in order, each event at most once by its ID, and returns
+// how many were new; on error the whole batch is published again later.
+type Publisher interface {
+	Publish(ctx context.Context, evs []events.Event) (int, error)
+}
+
+// afterPublish runs after Redis acknowledged a batch and before its outbox
+// rows are deleted. Only a test build sets it (testhooks.go), to kill the
+// process exactly there.
+var afterPublish func()
+
+// relayBackoff bounds the relay's retry delay while Redis fails.
+const (
+	relayBackoffMin = 100 * time.Millisecond
+	relayBackoffMax = 10 * time.Second
+)
+
+// relay publishes the shard's pending events in commit order until none is
+// left, deleting each batch once Redis acknowledged it. It returns nil when
+// the outbox is empty, the publish error when Redis failed (the events stay
+// pending, to be published again in the same order), ErrFenced when the
+// shard is lost. It sets the shard's pending and oldest-age gauges as it
+// goes.
+func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) error {
+	for {
+		pend, total, err := r.store.PendingEvents(ctx, f.Shard, r.cfg.RelayBatch)
+		if err != nil {
+			return err
+		}
+		r.m.eventsPending.WithLabelValues(label).Set(float64(total))
+		if len(pend) == 0 {
+			r.m.eventsOldest.WithLabelValues(label).Set(0)
+			return nil
+		}
+		r.m.eventsOldest.WithLabelValues(label).Set(time.Since(pend[0].CreatedAt).Seconds())
+		evs := make([]events.Event, len(pend))
+		seqs := make([]int64, len(pend))
+		for i, p := range pend {
+			evs[i] = events.Event{ID: p.Event.ID, Name: p.Event.Name, Payload: p.Event.Payload}
+			seqs[i] = p.Seq
+		}
+		if _, err := r.pub.Publish(ctx, evs); err != nil {
+			if ctx.Err() == nil {
+				r.m.publishErrors.Inc()
+			}
+			return err
+		}
+		for _, e := range evs {
+			r.m.published.WithLabelValues(e.Name).Inc()
+		}
+		if afterPublish != nil {
+			afterPublish()
+		}
+		if err := r.store.DeleteEvents(ctx, f, seqs); err != nil {
+			return r.fenced(err)
+		}
+		if len(pend) == total {
+			r.m.eventsPending.WithLabelValues(label).Set(0)
+			r.m.eventsOldest.WithLabelValues(label).Set(0)
+			return nil
+		}
+	}
+}
+
+// relayer is a shard's relay schedule: run when poked (writes that may have
+// made events, a new ownership's backlog) and, while Redis fails, again after
+// a growing delay. Only the shard's scheduler goroutine uses it.
+type relayer struct {
+	poke    chan struct{} // capacity 1: one pending run stands for any number of pokes
+	retry   *time.Timer
+	backoff time.Duration
+	failing bool
+}
+
+func newRelayer() *relayer {
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	rl := &relayer{poke: make(chan struct{}, 1), retry: t}
+	rl.wake()
+	return rl
+}
+
+func (rl *relayer) wake() {
+	select {
+	case rl.poke <- struct{}{}:
+	default:
+	}
+}
+
+// done schedules the next run after one ended with err.
+func (rl *relayer) done(err error) {
+	if err == nil || errors.Is(err, ErrFenced) || errors.Is(err, context.Canceled) {
+		rl.backoff, rl.failing = 0, false
+		return
+	}
+	rl.failing = true
+	rl.backoff = min(max(2*rl.backoff, relayBackoffMin), relayBackoffMax)
+	rl.retry.Reset(rl.backoff)
+}
