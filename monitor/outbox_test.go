@@ -1,0 +1,452 @@
+package monitor_test
+
+// The event outbox end to end (SPEC §6): real Postgres, real agents
+// (agentsim over Connect), the machine's Redis with a stream of each test's
+// own, the relay run by the shard's owner (Runner.Own).
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vigil-sh/vigil/events"
+	"github.com/vigil-sh/vigil/internal/faultproxy"
+	"github.com/vigil-sh/vigil/internal/ids"
+	"github.com/vigil-sh/vigil/monitor"
+	"github.com/vigil-sh/vigil/shard"
+	"github.com/vigil-sh/vigil/store"
+)
+
+const redisAddr = "127.0.0.1:6379"
+
+// eventsEnv is env with events on: its Reconciler writes the outbox and
+// publishes to stream, through a fault proxy in front of the machine's Redis.
+type eventsEnv struct {
+	*env
+	stream string
+	rdb    *redis.Client // straight to Redis, for checks
+	proxy  *faultproxy.Proxy
+}
+
+func newEventsEnv(t *testing.T, hosts int, batch int) *eventsEnv {
+	t.Helper()
+	e := newEnv(t, hosts, time.Second)
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
+	if err := rdb.Ping(e.ctx).Err(); err != nil {
+		t.Fatalf("Redis at %s: %v", redisAddr, err)
+	}
+	proxy, err := faultproxy.New(redisAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := "vigil-test:" + t.Name() + ":" + uuid.NewString()[:8]
+	pub, err := events.New(events.Config{URL: "redis://" + proxy.Addr() + "/0", Stream: stream, Timeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		if keys, _ := rdb.Keys(ctx, stream+"*").Result(); len(keys) > 0 {
+			rdb.Del(ctx, keys...)
+		}
+		pub.Close()
+		proxy.Close()
+		rdb.Close()
+	})
+	e.reg = prometheus.NewRegistry()
+	e.rec, err = monitor.New(monitor.Config{Registerer: e.reg, Publisher: pub, RelayBatch: batch}, e.st, e.hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The tests' writes go under a shard none of the hosts is in (of
+	// relayShards), so relayAll's owner relays them without reconciling.
+	used := map[int]bool{}
+	for _, h := range e.hosts {
+		used[shard.Of(h, relayShards)] = true
+	}
+	for used[e.fence.Shard] {
+		e.fence.Shard++
+	}
+	if err := e.st.RaiseFence(e.ctx, e.fence); err != nil {
+		t.Fatal(err)
+	}
+	return &eventsEnv{env: e, stream: stream, rdb: rdb, proxy: proxy}
+}
+
+// relayShards is the shard count relayAll's owner runs with.
+const relayShards = 64
+
+// published is one stream entry, decoded.
+type published struct {
+	VigilID string
+	Raw     string
+	P       events.Payload
+}
+
+func (e *eventsEnv) stream_() []published {
+	e.t.Helper()
+	msgs, err := e.rdb.XRange(e.ctx, e.stream, "-", "+").Result()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	out := make([]published, 0, len(msgs))
+	for _, m := range msgs {
+		raw, _ := m.Values["payload"].(string)
+		id, _ := m.Values["vigil_id"].(string)
+		var p events.Payload
+		if err := json.Unmarshal([]byte(raw), &p); err != nil {
+			e.t.Fatalf("entry %s: payload %q: %v", m.ID, raw, err)
+		}
+		out = append(out, published{VigilID: id, Raw: raw, P: p})
+	}
+	return out
+}
+
+// outbox is the vigil_ids of the pending events, in commit order.
+func (e *eventsEnv) outbox() []string {
+	e.t.Helper()
+	rows, err := e.db.Query(e.ctx, `select vigil_id::text from vigil_events order by seq`)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			e.t.Fatal(err)
+		}
+		out = append(out, id)
+	}
+	return out
+}
+
+// relayAll owns shard s (as token) until its outbox is empty, then stops.
+func (e *eventsEnv) relayAll(s int, token int64) {
+	e.t.Helper()
+	r := newRunner(e.t, e.env, relayShards, time.Hour)
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	done := make(chan struct{})
+	go func() { defer close(done); r.Run(ctx) }()
+	own := make(chan error, 1)
+	go func() { own <- r.Own(ctx, s, token) }()
+	poll(e.t, 10*time.Second, "outbox relayed", func() bool {
+		select {
+		case err := <-own:
+			e.t.Fatalf("Own ended: %v", err)
+		default:
+		}
+		return len(e.outbox()) == 0
+	})
+	cancel()
+	<-done
+	if err := <-own; err != nil {
+		e.t.Fatalf("Own: %v", err)
+	}
+}
+
+// Every row of SPEC §6's table publishes its event with the exact payload;
+// every other change publishes nothing; each event once.
+func TestEventsForEachChange(t *testing.T) {
+	e := newEventsEnv(t, 3, 100)
+	h, down, shared := e.hosts[0], e.hosts[1], e.hosts[2]
+	type c struct {
+		name   string
+		status string
+		age    time.Duration
+		vm     string
+		event  string
+	}
+	cases := []c{
+		{"missing absent -> stopped orphaned", "missing", young, "", events.CapsuleDestroyed},
+		{"running absent -> stopped orphaned", "running", young, "", events.CapsuleDestroyed},
+		{"missing paused -> paused restored", "missing", young, "paused", events.CapsulePaused},
+		{"running paused on agent -> paused host_state_sync", "running", young, "paused", events.CapsulePaused},
+		{"pausing gone past grace -> paused inferred", "pausing", old, "", events.CapsulePaused},
+		{"stopping gone past grace -> stopped inferred", "stopping", old, "", events.CapsuleDestroyed},
+		{"zombie destroyed on the agent", "stopped", young, "paused", events.CapsuleDestroyed},
+		{"missing running -> running silent", "missing", young, "running", ""},
+		{"starting alive -> running silent", "starting", young, "running", ""},
+		{"starting gone past grace -> error", "starting", old, "", ""},
+		{"resuming gone past grace -> error", "resuming", old, "", ""},
+		{"snapshotting gone past grace -> error", "snapshotting", old, "", ""},
+		{"snapshotting past snapshot grace -> paused", "snapshotting", ancient, "paused", ""},
+		{"snapshotting past snapshot grace -> running", "snapshotting", ancient, "running", ""},
+		{"stopping alive past grace -> destroy re-sent", "stopping", old, "running", ""},
+		{"paused absent untouched", "paused", ancient, "", ""},
+	}
+	rows := make([]uuid.UUID, len(cases))
+	for i, c := range cases {
+		rows[i] = e.sandbox(h, c.status, c.age, c.vm)
+	}
+	// A team host and a shared one (no team: no audit row, no event) go down.
+	e.db.Exec(e.ctx, `update hosts set team_id = null where id = $1`, shared)
+	e.sandbox(down, "running", young, "")
+	e.setHeartbeat(down, time.Hour, false)
+	e.setHeartbeat(shared, time.Hour, false)
+	start := time.Now().Truncate(time.Second)
+	e.reconcile(h)
+	if _, err := e.rec.MarkStale(e.ctx, e.fence, []uuid.UUID{down, shared}); err != nil {
+		t.Fatal(err)
+	}
+	if e.hostStatus(shared) != "unreachable" {
+		t.Fatal("shared host not marked unreachable")
+	}
+	e.relayAll(e.fence.Shard, e.fence.Token+1)
+	end := time.Now().Add(time.Second)
+
+	want := map[string]struct {
+		event, typ string
+		team       uuid.UUID
+	}{ids.Host(down): {events.HostDown, "host", e.team(down)}}
+	for i, c := range cases {
+		if c.event != "" {
+			want[ids.Sandbox(rows[i])] = struct {
+				event, typ string
+				team       uuid.UUID
+			}{c.event, "sandbox", e.team(h)}
+		}
+	}
+	got := e.stream_()
+	seen := map[string]bool{}
+	for _, p := range got {
+		if seen[p.VigilID] {
+			t.Errorf("vigil_id %s twice in the stream", p.VigilID)
+		}
+		seen[p.VigilID] = true
+		if _, err := uuid.Parse(p.VigilID); err != nil {
+			t.Errorf("vigil_id %q: %v", p.VigilID, err)
+		}
+		w, ok := want[p.P.Resource.ID]
+		if !ok {
+			t.Errorf("unexpected event %s", p.Raw)
+			continue
+		}
+		delete(want, p.P.Resource.ID)
+		ts, err := time.Parse(time.RFC3339, p.P.Timestamp)
+		if err != nil || ts.Before(start) || ts.After(end) || ts.Location() != time.UTC {
+			t.Errorf("%s: timestamp %q not RFC 3339 UTC seconds within the test (%v)", p.P.Resource.ID, p.P.Timestamp, err)
+		}
+		exact := events.Encode(w.event, w.team, w.typ, p.P.Resource.ID, ts)
+		if p.Raw != exact {
+			t.Errorf("payload\n  %s\nwant\n  %s", p.Raw, exact)
+		}
+		if exact2 := `{"event":"` + w.event + `","timestamp":"` + p.P.Timestamp + `","team_id":"` + ids.Team(w.team) +
+			`","actor":{"type":"system"},"resource":{"id":"` + p.P.Resource.ID + `","type":"` + w.typ + `"}}`; p.Raw != exact2 {
+			t.Errorf("payload\n  %s\nwant\n  %s", p.Raw, exact2)
+		}
+	}
+	for rid, w := range want {
+		t.Errorf("no %s event for %s", w.event, rid)
+	}
+	// The re-sent destroy wrote its audit row and no event.
+	for i, c := range cases {
+		if c.status == "stopping" && c.vm != "" {
+			e.wantAudit(rows[i], "sandbox", "destroy", "warning", "destroy_retry")
+		}
+	}
+	if n := counter(t, e.reg, "vigil_events_published_total", events.CapsuleDestroyed); n != 4 {
+		t.Errorf("vigil_events_published_total{capsule.destroyed} = %v, want 4", n)
+	}
+}
+
+// A fenced reconcile and a fenced mark-down leave no event behind: events
+// exist exactly when their change committed.
+func TestFencedChangesWriteNoEvents(t *testing.T) {
+	e := newEventsEnv(t, 1, 100)
+	h := e.hosts[0]
+	e.sandbox(h, "running", young, "")
+	e.sandbox(h, "stopped", young, "paused")
+	if err := e.st.RaiseFence(e.ctx, store.Fence{Shard: e.fence.Shard, Token: 200, Replica: "replica-b"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rec.Reconcile(e.ctx, e.fence, []uuid.UUID{h}); !errors.Is(err, monitor.ErrFenced) {
+		t.Fatalf("Reconcile = %v, want ErrFenced", err)
+	}
+	e.setHeartbeat(h, time.Hour, false)
+	if _, err := e.markStale(h); !errors.Is(err, monitor.ErrFenced) {
+		t.Fatalf("MarkStale = %v, want ErrFenced", err)
+	}
+	if n := len(e.outbox()); n != 0 {
+		t.Fatalf("%d events left by fenced transactions", n)
+	}
+	// A compare-and-set miss commits nothing either.
+	e2 := newEventsEnv(t, 1, 100)
+	h2 := e2.hosts[0]
+	sb := e2.sandbox(h2, "running", young, "")
+	e2.hook.afterList = func(uuid.UUID) {
+		e2.db.Exec(e2.ctx, `update sandboxes set status = 'pausing', last_updated = now() where id = $1`, sb)
+	}
+	e2.reconcile(h2)
+	if n := len(e2.outbox()); n != 0 {
+		t.Fatalf("%d events after a compare-and-set miss", n)
+	}
+}
+
+// Redis unreachable: reconciling goes on, events wait in Postgres (pending
+// and age exported, errors counted); once Redis answers, the backlog reaches
+// the stream once each, in commit order, across several batches.
+func TestRedisOutageDelaysEventsOnly(t *testing.T) {
+	e := newEventsEnv(t, 1, 3)
+	h := e.hosts[0]
+	s := shard.Of(h, 1)
+	r := newRunner(t, e.env, 1, 200*time.Millisecond)
+	e.proxy.Cut()
+	own := runOwned(t, e.env, r, s, 100)
+	var orphans []uuid.UUID
+	for i := 0; i < 10; i++ {
+		sb := e.sandbox(h, "running", young, "")
+		orphans = append(orphans, sb)
+		poll(t, 10*time.Second, "orphan stopped while Redis is cut", func() bool { return e.status(sb) == "stopped" })
+	}
+	poll(t, 10*time.Second, "publish errors counted", func() bool {
+		return counter(t, e.reg, "vigil_event_publish_errors_total") > 0
+	})
+	pending := e.outbox()
+	if len(pending) != len(orphans) {
+		t.Fatalf("%d events pending, want %d", len(pending), len(orphans))
+	}
+	// The gauges are the relay's last look: its next retry sees all of them.
+	poll(t, 15*time.Second, "vigil_events_pending = backlog", func() bool {
+		n, ok := gauge(t, e.reg, "vigil_events_pending", s)
+		return ok && n == float64(len(orphans))
+	})
+	poll(t, 5*time.Second, "oldest pending age exported", func() bool {
+		age, ok := gauge(t, e.reg, "vigil_events_oldest_pending_age_seconds", s)
+		return ok && age > 0
+	})
+	if got := e.stream_(); len(got) != 0 {
+		t.Fatalf("%d entries published through a cut link", len(got))
+	}
+	e.proxy.Heal()
+	poll(t, 20*time.Second, "backlog relayed after Redis came back", func() bool { return len(e.outbox()) == 0 })
+	got := e.stream_()
+	if len(got) != len(pending) {
+		t.Fatalf("stream holds %d entries, want %d", len(got), len(pending))
+	}
+	for i, p := range got {
+		if p.VigilID != pending[i] {
+			t.Fatalf("entry %d is %s, want %s (commit order)", i, p.VigilID, pending[i])
+		}
+		if p.P.Resource.ID != ids.Sandbox(orphans[i]) {
+			t.Errorf("entry %d about %s, want %s", i, p.P.Resource.ID, ids.Sandbox(orphans[i]))
+		}
+	}
+	if n, _ := gauge(t, e.reg, "vigil_events_pending", s); n != 0 {
+		t.Errorf("vigil_events_pending = %v after the backlog drained", n)
+	}
+	select {
+	case err := <-own:
+		t.Fatalf("Own ended: %v", err)
+	default:
+	}
+}
+
+// A relay that published and died before deleting (the outbox still holds
+// the events) is followed by a new owner: within the marker TTL nothing is
+// published twice.
+func TestNewOwnerRepublishesNothingTwice(t *testing.T) {
+	e := newEventsEnv(t, 1, 100)
+	h := e.hosts[0]
+	for i := 0; i < 5; i++ {
+		e.sandbox(h, "running", young, "")
+	}
+	e.reconcile(h)
+	pending := e.outbox()
+	if len(pending) != 5 {
+		t.Fatalf("%d events pending, want 5", len(pending))
+	}
+	// The dead owner's publish: the same events, straight through the
+	// publisher, without the delete.
+	pub, err := events.New(events.Config{URL: "redis://" + redisAddr + "/0", Stream: e.stream})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	var evs []events.Event
+	rows, err := e.db.Query(e.ctx, `select vigil_id, event, payload from vigil_events order by seq`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var ev events.Event
+		if err := rows.Scan(&ev.ID, &ev.Name, &ev.Payload); err != nil {
+			t.Fatal(err)
+		}
+		evs = append(evs, ev)
+	}
+	rows.Close()
+	if _, err := pub.Publish(e.ctx, evs[:3]); err != nil {
+		t.Fatal(err)
+	}
+	e.relayAll(e.fence.Shard, e.fence.Token+1) // the successor
+	got := e.stream_()
+	if len(got) != 5 {
+		t.Fatalf("stream holds %d entries, want 5", len(got))
+	}
+	for i, p := range got {
+		if p.VigilID != pending[i] {
+			t.Errorf("entry %d is %s, want %s", i, p.VigilID, pending[i])
+		}
+	}
+}
+
+// Rule 9 against a real agent: a stopping row alive on its agent past the
+// grace gets DestroySandbox re-sent under the fence, once per grace, with
+// its destroy_retry audit row; once the agent no longer has it, rule 6 makes
+// it stopped (and that publishes capsule.destroyed).
+func TestStuckDestroyIsResent(t *testing.T) {
+	e := newEventsEnv(t, 1, 100)
+	h := e.hosts[0]
+	sb := e.sandbox(h, "stopping", old, "running")
+	out := e.reconcile(h)
+	if out.Resent != 1 {
+		t.Fatalf("outcome %+v, want one destroy re-sent", out)
+	}
+	d := e.sim.Destroys(h)
+	if len(d) != 1 || d[0].Sandbox != ids.Sandbox(sb) || !d[0].Fenced || d[0].Token != e.fence.Token {
+		t.Fatalf("agent saw destroys %+v", d)
+	}
+	if e.status(sb) != "stopping" {
+		t.Fatalf("row %s, want still stopping", e.status(sb))
+	}
+	e.wantAudit(sb, "sandbox", "destroy", "warning", "destroy_retry")
+	if n := counter(t, e.reg, "vigil_destroys_resent_total"); n != 1 {
+		t.Errorf("vigil_destroys_resent_total = %v, want 1", n)
+	}
+	// The agent lost that one too (the VM is back): within the grace it is
+	// not sent again.
+	if err := e.sim.AddVM(h, sb, "running", e.team(h)); err != nil {
+		t.Fatal(err)
+	}
+	if out := e.reconcile(h); out.Resent != 0 {
+		t.Fatalf("re-sent again within the grace: %+v", out)
+	}
+	if n := len(e.sim.Destroys(h)); n != 1 {
+		t.Fatalf("agent saw %d destroys, want 1", n)
+	}
+	// The agent destroys it for good: rule 6 finishes the row.
+	if err := e.sim.RemoveVM(h, sb); err != nil {
+		t.Fatal(err)
+	}
+	e.reconcile(h)
+	if e.status(sb) != "stopped" {
+		t.Fatalf("row %s, want stopped", e.status(sb))
+	}
+	a := e.audits(ids.Sandbox(sb))
+	if len(a) != 2 || a[1].Action != "destroy" || a[1].Meta["reason"] != "transient_timeout_inferred" {
+		t.Fatalf("audit rows %+v", a)
+	}
+	e.relayAll(e.fence.Shard, e.fence.Token+1)
+	got := e.stream_()
+	if len(got) != 1 || got[0].P.Event != events.CapsuleDestroyed || got[0].P.Resource.ID != ids.Sandbox(sb) {
+		t.Fatalf("stream %+v, want one capsule.destroyed", got)
+	}
+}
