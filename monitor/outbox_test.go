@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -112,6 +113,25 @@ func (e *eventsEnv) stream_() []published {
 func (e *eventsEnv) outbox() []string {
 	e.t.Helper()
 	rows, err := e.db.Query(e.ctx, `select vigil_id::text from vigil_events order by seq`)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			e.t.Fatal(err)
+		}
+		out = append(out, id)
+	}
+	return out
+}
+
+// journalEvents is the event ids the journal names, in commit order.
+func (e *eventsEnv) journalEvents() []string {
+	e.t.Helper()
+	rows, err := e.db.Query(e.ctx, `select event_id::text from vigil_journal where event_id is not null order by seq`)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -246,6 +266,16 @@ func TestEventsForEachChange(t *testing.T) {
 	for rid, w := range want {
 		t.Errorf("no %s event for %s", w.event, rid)
 	}
+	// The journal names every published event, and nothing else.
+	je := e.journalEvents()
+	if len(je) != len(got) {
+		t.Errorf("journal names %d events, the stream holds %d", len(je), len(got))
+	}
+	for _, id := range je {
+		if !seen[id] {
+			t.Errorf("journal names event %s, not in the stream", id)
+		}
+	}
 	// The re-sent destroy wrote its audit row and no event.
 	for i, c := range cases {
 		if c.status == "stopping" && c.vm != "" {
@@ -312,6 +342,9 @@ func TestRedisOutageDelaysEventsOnly(t *testing.T) {
 	pending := e.outbox()
 	if len(pending) != len(orphans) {
 		t.Fatalf("%d events pending, want %d", len(pending), len(orphans))
+	}
+	if je := e.journalEvents(); !slices.Equal(je, pending) {
+		t.Fatalf("journal's events %v, outbox %v: not the same commit order", je, pending)
 	}
 	// The gauges are the relay's last look: its next retry sees all of them.
 	poll(t, 15*time.Second, "vigil_events_pending = backlog", func() bool {

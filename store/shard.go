@@ -352,14 +352,16 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 			  from unnest($7::int[], $8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
 			           as a(idx, team_id, rtype, rid, action, status, meta)
 			  join upd on upd.idx = a.idx),
+		e as (
+			select * from unnest($17::int[], $18::uuid[], $19::text[], $20::text[]) with ordinality as e(idx, id, name, payload, ord)),
 		jr as (
-			insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
-			select $14, $15, $16, upd.host_id, upd.id, upd.from_status || '->' || upd.to_status from upd),
+			insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change, event_id)
+			select $14, $15, $16, upd.host_id, upd.id, upd.from_status || '->' || upd.to_status, e.id
+			  from upd left join e on e.idx = upd.idx),
 		ev as (
 			insert into vigil_events (shard, vigil_id, event, payload)
 			select $14, e.id, e.name, e.payload
-			  from unnest($17::int[], $18::uuid[], $19::text[], $20::text[]) with ordinality as e(idx, id, name, payload, ord)
-			  join upd on upd.idx = e.idx
+			  from e join upd on upd.idx = e.idx
 			 order by e.ord)
 		select idx from upd`,
 		idx, id, host, from, to, seen, aIdx, aTeam, aType, aRID, aAct, aSt, aMeta, f.Shard, f.Token, f.Replica,
@@ -425,6 +427,7 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 	host, sb, team := make([]uuid.UUID, n), make([]uuid.UUID, n), make([]uuid.UUID, n)
 	change, rtype, rid, act, st, meta := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 	retry := make([]bool, n)
+	rEvent := make([]pgtype.UUID, n) // the record's event, null for none
 	var eID []uuid.UUID
 	var eName, ePayload []string
 	for i, r := range rs {
@@ -436,12 +439,13 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 		rtype[i], rid[i], act[i], st[i], meta[i] = r.Audit.ResourceType, r.Audit.ResourceID, r.Audit.Action, r.Audit.Status, m
 		if e := r.Audit.Event; e != nil {
 			eID, eName, ePayload = append(eID, e.ID), append(eName, e.Name), append(ePayload, e.Payload)
+			rEvent[i] = pgtype.UUID{Bytes: e.ID, Valid: true}
 		}
 	}
 	_, err := tx.Exec(ctx, `
 		with r as (
-			select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $13::bool[])
-			           as r(host_id, sandbox_id, team_id, change, rtype, rid, action, status, meta, retry)),
+			select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $13::bool[], $17::uuid[])
+			           as r(host_id, sandbox_id, team_id, change, rtype, rid, action, status, meta, retry, event_id)),
 		aud as (
 			insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
 			select gen_random_uuid(), team_id, 'system', null, '', rtype, rid, action, 'team', status, meta::jsonb, now() from r),
@@ -454,9 +458,9 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 			select $10, e.id, e.name, e.payload
 			  from unnest($14::uuid[], $15::text[], $16::text[]) with ordinality as e(id, name, payload, ord)
 			 order by e.ord)
-		insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
-		select $10, $11, $12, host_id, sandbox_id, change from r`,
-		host, sb, team, change, rtype, rid, act, st, meta, f.Shard, f.Token, f.Replica, retry, eID, eName, ePayload)
+		insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change, event_id)
+		select $10, $11, $12, host_id, sandbox_id, change, event_id from r`,
+		host, sb, team, change, rtype, rid, act, st, meta, f.Shard, f.Token, f.Replica, retry, eID, eName, ePayload, rEvent)
 	if err != nil {
 		return fmt.Errorf("store: write %d records: %w", n, err)
 	}
@@ -616,7 +620,7 @@ func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(Marked
 	if event == nil {
 		return nil
 	}
-	var id []uuid.UUID
+	var id, host []uuid.UUID
 	var name, payload []string
 	for _, h := range marked {
 		if !h.TeamID.Valid {
@@ -624,6 +628,7 @@ func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(Marked
 		}
 		e := event(h)
 		id, name, payload = append(id, e.ID), append(name, e.Name), append(payload, e.Payload)
+		host = append(host, h.ID)
 	}
 	if len(id) == 0 {
 		return nil
@@ -631,10 +636,18 @@ func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(Marked
 	if err := lockEvents(ctx, tx, f.Shard); err != nil {
 		return err
 	}
+	// The host's journal row of this transaction (the first statement's)
+	// names its event.
 	_, err := tx.Exec(ctx, `
-		insert into vigil_events (shard, vigil_id, event, payload)
-		select $1, e.id, e.name, e.payload from unnest($2::uuid[], $3::text[], $4::text[]) with ordinality as e(id, name, payload, ord)
-		 order by e.ord`, f.Shard, id, name, payload)
+		with e as (
+			select * from unnest($2::uuid[], $3::text[], $4::text[], $5::uuid[]) with ordinality as e(id, name, payload, host_id, ord)),
+		ev as (
+			insert into vigil_events (shard, vigil_id, event, payload)
+			select $1, e.id, e.name, e.payload from e order by e.ord)
+		update vigil_journal j set event_id = e.id
+		  from e
+		 where j.shard = $1 and j.token = $6 and j.host_id = e.host_id and j.sandbox_id is null
+		   and j.written_at = now() and j.event_id is null`, f.Shard, id, name, payload, host, f.Token)
 	if err != nil {
 		return fmt.Errorf("store: write %d host events: %w", len(id), err)
 	}
