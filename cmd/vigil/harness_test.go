@@ -40,7 +40,27 @@ var (
 	binOnce sync.Once
 	binPath string
 	binErr  error
+
+	hookOnce sync.Once
+	hookPath string
+	hookErr  error
 )
+
+// hookedBinary is vigil built with the test hooks (-tags vigil_testhooks:
+// monitor/testhooks.go), inert unless their environment variables are set.
+func hookedBinary(t testing.TB) string {
+	t.Helper()
+	hookOnce.Do(func() {
+		p := filepath.Join(binDir, "vigil-testhooks")
+		if hookErr = vigiltest.Build(context.Background(), ".", ".", p, "vigil_testhooks"); hookErr == nil {
+			hookPath = p
+		}
+	})
+	if hookErr != nil {
+		t.Fatal(hookErr)
+	}
+	return hookPath
+}
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "vigil-e2e-")
@@ -168,7 +188,10 @@ type replica = vigiltest.Replica
 type logBuffer = vigiltest.LogBuffer
 
 type spawnOpts struct {
-	etcdEndpoint string // default: the member itself
+	etcdEndpoint string   // default: the member itself
+	bin          string   // default: the harness's binary
+	extra        []string // more flags
+	env          []string // more environment (on top of cleanEnv)
 }
 
 // spawn starts a replica without waiting for it.
@@ -192,13 +215,27 @@ func (h *harness) spawn(id string, o spawnOpts) *replica {
 		"--db-max-conns", "4",
 		"--log-format", "json",
 	}
-	return h.startProcess(id, admin, args)
+	args = append(args, o.extra...)
+	bin := h.bin
+	if o.bin != "" {
+		bin = o.bin
+	}
+	var env []string
+	if len(o.env) > 0 {
+		env = append(cleanEnv(), o.env...)
+	}
+	return h.startProcessWith(id, admin, bin, args, env)
 }
 
 // startProcess starts the binary with args as replica id and registers it.
 func (h *harness) startProcess(id, admin string, args []string) *replica {
 	h.t.Helper()
-	p, err := vigiltest.Start(id, h.bin, args, nil)
+	return h.startProcessWith(id, admin, h.bin, args, nil)
+}
+
+func (h *harness) startProcessWith(id, admin, bin string, args, env []string) *replica {
+	h.t.Helper()
+	p, err := vigiltest.Start(id, bin, args, env)
 	if err != nil {
 		h.t.Fatalf("start replica %s: %v", id, err)
 	}
@@ -527,7 +564,11 @@ type workload struct {
 	hosts    []uuid.UUID
 	team     uuid.UUID
 	inserted atomic.Int64
+	stopIns  func() // stops the inserts (the agents go on)
 }
+
+// stopInserts stops the stream of new rows and waits for the last insert.
+func (w *workload) stopInserts() { w.stopIns() }
 
 func startWorkload(t *testing.T, h *harness, hosts int) *workload {
 	t.Helper()
@@ -551,17 +592,19 @@ func startWorkload(t *testing.T, h *harness, hosts int) *workload {
 	ids, team := sim.HostIDs(), sim.Teams()[0]
 	w.hosts, w.team = ids, team
 	insDone := make(chan struct{})
+	insCtx, insCancel := context.WithCancel(ctx)
+	w.stopIns = func() { insCancel(); <-insDone }
 	go func() {
 		defer close(insDone)
 		tick := time.NewTicker(50 * time.Millisecond)
 		defer tick.Stop()
 		for i := 0; ; i++ {
 			select {
-			case <-ctx.Done():
+			case <-insCtx.Done():
 				return
 			case <-tick.C:
 			}
-			_, err := h.db.Exec(ctx, `
+			_, err := h.db.Exec(insCtx, `
 				insert into sandboxes (id, team_id, host_id, status, last_updated, created_at)
 				values ($1, $2, $3, 'running', now(), now())`, uuid.New(), team, ids[i%len(ids)])
 			if err == nil {
