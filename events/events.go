@@ -129,7 +129,9 @@ func (c *Config) validate() error {
 // new: its marker key is set with NX and an expiry, and its XADD runs only
 // when that set happened. The script runs as one, so a batch is appended in
 // order; should it fail part way, what it appended is a prefix, and the
-// markers make publishing the whole batch again harmless.
+// markers make publishing the whole batch again harmless. A failed XADD
+// (e.g. out of memory) deletes the marker it just set before failing the
+// script, so a marker never stands for an entry that is not there.
 //
 //	KEYS[1] the stream, KEYS[2..] one marker key per event
 //	ARGV[1] marker TTL (s), ARGV[2] max length, then per event: payload, vigil_id
@@ -139,7 +141,11 @@ var publishScript = redis.NewScript(`
 local added = 0
 for i = 2, #KEYS do
   if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[2*i-1], 'vigil_id', ARGV[2*i])
+    local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[2*i-1], 'vigil_id', ARGV[2*i])
+    if type(r) == 'table' and r.err then
+      redis.call('DEL', KEYS[i])
+      return r
+    end
     added = added + 1
   end
 end

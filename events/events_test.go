@@ -136,3 +136,26 @@ func TestConfig(t *testing.T) {
 		t.Errorf("rediss with ACL user: %v", err)
 	}
 }
+
+// A failed append leaves no marker behind: the retry appends the event.
+func TestFailedAppendLeavesNoMarker(t *testing.T) {
+	ctx := context.Background()
+	p, rdb := newPublisher(t, time.Hour)
+	if err := rdb.Set(ctx, p.Stream(), "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	e := Event{ID: uuid.New(), Name: HostDown, Payload: "{}"}
+	if n, err := p.Publish(ctx, []Event{e}); err == nil || n != 0 {
+		t.Fatalf("publish onto a string key: %d, %v", n, err)
+	}
+	if rdb.Exists(ctx, p.markerKey(e.ID)).Val() != 0 {
+		t.Fatal("the failed append left its marker")
+	}
+	rdb.Del(ctx, p.Stream())
+	if n, err := p.Publish(ctx, []Event{e}); err != nil || n != 1 {
+		t.Fatalf("retry: %d, %v", n, err)
+	}
+	if got := len(entries(t, rdb, p.Stream())); got != 1 {
+		t.Fatalf("%d entries, want 1", got)
+	}
+}
