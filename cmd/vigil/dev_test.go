@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os/exec"
 	"strconv"
@@ -10,6 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/vigil-sh/vigil/internal/ids"
 	"github.com/vigil-sh/vigil/internal/pgtest"
 )
 
@@ -43,9 +49,19 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 	}
 	bin := vigilBinary(t)
 	base := freePortPair(t)
+	dbURL := pgtest.New(t)
+	stream := "vigil-e2e:dev:" + uuid.NewString()[:8] + ":events"
+	rdb := redis.NewClient(&redis.Options{Addr: machineRedis})
+	t.Cleanup(func() {
+		ctx := context.Background()
+		if keys, _ := rdb.Keys(ctx, stream+"*").Result(); len(keys) > 0 {
+			rdb.Del(ctx, keys...)
+		}
+		rdb.Close()
+	})
 	cmd := exec.Command(bin, "dev", "--agent-tls", "--hosts", "20", "--replicas", "2", "--shards", "16",
 		"--interval", "500ms", "--lease-ttl", "2s", "--churn", "0",
-		"--database-url", pgtest.New(t),
+		"--database-url", dbURL, "--events-stream", stream,
 		"--etcd-client-addr", freePort(t), "--etcd-peer-addr", freePort(t),
 		"--http-base-port", strconv.Itoa(base), "--agentsim-admin-addr", freePort(t))
 	cmd.Env = cleanEnv()
@@ -96,6 +112,31 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "agents over mutual TLS") {
 		t.Errorf("banner does not say the agents speak mutual TLS:\n%s", out.Tail(40))
+	}
+	if !strings.Contains(out.String(), "XRANGE "+stream+" - +") {
+		t.Errorf("banner lacks the XRANGE line of the events stream:\n%s", out.Tail(40))
+	}
+	// An orphan row: the dev cluster stops it and publishes capsule.destroyed.
+	db, err := pgx.Connect(context.Background(), dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(context.Background())
+	orphan := uuid.New()
+	if _, err := db.Exec(context.Background(), `
+		insert into sandboxes (id, team_id, host_id, status, last_updated, created_at)
+		select $1, team_id, id, 'running', now(), now() from hosts where team_id is not null limit 1`, orphan); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		msgs, _ := rdb.XRange(context.Background(), stream, "-", "+").Result()
+		if len(msgs) > 0 && strings.Contains(fmt.Sprint(msgs[len(msgs)-1].Values["payload"]), ids.Sandbox(orphan)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no capsule.destroyed for the orphan in %s after 20s (%d entries)\n%s", stream, len(msgs), out.Tail(40))
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
