@@ -66,6 +66,11 @@ var vigilMetrics = map[string]metricInfo{
 	"vigil_fence_rejections_total":                         {kind: counter},
 	"vigil_agent_report_problems_total":                    {kind: counter, labels: []string{"kind"}},
 	"vigil_zombies_destroyed_total":                        {kind: counter},
+	"vigil_destroys_resent_total":                          {kind: counter},
+	"vigil_events_pending":                                 {kind: gauge, labels: []string{"shard"}},
+	"vigil_events_oldest_pending_age_seconds":              {kind: gauge, labels: []string{"shard"}},
+	"vigil_events_published_total":                         {kind: counter, labels: []string{"event"}, values: eventLabelValues},
+	"vigil_event_publish_errors_total":                     {kind: counter},
 	"vigil_agent_rpc_duration_seconds":                     {kind: histogram, labels: []string{"procedure", "code"}, values: rpcLabelValues},
 	"vigil_agent_rpc_errors_total":                         {kind: counter, labels: []string{"procedure", "code"}, values: rpcLabelValues},
 }
@@ -77,6 +82,9 @@ var (
 	}
 	rpcLabelValues = map[string][]string{
 		"procedure": {"ListSandboxes", "DestroySandbox"},
+	}
+	eventLabelValues = map[string][]string{
+		"event": {"host.down", "capsule.paused", "capsule.destroyed"},
 	}
 )
 

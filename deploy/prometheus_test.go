@@ -34,6 +34,7 @@ var requiredAlerts = []string{
 	"VigilMultipleLeaders",
 	"VigilReplicaDown",
 	"VigilAgentsFailing",
+	"VigilEventsBacklog",
 }
 
 func loadRules(t *testing.T) *rulefmt.RuleGroups {
