@@ -431,6 +431,13 @@ func TestActiveRulesEndToEnd(t *testing.T) {
 	if got := testutil.ToFloat64(metric(t, e.reg, "vigil_agent_report_problems_total", "unknown_status")); got == 0 {
 		t.Error("unknown status labels not counted")
 	}
+	// Events off (no publisher): no event state at all.
+	var evs, named int
+	e.db.QueryRow(e.ctx, `select count(*) from vigil_events`).Scan(&evs)
+	e.db.QueryRow(e.ctx, `select count(*) from vigil_journal where event_id is not null`).Scan(&named)
+	if evs != 0 || named != 0 {
+		t.Errorf("events off, yet %d outbox rows and %d journal rows naming an event", evs, named)
+	}
 }
 
 // Rule 5: a stopped row the agent still holds paused is destroyed on the
