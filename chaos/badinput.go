@@ -24,28 +24,26 @@ type badInput struct {
 	// badHosts are host rows no agent stands behind, heartbeated by the
 	// harness so they stay online: vigil must never write their rows.
 	badHosts map[uuid.UUID]string // id -> what is wrong with it
-	// quarantined sandbox rows vigil must never write (damaged rows, rows
-	// of hosts that do not exist).
+	// quarantined sandbox rows vigil must never write (damaged rows: NULL
+	// team or status, a status outside the vocabulary, rows of hosts that
+	// do not exist).
 	quarantined map[uuid.UUID]string
-	// damaged are the quarantined rows with a NULL team (store.Sandbox:
-	// "such rows are never written").
-	damaged map[uuid.UUID]bool
 	// temporary changes to agentsim hosts, undone before the quiet period.
 	restore map[uuid.UUID]func(context.Context) error
 	// deleted hosts and when their row went.
 	deleted map[uuid.UUID]time.Time
 	// stuck are rows whose destroy the control plane lost (row stopping,
 	// VM still running): SPEC §2 rule 9.
-	stuck map[uuid.UUID]uuid.UUID // sandbox -> host
+	stuck map[uuid.UUID]stuckRow
 }
 
 // createBadHosts adds host rows with addresses and statuses a real control
 // plane's database accumulates, each with two sandbox rows.
 func (w *workload) createBadHosts(ctx context.Context) error {
 	w.bad = badInput{
-		excluded: map[uuid.UUID]bool{}, badHosts: map[uuid.UUID]string{}, quarantined: map[uuid.UUID]string{}, damaged: map[uuid.UUID]bool{},
+		excluded: map[uuid.UUID]bool{}, badHosts: map[uuid.UUID]string{}, quarantined: map[uuid.UUID]string{},
 		restore: map[uuid.UUID]func(context.Context) error{}, deleted: map[uuid.UUID]time.Time{},
-		stuck: map[uuid.UUID]uuid.UUID{},
+		stuck: map[uuid.UUID]stuckRow{},
 	}
 	agent := w.sim.Address(w.hosts[0])
 	team := w.teams[0]
@@ -197,9 +195,6 @@ func (w *workload) badOnce(ctx context.Context) error {
 		}
 		w.mu.Lock()
 		w.bad.quarantined[id] = c.what
-		if c.team == nil {
-			w.bad.damaged[id] = true
-		}
 		w.mu.Unlock()
 		w.count("bad input: " + c.what)
 	case 4: // an agentsim host's address broken for a while
@@ -259,14 +254,17 @@ func (w *workload) badOnce(ctx context.Context) error {
 			return nil
 		}
 		id, h, ok := w.sandboxOn(ctx, w.hosts, status.Running)
-		if !ok || w.isBusy(id) || !w.quarantine(h) {
+		if !ok || w.isBusy(id) || vmStatus(w.sim.VMs(h), id) != status.Running || !w.quarantine(h) {
 			return nil
 		}
 		if err := w.cas(ctx, id, status.Running, status.Stopping); err != nil {
 			return nil
 		}
+		// The VM ran when the row went stopping, and nothing but vigil's
+		// re-sent destroy removes it now: the host is quarantined (no host
+		// faults) and churn acts only on running or paused rows.
 		w.mu.Lock()
-		w.bad.stuck[id] = h
+		w.bad.stuck[id] = stuckRow{host: h, at: time.Now()}
 		w.mu.Unlock()
 		w.count("bad input: lost destroy (stopping row, VM alive)")
 	case 8, 9:

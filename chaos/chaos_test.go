@@ -92,8 +92,8 @@ func TestBrokenBuildIsCaught(t *testing.T) {
 }
 
 // TestEventChecks runs the event checks (SPEC §6: every committed event in
-// the stream exactly once, across kills, pauses, partitions and Redis
-// outages) once vigil has events; until then it says why it cannot.
+// the stream exactly once and in commit order per shard, across kills,
+// pauses, partitions and Redis outages) on a short run that has them all.
 func TestEventChecks(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos run with real processes; skipped in -short mode")
@@ -114,7 +114,10 @@ func TestEventChecks(t *testing.T) {
 		t.Skip("vigil has no --events-redis-url yet (SPEC §6, issue 8): the event checks of every chaos run switch on by themselves once it does")
 	}
 	rep := runChaos(t, Config{Seed: 11, Duration: time.Minute, Kinds: []string{"redis-outage", "kill", "pause", "delete-owner-keys", "cut-both"}})
-	for _, c := range []string{vEventsLost, vEventsDup, vEventsSpur} {
+	if !rep.EventsOn {
+		t.Fatalf("vigil has events but the run's event checks are off: %s", rep.Events)
+	}
+	for _, c := range []string{vEventsLost, vEventsDup, vEventsSpur, vEventsBad, vEventsOrder} {
 		if n := rep.Count(c); n > 0 {
 			t.Errorf("%s: %d", c, n)
 		}
@@ -122,6 +125,16 @@ func TestEventChecks(t *testing.T) {
 	if rep.Failed {
 		t.Errorf("violations: %v", rep.Violations)
 	}
+	if rep.Faults["redis-outage"] == 0 {
+		t.Errorf("no Redis outage in the run")
+	}
+	if rep.EventsPublished == 0 || rep.EventsCommitted == 0 {
+		t.Errorf("nothing to check: %d events committed, %d published", rep.EventsCommitted, rep.EventsPublished)
+	}
+	if len(rep.EventDelaysOutage) == 0 {
+		t.Errorf("no event waited through a Redis outage")
+	}
+	t.Logf("events: %d committed, %d published, max backlog age %s", rep.EventsCommitted, rep.EventsPublished, ms(pct(rep.EventDelays, 1)))
 }
 
 func TestMain(m *testing.M) {

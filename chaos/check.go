@@ -209,8 +209,8 @@ func (m rulesModel) pending(row sandboxRow, vms map[uuid.UUID]string, hostHasPau
 
 // lostTransitions applies the model to the final state. Hosts in skip are
 // not judged (bad input); only hosts whose agent answers at the end are
-// judged by the active rules. Rule 9 findings come apart.
-func (m rulesModel) lostTransitions(fs finalState, skip map[uuid.UUID]bool) (lost, rule9 []string) {
+// judged by the active rules.
+func (m rulesModel) lostTransitions(fs finalState, skip map[uuid.UUID]bool) (lost []string) {
 	for _, h := range sortedKeys(fs.hosts, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
 		hr := fs.hosts[h]
 		if skip[h] || hr.status == nil {
@@ -238,27 +238,124 @@ func (m rulesModel) lostTransitions(fs finalState, skip map[uuid.UUID]bool) (los
 			return false
 		}
 		for _, row := range byHost[h] {
-			w1, r9 := m.pending(row, fs.before[h], hasPaused(fs.before[h]), fs.now)
+			w1, _ := m.pending(row, fs.before[h], hasPaused(fs.before[h]), fs.now)
 			w2, _ := m.pending(row, fs.after[h], hasPaused(fs.after[h]), fs.now)
 			if w1 == "" || w2 == "" {
 				continue // not due in both agent snapshots: a change in flight
 			}
-			line := fmt.Sprintf("%s %s: %s (last updated %s before the end)", ids.Host(h), ids.Sandbox(row.id), w2, fs.now.Sub(row.lastUpdated).Round(time.Second))
-			if r9 {
-				rule9 = append(rule9, line)
-			} else {
-				lost = append(lost, line)
+			lost = append(lost, fmt.Sprintf("%s %s: %s (last updated %s before the end)", ids.Host(h), ids.Sandbox(row.id), w2, fs.now.Sub(row.lastUpdated).Round(time.Second)))
+		}
+	}
+	return lost
+}
+
+// stuckRow is a sandbox whose destroy the harness made the control plane
+// lose: the row set stopping while its VM ran on.
+type stuckRow struct {
+	host uuid.UUID
+	at   time.Time // just after the row went stopping
+}
+
+// rule9Stats are the figures of the stuck destroys.
+type rule9Stats struct {
+	stuck, resent, stopped, dissolved, audits, withinGrace int
+}
+
+// stuckDestroys judges SPEC §2 rule 9 on the rows whose destroy was lost
+// (the final state's side, a stopping row still alive on its agent past the
+// grace, is the lost-transition check's): the destroy is re-sent only once
+// the row is past the transient grace; the row reaches stopped (rule 6)
+// only after its agent accepted the re-sent destroy, since nothing else
+// removes that VM; and every destroy_retry audit row stands for a destroy
+// its agent accepted. A stuck row the passive rule moved to missing (its
+// host went unreachable) is no longer stuck and is not judged here.
+func stuckDestroys(stuck map[uuid.UUID]stuckRow, journal []journalRow, destroys map[uuid.UUID][]agentsim.DestroyRecord,
+	retries map[uuid.UUID][]time.Time, grace time.Duration) (bad []string, st rule9Stats) {
+	accepted := map[string][]agentsim.DestroyRecord{} // wire sandbox id -> accepted destroys, oldest first
+	for _, h := range sortedKeys(destroys, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		for _, d := range destroys[h] {
+			accepted[d.Sandbox] = append(accepted[d.Sandbox], d)
+		}
+	}
+	for _, ds := range accepted {
+		sort.SliceStable(ds, func(i, j int) bool { return ds[i].Time.Before(ds[j].Time) })
+	}
+	const slack = 500 * time.Millisecond
+	firstChange := map[uuid.UUID]journalRow{} // the first change vigil committed to each stuck row after it went stopping
+	for _, r := range journal {
+		if !r.sandbox.Valid {
+			continue
+		}
+		if _, ok := stuck[r.sandbox.UUID]; !ok {
+			continue
+		}
+		if _, ok := firstChange[r.sandbox.UUID]; !ok && strings.HasPrefix(r.change, "stopping->") {
+			firstChange[r.sandbox.UUID] = r
+		}
+	}
+	st.stuck = len(stuck)
+	for _, id := range sortedKeys(stuck, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		sr := stuck[id]
+		wire := ids.Sandbox(id)
+		ch, changed := firstChange[id]
+		if changed && ch.change != "stopping->"+status.Stopped {
+			st.dissolved++
+			continue
+		}
+		var destroyed *agentsim.DestroyRecord
+		var prev time.Time
+		for i, d := range accepted[wire] {
+			if !prev.IsZero() && d.Time.Sub(prev) < grace-slack {
+				st.withinGrace++
+			}
+			prev = d.Time
+			if d.Result == agentsim.DestroyDestroyed && destroyed == nil {
+				destroyed = &accepted[wire][i]
+			}
+		}
+		if destroyed != nil {
+			st.resent++
+			if early := destroyed.Time.Sub(sr.at); early < grace-slack {
+				bad = append(bad, fmt.Sprintf("%s %s: destroy re-sent %s after the row went stopping, within the transient grace of %s",
+					ids.Host(sr.host), wire, early.Round(time.Millisecond), grace))
+			}
+		}
+		if changed {
+			st.stopped++
+			switch {
+			case destroyed == nil:
+				bad = append(bad, fmt.Sprintf("%s %s: stopping row stopped by %s (journal seq %d) while its VM was alive: no re-sent destroy was accepted by its agent",
+					ids.Host(sr.host), wire, ch.replica, ch.seq))
+			case ch.committedAt.Before(destroyed.Time):
+				bad = append(bad, fmt.Sprintf("%s %s: stopping row stopped by %s at %s, before its agent accepted the re-sent destroy at %s",
+					ids.Host(sr.host), wire, ch.replica, ch.committedAt.Format("15:04:05.000"), destroyed.Time.Format("15:04:05.000")))
 			}
 		}
 	}
-	return lost, rule9
+	for _, id := range sortedKeys(retries, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		wire := ids.Sandbox(id)
+		for _, at := range retries[id] {
+			st.audits++
+			ok := false
+			for _, d := range accepted[wire] {
+				if !d.Time.After(at.Add(slack)) {
+					ok = true
+					break
+				}
+			}
+			if !ok {
+				bad = append(bad, fmt.Sprintf("%s: destroy_retry audit row at %s without a destroy its agent accepted before", wire, at.Format("15:04:05.000")))
+			}
+		}
+	}
+	return bad, st
 }
 
 // forbiddenWrites finds journal rows vigil must never have written: rows of
-// hosts no agent stands behind, quarantined sandbox rows, and writes to a
-// sandbox on a host it had been moved away from. Writes to damaged rows
-// (NULL team; store.Sandbox: "such rows are never written") come apart.
-func forbiddenWrites(journal []journalRow, moves []sandboxMove, badHosts, quarantined map[uuid.UUID]string, damaged map[uuid.UUID]bool) (out, damagedWrites []string) {
+// hosts no agent stands behind, quarantined sandbox rows (damaged ones
+// included: NULL team, NULL or foreign status, no host), and writes to a
+// sandbox on a host it had been moved away from.
+func forbiddenWrites(journal []journalRow, moves []sandboxMove, badHosts, quarantined map[uuid.UUID]string) (out []string) {
 	movedAway := map[[2]uuid.UUID]int64{} // (sandbox, host) -> commit seq of the last move away from host
 	movedBack := map[[2]uuid.UUID]int64{} // (sandbox, host) -> commit seq of the last move onto host
 	for _, mv := range moves {
@@ -273,19 +370,14 @@ func forbiddenWrites(journal []journalRow, moves []sandboxMove, badHosts, quaran
 			continue
 		}
 		if what, ok := quarantined[r.sandbox.UUID]; ok {
-			line := fmt.Sprintf("%s (%s): %s written by %s", ids.Sandbox(r.sandbox.UUID), what, r.change, r.replica)
-			if damaged[r.sandbox.UUID] {
-				damagedWrites = append(damagedWrites, line)
-			} else {
-				out = append(out, line)
-			}
+			out = append(out, fmt.Sprintf("%s (%s): %s written by %s", ids.Sandbox(r.sandbox.UUID), what, r.change, r.replica))
 		}
 		key := [2]uuid.UUID{r.sandbox.UUID, r.host}
 		if away, ok := movedAway[key]; ok && r.commitSeq > away && movedBack[key] < away {
 			out = append(out, fmt.Sprintf("%s: %s written on %s by %s after the row had moved to another host", ids.Sandbox(r.sandbox.UUID), r.change, ids.Host(r.host), r.replica))
 		}
 	}
-	return out, damagedWrites
+	return out
 }
 
 // ownership checks every journal row against etcd's record: its token must

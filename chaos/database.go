@@ -149,3 +149,55 @@ alter table hosts alter column address drop not null;
 alter table sandboxes alter column team_id drop not null;
 alter table sandboxes alter column status drop not null;
 `
+
+// eventInstruments are installed when vigil has events (SPEC §6):
+//
+//   - Every outbox row vigil commits (vigil_events is emptied by the relay,
+//     so the harness keeps its own copy), with the transaction that wrote
+//     it and its commit order on the journal's sequence: the expected
+//     stream, in the order each shard's events must reach it.
+//   - The transaction of every audit row, so an event is tied to the audit
+//     row (the change) it announces: same transaction, same resource.
+//
+// Neither table has a unique key: a vigil_id committed twice must not make
+// vigil's transaction fail, it is for the checker to find.
+const eventInstruments = `
+create table chaos_events (
+    id           bigserial primary key,
+    vigil_id     uuid not null,
+    seq          bigint not null,
+    shard        integer not null,
+    event        text not null,
+    payload      text not null,
+    txid         bigint not null,
+    commit_seq   bigint,
+    committed_at timestamptz
+);
+create function chaos_event_written() returns trigger language plpgsql as $$
+begin
+    insert into chaos_events (vigil_id, seq, shard, event, payload, txid)
+    values (new.vigil_id, new.seq, new.shard, new.event, new.payload, txid_current());
+    return null;
+end $$;
+create trigger chaos_event_written after insert on vigil_events
+    for each row execute function chaos_event_written();
+create function chaos_event_committed() returns trigger language plpgsql as $$
+begin
+    update chaos_events set commit_seq = nextval('chaos_commit_seq'), committed_at = clock_timestamp() where id = new.id;
+    return null;
+end $$;
+create constraint trigger chaos_event_committed after insert on chaos_events
+    deferrable initially deferred for each row execute function chaos_event_committed();
+
+create table chaos_audit_tx (
+    audit_id uuid not null,
+    txid     bigint not null
+);
+create function chaos_audit_written() returns trigger language plpgsql as $$
+begin
+    insert into chaos_audit_tx values (new.id, txid_current());
+    return null;
+end $$;
+create trigger chaos_audit_written after insert on audit_logs
+    for each row execute function chaos_audit_written();
+`

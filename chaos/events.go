@@ -10,25 +10,43 @@ import (
 	"net"
 	"net/url"
 	"os/exec"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/vigil-sh/vigil/internal/ids"
 )
 
-// Events (SPEC §6) are not in vigil yet (issue 8). The checks below switch
-// on by themselves once `vigil run -h` offers --events-redis-url: the run
-// then gives every replica a Redis link through a fault proxy and a stream
-// key of its own, reads the stream as it goes (so MAXLEN trimming hides
-// nothing), and at the end compares it with the audit rows that SPEC §6
-// says publish an event: every one must be in the stream exactly once (by
-// vigil_id), and nothing else may be.
+// Events (SPEC §6). The checks switch on by themselves when `vigil run -h`
+// offers --events-redis-url: the run then gives every replica a Redis link
+// through a fault proxy of its own (the redis-outage fault cuts or
+// blackholes them; the machine's Redis is never stopped) and a stream key of
+// the run's own, installs instruments that keep a copy of every committed
+// outbox row with its transaction and commit order and the transaction of
+// every audit row (eventInstruments), reads the stream as it goes (so
+// MAXLEN trimming hides nothing), and at the end, once the outbox drained,
+// holds the stream against the committed changes:
+//
+//   - every audit row SPEC §6 says publishes has its event, written in its
+//     transaction for its resource, and that event is in the stream (else
+//     lost);
+//   - no vigil_id is in the stream twice, and no audit row has two events
+//     (else duplicated);
+//   - nothing is in the stream or the outbox without a committed change
+//     (else spurious), and every payload says what its change was;
+//   - per shard, the stream holds the events in commit order.
 
 // eventsCheck is the run's view of the event stream.
 type eventsCheck struct {
-	redis  string // host:port
-	db     int
-	stream string
+	redis     string // host:port
+	db        int
+	stream    string
+	markerTTL time.Duration // given to every replica: longer than the run, so no dedup marker expires during it
+	keyTTL    time.Duration // the stream key expires after this, should the harness die before dropping it
 
 	mu      sync.Mutex
 	entries []streamEntry
@@ -38,16 +56,49 @@ type eventsCheck struct {
 
 // streamEntry is one entry of the stream as the checker needs it.
 type streamEntry struct {
-	ID       string // the stream id
-	VigilID  string
-	Event    string
-	Resource string // resource.id
-	Type     string // resource.type
+	ID        string // the stream id
+	VigilID   string
+	Event     string
+	Resource  string // resource.id
+	Type      string // resource.type
+	Team      string // team_id
+	Timestamp string
+	Actor     string // actor.type
 }
 
-// eventKey is what an event is about; several events can share one.
-type eventKey struct {
-	Event, Resource string
+// at is when Redis appended the entry (its id's milliseconds).
+func (se streamEntry) at() time.Time {
+	msPart, _, _ := strings.Cut(se.ID, "-")
+	n, err := strconv.ParseInt(msPart, 10, 64)
+	if err != nil {
+		return time.Time{}
+	}
+	return time.UnixMilli(n)
+}
+
+// auditEvent is a committed audit row that SPEC §6 says publishes an event.
+type auditEvent struct {
+	auditID  uuid.UUID
+	txid     int64
+	event    string
+	resType  string
+	resID    string
+	team     uuid.UUID
+	action   string
+	reason   string
+	writtenT time.Time // created_at
+}
+
+// outboxRow is a committed vigil_events row (the harness's copy).
+type outboxRow struct {
+	vigilID     string
+	seq         int64
+	shard       int
+	event       string // the row's event column
+	txid        int64
+	commitSeq   int64
+	committedAt time.Time
+	payload     streamEntry // the payload parsed as the stream entry would carry it
 }
 
 // eventsSupported reports whether the vigil binary has events.
@@ -59,11 +110,12 @@ func eventsSupported(ctx context.Context, bin string) (bool, error) {
 	return strings.Contains(string(out), "-events-redis-url"), nil
 }
 
-// detectEvents turns the events checks on when the binary has events.
+// detectEvents turns the events checks on when the binary has events:
+// Redis must answer, and the instruments go into the run's database.
 func detectEvents(ctx context.Context, e *env) (*eventsCheck, error) {
 	ok, err := eventsSupported(ctx, e.vigilBin)
 	if err != nil || !ok {
-		e.logf("events: vigil has no --events-redis-url yet (SPEC §6, issue 8): event checks off")
+		e.logf("events: vigil has no --events-redis-url (SPEC §6, issue 8): event checks off")
 		return nil, err
 	}
 	u, err := url.Parse(e.cfg.RedisURL)
@@ -76,11 +128,17 @@ func detectEvents(ctx context.Context, e *env) (*eventsCheck, error) {
 			return nil, fmt.Errorf("redis URL database %q: %w", p, err)
 		}
 	}
-	ec := &eventsCheck{redis: u.Host, db: db, stream: "chaos:" + e.cluster + ":events", lastID: "-"}
+	life := e.cfg.Duration + e.cfg.Quiet + 30*time.Minute
+	ec := &eventsCheck{redis: u.Host, db: db, lastID: "-",
+		stream:    fmt.Sprintf("vigil-chaos:%d:%d:events", e.cfg.Seed, time.Now().UnixNano()),
+		markerTTL: life.Truncate(time.Minute) + time.Minute, keyTTL: life + time.Hour}
 	if _, err := ec.do(ctx, "PING"); err != nil {
 		return nil, fmt.Errorf("events: Redis at %s: %w", u.Host, err)
 	}
-	e.logf("events: on, stream %s on %s", ec.stream, u.Host)
+	if _, err := e.db.Exec(ctx, eventInstruments); err != nil {
+		return nil, fmt.Errorf("events: install the harness's instruments: %w", err)
+	}
+	e.logf("events: on, stream %s on %s (marker TTL %s), every replica through a Redis proxy of its own", ec.stream, u.Host, ec.markerTTL)
 	return ec, nil
 }
 
@@ -102,6 +160,7 @@ func (ec *eventsCheck) poll(ctx context.Context) {
 		}
 		items, _ := v.([]any)
 		ec.mu.Lock()
+		ec.readErr = nil
 		for _, it := range items {
 			if se, ok := parseStreamEntry(it); ok {
 				ec.entries = append(ec.entries, se)
@@ -110,13 +169,38 @@ func (ec *eventsCheck) poll(ctx context.Context) {
 		}
 		ec.mu.Unlock()
 		if len(items) < 1000 {
+			if len(items) > 0 {
+				// Should the harness die before it drops the stream, the
+				// key still goes (XADD keeps a key's expiry).
+				_, _ = ec.do(ctx, "EXPIRE", ec.stream, strconv.Itoa(int(ec.keyTTL/time.Second)), "NX")
+			}
 			return
 		}
 	}
 }
 
+// entriesAdded is how many entries were ever appended to the stream
+// (XINFO STREAM's entries-added, Redis 7), -1 if Redis does not say.
+func (ec *eventsCheck) entriesAdded(ctx context.Context) (int64, error) {
+	v, err := ec.do(ctx, "XINFO", "STREAM", ec.stream)
+	if err != nil {
+		if strings.Contains(err.Error(), "no such key") {
+			return 0, nil
+		}
+		return -1, err
+	}
+	kv, _ := v.([]any)
+	for i := 0; i+1 < len(kv); i += 2 {
+		if k, _ := kv[i].(string); k == "entries-added" {
+			n, _ := kv[i+1].(int64)
+			return n, nil
+		}
+	}
+	return -1, nil
+}
+
 func (ec *eventsCheck) run(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
+	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
 		ec.poll(ctx)
@@ -128,8 +212,36 @@ func (ec *eventsCheck) run(ctx context.Context) {
 	}
 }
 
-// drop deletes the run's stream.
-func (ec *eventsCheck) drop(ctx context.Context) { _, _ = ec.do(ctx, "DEL", ec.stream) }
+// drop deletes the run's stream and its deduplication markers
+// (<stream>:vigil_id:<uuid>); nothing else in Redis is touched.
+func (ec *eventsCheck) drop(ctx context.Context) {
+	_, _ = ec.do(ctx, "DEL", ec.stream)
+	cursor := "0"
+	for i := 0; i < 100000; i++ {
+		v, err := ec.do(ctx, "SCAN", cursor, "MATCH", ec.stream+":vigil_id:*", "COUNT", "1000")
+		if err != nil {
+			return
+		}
+		pair, _ := v.([]any)
+		if len(pair) != 2 {
+			return
+		}
+		cursor, _ = pair[0].(string)
+		keys, _ := pair[1].([]any)
+		if len(keys) > 0 {
+			args := []string{"UNLINK"}
+			for _, k := range keys {
+				if s, ok := k.(string); ok {
+					args = append(args, s)
+				}
+			}
+			_, _ = ec.do(ctx, args...)
+		}
+		if cursor == "0" || cursor == "" {
+			return
+		}
+	}
+}
 
 func parseStreamEntry(v any) (streamEntry, bool) {
 	pair, ok := v.([]any)
@@ -146,24 +258,35 @@ func parseStreamEntry(v any) (streamEntry, bool) {
 		case "vigil_id":
 			se.VigilID = val
 		case "payload":
-			var p struct {
-				Event    string `json:"event"`
-				Resource struct {
-					ID   string `json:"id"`
-					Type string `json:"type"`
-				} `json:"resource"`
-			}
-			if json.Unmarshal([]byte(val), &p) == nil {
-				se.Event, se.Resource, se.Type = p.Event, p.Resource.ID, p.Resource.Type
-			}
+			se.parsePayload(val)
 		}
 	}
 	return se, true
 }
 
+// parsePayload fills the entry's payload fields from the JSON.
+func (se *streamEntry) parsePayload(val string) {
+	var p struct {
+		Event     string `json:"event"`
+		Timestamp string `json:"timestamp"`
+		TeamID    string `json:"team_id"`
+		Actor     struct {
+			Type string `json:"type"`
+		} `json:"actor"`
+		Resource struct {
+			ID   string `json:"id"`
+			Type string `json:"type"`
+		} `json:"resource"`
+	}
+	if json.Unmarshal([]byte(val), &p) == nil {
+		se.Event, se.Resource, se.Type = p.Event, p.Resource.ID, p.Resource.Type
+		se.Team, se.Timestamp, se.Actor = p.TeamID, p.Timestamp, p.Actor.Type
+	}
+}
+
 // expectedEvent maps an audit row vigil wrote to the event SPEC §6 says it
 // publishes, "" for none.
-func expectedEvent(resourceType, action, reason string, hostHasTeam bool) string {
+func expectedEvent(resourceType, action, reason string) string {
 	switch {
 	case resourceType == "host" && action == "marked_down":
 		return "host.down" // host audit rows exist only for hosts with a team
@@ -179,43 +302,177 @@ func expectedEvent(resourceType, action, reason string, hostHasTeam bool) string
 
 // eventResult is the events check's verdict.
 type eventResult struct {
-	Expected, Published int
-	Lost                []eventKey // committed (audit row) but not in the stream, one per missing event
-	Duplicates          []string   // vigil_ids in the stream more than once
-	Spurious            []eventKey // in the stream more often than committed
+	Expected   int // audit rows that publish an event
+	Committed  int // outbox rows committed
+	Published  int // distinct vigil_ids in the stream
+	Lost       []string
+	Duplicates []string
+	Spurious   []string
+	BadPayload []string
+	OutOfOrder []string
+	Delays     []eventDelay // per published event: commit -> XADD
 }
 
-// compareEvents holds the stream against the committed changes: per
-// (event, resource) the stream must hold as many distinct vigil_ids as
-// there are audit rows, and no vigil_id twice.
-func compareEvents(expected []eventKey, stream []streamEntry) eventResult {
-	res := eventResult{Expected: len(expected), Published: len(stream)}
-	want := map[eventKey]int{}
-	for _, k := range expected {
-		want[k]++
+// eventDelay is how long one event waited in the outbox.
+type eventDelay struct {
+	committed, published time.Time
+}
+
+func (d eventDelay) wait() time.Duration { return max(d.published.Sub(d.committed), 0) }
+
+// eventKey is a change's event as the checker matches it: the transaction
+// that committed it, the event and its resource.
+type eventKey struct {
+	txid                  int64
+	event, resType, resID string
+}
+
+func (k eventKey) String() string { return k.event + " " + k.resID }
+
+// compareEvents holds the stream against the committed changes (audit rows
+// that publish) and the committed outbox rows; it is a pure function of
+// the three.
+func compareEvents(audits []auditEvent, outbox []outboxRow, stream []streamEntry) eventResult {
+	res := eventResult{Expected: len(audits), Committed: len(outbox)}
+	// Changes and their events, matched by transaction and resource.
+	want := map[eventKey][]auditEvent{}
+	for _, a := range audits {
+		k := eventKey{a.txid, a.event, a.resType, a.resID}
+		want[k] = append(want[k], a)
 	}
+	sorted := append([]outboxRow(nil), outbox...)
+	sort.SliceStable(sorted, func(i, j int) bool { return sorted[i].seq < sorted[j].seq })
+	got := map[eventKey][]outboxRow{}
+	byID := map[string]outboxRow{}
+	for _, o := range sorted {
+		if prev, ok := byID[o.vigilID]; ok {
+			res.Duplicates = append(res.Duplicates, fmt.Sprintf("vigil_id %s committed twice (outbox seq %d and %d)", o.vigilID, prev.seq, o.seq))
+			continue
+		}
+		byID[o.vigilID] = o
+		k := eventKey{o.txid, o.payload.Event, o.payload.Type, o.payload.Resource}
+		got[k] = append(got[k], o)
+	}
+	backed := map[string]auditEvent{} // vigil_id -> the change it announces
+	for k, as := range want {
+		rows := got[k]
+		for i, a := range as {
+			if i < len(rows) {
+				backed[rows[i].vigilID] = a
+				continue
+			}
+			res.Lost = append(res.Lost, fmt.Sprintf("%s: change committed (audit %s/%s %s) with no event in its transaction", k, a.action, a.reason, a.auditID))
+		}
+	}
+	for k, rows := range got {
+		n := len(want[k])
+		for _, o := range rows[min(n, len(rows)):] {
+			if n > 0 {
+				res.Duplicates = append(res.Duplicates, fmt.Sprintf("%s: a second event (vigil_id %s) for one change", k, o.vigilID))
+			} else {
+				res.Spurious = append(res.Spurious, fmt.Sprintf("%s: event committed (vigil_id %s) without a change that publishes", k, o.vigilID))
+			}
+		}
+	}
+	// The stream.
 	seen := map[string]int{}
-	got := map[eventKey]int{}
+	lastRank := map[int]int{}    // shard -> rank of the last event appended
+	lastWhat := map[int]string{} // shard -> that event
+	rank := commitRanks(sorted)  // vigil_id -> position in its shard's commit order
 	for _, se := range stream {
 		seen[se.VigilID]++
 		if seen[se.VigilID] == 2 {
-			res.Duplicates = append(res.Duplicates, se.VigilID)
+			res.Duplicates = append(res.Duplicates, fmt.Sprintf("vigil_id %s (%s %s) in the stream twice", se.VigilID, se.Event, se.Resource))
 		}
-		if seen[se.VigilID] == 1 {
-			got[eventKey{se.Event, se.Resource}]++
+		if seen[se.VigilID] > 1 {
+			continue
+		}
+		res.Published++
+		o, ok := byID[se.VigilID]
+		if !ok {
+			res.Spurious = append(res.Spurious, fmt.Sprintf("%s %s (vigil_id %s, stream id %s) in the stream without a committed event", se.Event, se.Resource, se.VigilID, se.ID))
+			continue
+		}
+		if se.Event != o.payload.Event || se.Resource != o.payload.Resource || se.Type != o.payload.Type || se.Event != o.event {
+			res.BadPayload = append(res.BadPayload, fmt.Sprintf("vigil_id %s: the stream says %s %s/%s, the outbox row %s %s/%s", se.VigilID, se.Event, se.Type, se.Resource, o.event, o.payload.Type, o.payload.Resource))
+		}
+		if a, ok := backed[se.VigilID]; ok {
+			if p := payloadProblem(se, a); p != "" {
+				res.BadPayload = append(res.BadPayload, fmt.Sprintf("%s %s (vigil_id %s): %s", se.Event, se.Resource, se.VigilID, p))
+			}
+		}
+		if r, ok := rank[se.VigilID]; ok {
+			if last, ok := lastRank[o.shard]; ok && r < last {
+				res.OutOfOrder = append(res.OutOfOrder, fmt.Sprintf("shard %d: %s %s (commit %d) appended after %s, committed later", o.shard, se.Event, se.Resource, o.commitSeq, lastWhat[o.shard]))
+			} else {
+				lastRank[o.shard] = r
+				lastWhat[o.shard] = fmt.Sprintf("%s %s (commit %d)", se.Event, se.Resource, o.commitSeq)
+			}
+		}
+		res.Delays = append(res.Delays, eventDelay{committed: o.committedAt, published: se.at()})
+	}
+	for _, o := range sorted {
+		a, ok := backed[o.vigilID]
+		if ok && seen[o.vigilID] == 0 {
+			res.Lost = append(res.Lost, fmt.Sprintf("%s %s: committed (vigil_id %s, shard %d, audit %s/%s) but not in the stream", o.payload.Event, o.payload.Resource, o.vigilID, o.shard, a.action, a.reason))
 		}
 	}
-	for k, n := range want {
-		for i := got[k]; i < n; i++ {
-			res.Lost = append(res.Lost, k)
-		}
-	}
-	for k, n := range got {
-		for i := want[k]; i < n; i++ {
-			res.Spurious = append(res.Spurious, k)
-		}
-	}
+	sort.Strings(res.Lost)
+	sort.Strings(res.Duplicates)
+	sort.Strings(res.Spurious)
 	return res
+}
+
+// commitRanks orders each shard's committed events: by their transaction's
+// commit (the first commit_seq of its rows), then by seq within it.
+func commitRanks(outbox []outboxRow) map[string]int {
+	txCommit := map[int64]int64{}
+	for _, o := range outbox {
+		if c, ok := txCommit[o.txid]; !ok || o.commitSeq < c {
+			txCommit[o.txid] = o.commitSeq
+		}
+	}
+	byShard := map[int][]outboxRow{}
+	for _, o := range outbox {
+		byShard[o.shard] = append(byShard[o.shard], o)
+	}
+	out := map[string]int{}
+	for _, rows := range byShard {
+		sort.SliceStable(rows, func(i, j int) bool {
+			ci, cj := txCommit[rows[i].txid], txCommit[rows[j].txid]
+			if ci != cj {
+				return ci < cj
+			}
+			return rows[i].seq < rows[j].seq
+		})
+		for i, o := range rows {
+			if _, ok := out[o.vigilID]; !ok {
+				out[o.vigilID] = i
+			}
+		}
+	}
+	return out
+}
+
+// payloadProblem checks a stream entry's payload against the change it
+// announces (SPEC §6's shape), "" if it is right.
+func payloadProblem(se streamEntry, a auditEvent) string {
+	switch {
+	case se.Team != ids.Team(a.team):
+		return fmt.Sprintf("team_id %q, the change's team is %s", se.Team, ids.Team(a.team))
+	case se.Actor != "system":
+		return fmt.Sprintf("actor type %q, want system", se.Actor)
+	case se.Type != a.resType:
+		return fmt.Sprintf("resource type %q, the audit row's is %q", se.Type, a.resType)
+	}
+	ts, err := time.Parse(time.RFC3339, se.Timestamp)
+	switch {
+	case err != nil:
+		return fmt.Sprintf("timestamp %q is not RFC 3339", se.Timestamp)
+	case !strings.HasSuffix(se.Timestamp, "Z") || ts.Nanosecond() != 0 || strings.Contains(se.Timestamp, "."):
+		return fmt.Sprintf("timestamp %q is not UTC in seconds", se.Timestamp)
+	}
+	return ""
 }
 
 // ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/vigil-sh/vigil/agentsim"
 	"github.com/vigil-sh/vigil/internal/ids"
@@ -29,9 +30,19 @@ type history struct {
 
 	final finalState
 
-	expectedEvents []eventKey
-	stream         []streamEntry
-	streamErr      error
+	// Events (nil without them): the committed changes that publish, the
+	// committed outbox rows, the stream.
+	audits       []auditEvent
+	outbox       []outboxRow
+	stream       []streamEntry
+	streamErr    error
+	streamMissed int64         // entries appended but never read (trimmed first)
+	drainErr     error         // the outbox did not drain within the bound
+	drainTime    time.Duration // the wait for it
+	beyond       int           // stream entries of events committed after the snapshot, left out
+
+	// retries are the destroy_retry audit rows (rule 9), by sandbox.
+	retries map[uuid.UUID][]time.Time
 }
 
 type journalRow struct {
@@ -143,17 +154,172 @@ func (e *env) history(ctx context.Context, quietAt time.Time) (*history, error) 
 	if err := e.finalState(ctx, &h.final); err != nil {
 		return nil, err
 	}
+	if h.retries, err = e.retryAudits(ctx); err != nil {
+		return nil, err
+	}
 	if e.events != nil {
-		if h.expectedEvents, err = e.expectedEvents(ctx); err != nil {
+		if err := e.gatherEvents(ctx, h); err != nil {
 			return nil, err
 		}
-		e.events.poll(ctx)
-		e.events.mu.Lock()
-		h.stream, h.streamErr = append([]streamEntry(nil), e.events.entries...), e.events.readErr
-		e.events.mu.Unlock()
 	}
 	e.saveHistory(h)
 	return h, nil
+}
+
+// retryAudits reads the destroy_retry audit rows (rule 9) by sandbox.
+func (e *env) retryAudits(ctx context.Context) (map[uuid.UUID][]time.Time, error) {
+	rows, err := e.db.Query(ctx, `select resource_id, created_at from audit_logs
+		 where actor_type = 'system' and resource_type = 'sandbox' and action = 'destroy' and metadata->>'reason' = 'destroy_retry'
+		 order by created_at`)
+	if err != nil {
+		return nil, fmt.Errorf("read the destroy_retry audit rows: %w", err)
+	}
+	defer rows.Close()
+	out := map[uuid.UUID][]time.Time{}
+	for rows.Next() {
+		var rid string
+		var at time.Time
+		if err := rows.Scan(&rid, &at); err != nil {
+			return nil, err
+		}
+		if id, err := ids.ParseSandbox(rid); err == nil {
+			out[id] = append(out[id], at)
+		}
+	}
+	return out, rows.Err()
+}
+
+// outboxDrainBound is how long the checks wait, after the quiet period, for
+// every pending event to reach the stream.
+const outboxDrainBound = 60 * time.Second
+
+// gatherEvents waits until the outbox is empty (bounded), then reads, in one
+// snapshot, the committed changes that publish (audit rows with their
+// transaction) and the committed outbox rows, waits until none of those is
+// pending, and reads the rest of the stream. Stream entries of events
+// committed after the snapshot are left out of the comparison.
+func (e *env) gatherEvents(ctx context.Context, h *history) error {
+	ec := e.events
+	t0 := time.Now()
+	h.drainErr = poll(ctx, outboxDrainBound, "the events outbox to drain", func() (bool, string) {
+		var n int
+		if err := e.db.QueryRow(ctx, `select count(*) from vigil_events`).Scan(&n); err != nil {
+			return false, err.Error()
+		}
+		return n == 0, fmt.Sprintf("%d events still pending", n)
+	})
+	h.drainTime = time.Since(t0)
+	if h.drainErr != nil {
+		e.note("events: %v", h.drainErr)
+	}
+	tx, err := e.db.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(ctx)
+	rows, err := tx.Query(ctx, `
+		select a.id, coalesce(t.txid, 0), a.resource_type, a.resource_id, a.team_id, a.action, coalesce(a.metadata->>'reason', ''), a.created_at
+		  from audit_logs a left join chaos_audit_tx t on t.audit_id = a.id
+		 where a.actor_type = 'system'`)
+	if err != nil {
+		return fmt.Errorf("read the audit rows: %w", err)
+	}
+	untied := 0
+	for rows.Next() {
+		var a auditEvent
+		if err := rows.Scan(&a.auditID, &a.txid, &a.resType, &a.resID, &a.team, &a.action, &a.reason, &a.writtenT); err != nil {
+			rows.Close()
+			return err
+		}
+		if a.event = expectedEvent(a.resType, a.action, a.reason); a.event == "" {
+			continue
+		}
+		if a.txid == 0 {
+			untied++
+		}
+		h.audits = append(h.audits, a)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	if untied > 0 {
+		e.note("events: %d audit rows without their transaction recorded (written before the instruments?)", untied)
+	}
+	rows, err = tx.Query(ctx, `select vigil_id::text, seq, shard, event, payload, txid, coalesce(commit_seq, 0), coalesce(committed_at, now())
+		  from chaos_events order by seq`)
+	if err != nil {
+		return fmt.Errorf("read the outbox copy: %w", err)
+	}
+	var snapIDs []string
+	known := map[string]bool{}
+	for rows.Next() {
+		var o outboxRow
+		var payload string
+		if err := rows.Scan(&o.vigilID, &o.seq, &o.shard, &o.event, &payload, &o.txid, &o.commitSeq, &o.committedAt); err != nil {
+			rows.Close()
+			return err
+		}
+		o.payload.parsePayload(payload)
+		h.outbox = append(h.outbox, o)
+		snapIDs = append(snapIDs, o.vigilID)
+		known[o.vigilID] = true
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	_ = tx.Rollback(ctx)
+	// Events committed between the drain and the snapshot.
+	if err := poll(ctx, 30*time.Second, "the snapshot's events to be published", func() (bool, string) {
+		var n int
+		if err := e.db.QueryRow(ctx, `select count(*) from vigil_events where vigil_id::text = any($1)`, snapIDs).Scan(&n); err != nil {
+			return false, err.Error()
+		}
+		return n == 0, fmt.Sprintf("%d still pending", n)
+	}); err != nil && h.drainErr == nil {
+		h.drainErr = err
+		e.note("events: %v", err)
+	}
+	ec.poll(ctx)
+	ec.mu.Lock()
+	stream, readErr := append([]streamEntry(nil), ec.entries...), ec.readErr
+	ec.mu.Unlock()
+	h.streamErr = readErr
+	if added, err := ec.entriesAdded(ctx); err == nil && added > int64(len(stream)) {
+		h.streamMissed = added - int64(len(stream))
+	}
+	// Entries the snapshot does not know: committed after it, or never.
+	var unknown []string
+	for _, se := range stream {
+		if !known[se.VigilID] {
+			unknown = append(unknown, se.VigilID)
+		}
+	}
+	later := map[string]bool{}
+	if len(unknown) > 0 {
+		rows, err := e.db.Query(ctx, `select distinct vigil_id::text from chaos_events where vigil_id::text = any($1)`, unknown)
+		if err != nil {
+			return err
+		}
+		for rows.Next() {
+			var id string
+			if err := rows.Scan(&id); err != nil {
+				rows.Close()
+				return err
+			}
+			later[id] = true
+		}
+		rows.Close()
+	}
+	for _, se := range stream {
+		if later[se.VigilID] {
+			h.beyond++
+			continue
+		}
+		h.stream = append(h.stream, se)
+	}
+	return nil
 }
 
 func (e *env) finalState(ctx context.Context, fs *finalState) error {
@@ -228,27 +394,6 @@ func (e *env) finalState(ctx context.Context, fs *finalState) error {
 	return nil
 }
 
-// expectedEvents are the events SPEC §6 says the committed audit rows
-// publish.
-func (e *env) expectedEvents(ctx context.Context) ([]eventKey, error) {
-	rows, err := e.db.Query(ctx, `select resource_type, action, coalesce(metadata->>'reason', ''), resource_id from audit_logs where actor_type = 'system'`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var out []eventKey
-	for rows.Next() {
-		var rt, act, reason, rid string
-		if err := rows.Scan(&rt, &act, &reason, &rid); err != nil {
-			return nil, err
-		}
-		if ev := expectedEvent(rt, act, reason, true); ev != "" {
-			out = append(out, eventKey{Event: ev, Resource: rid})
-		}
-	}
-	return out, rows.Err()
-}
-
 // saveHistory writes the history's parts worth reading after a failure into
 // the run directory.
 func (e *env) saveHistory(h *history) {
@@ -271,6 +416,26 @@ func (e *env) saveHistory(h *history) {
 	e.mu.Unlock()
 	_ = os.WriteFile(e.dir+"/etcd-leaders.txt", []byte(e.leaders.dump()), 0o644)
 	_ = os.WriteFile(e.dir+"/faults.tsv", []byte("start\tlost\thealed\tkind\ttarget\tdetail\terror\n"+b.String()), 0o644)
+	if e.events != nil {
+		b.Reset()
+		pos := map[string]string{}
+		for _, se := range h.stream {
+			if _, ok := pos[se.VigilID]; !ok {
+				pos[se.VigilID] = se.ID
+			} else {
+				pos[se.VigilID] += "," + se.ID
+			}
+		}
+		for _, o := range h.outbox {
+			sid := pos[o.vigilID]
+			if sid == "" {
+				sid = "-"
+			}
+			fmt.Fprintf(&b, "%d\t%04d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", o.commitSeq, o.shard, o.seq, o.txid, o.vigilID, o.payload.Event, o.payload.Resource,
+				o.committedAt.Format("15:04:05.000000"), sid)
+		}
+		_ = os.WriteFile(e.dir+"/events.tsv", []byte("commit_seq\tshard\tseq\ttxid\tvigil_id\tevent\tresource\tcommitted_at\tstream_ids\n"+b.String()), 0o644)
+	}
 }
 
 // shardOf is the host's shard.

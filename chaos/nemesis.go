@@ -152,7 +152,14 @@ func (e *env) nemeses(ctx context.Context, end time.Time) error {
 			continue
 		}
 		f.settled = at
-		e.logf("  %s on %s: healed after %s, settled %s later", f.kind, f.target,
+		what := f.kind
+		if f.target != "" {
+			what += " on " + f.target
+		}
+		if f.detail != "" {
+			what += " (" + f.detail + ")"
+		}
+		e.logf("  %s: healed after %s, settled %s later", what,
 			f.healed.Sub(f.start).Round(time.Millisecond), at.Sub(f.healed).Round(time.Millisecond))
 		// A short seeded gap, so faults do not always land on the same
 		// phase of the passes.
@@ -709,13 +716,27 @@ func (e *env) nemPostgresRestart(ctx context.Context, f *fault) error {
 	return err
 }
 
+// nemRedisOutage stops Redis as the replicas see it, without touching the
+// machine's server: every replica's Redis link is cut (connections reset,
+// new ones refused: Redis down) or, a third of the time, blackholed (Redis
+// hung: nothing answers). Events must wait in the outbox and reach the
+// stream once, in order, after the heal.
 func (e *env) nemRedisOutage(ctx context.Context, f *fault) error {
 	d := 2*e.cfg.LeaseTTL + time.Duration(e.rng.Int64N(int64(e.cfg.LeaseTTL)))
-	f.detail = "every replica's Redis link cut " + d.Round(time.Millisecond).String()
+	hung := e.rng.IntN(3) == 0
+	how := "cut"
+	if hung {
+		how = "blackholed"
+	}
+	f.detail = "every replica's Redis link " + how + " " + d.Round(time.Millisecond).String()
 	f.start = time.Now()
 	live := e.live()
 	for _, m := range live {
-		if m.redisPx != nil {
+		switch {
+		case m.redisPx == nil:
+		case hung:
+			m.redisPx.Blackhole()
+		default:
 			m.redisPx.Cut()
 		}
 	}

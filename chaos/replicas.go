@@ -34,6 +34,9 @@ type member struct {
 	intent   string // why the harness ended it ("kill", "term"); "" while it should run
 	paused   bool
 	counters map[string]float64 // last scraped value of each counted series
+	// oldestMax is the largest oldest-pending-event age any of its shards
+	// reported in a scrape.
+	oldestMax float64
 }
 
 // countedSeries are scraped from every replica and summed over the run.
@@ -50,7 +53,15 @@ var countedSeries = []string{
 	`vigil_bad_rows_total{kind="sandbox_null_team"}`,
 	`vigil_agent_report_problems_total{kind="unknown_status"}`,
 	`vigil_agent_report_problems_total{kind="duplicate_id"}`,
+	"vigil_destroys_resent_total",
+	`vigil_events_published_total{event="host.down"}`,
+	`vigil_events_published_total{event="capsule.paused"}`,
+	`vigil_events_published_total{event="capsule.destroyed"}`,
+	"vigil_event_publish_errors_total",
 }
+
+// oldestPendingSeries is the gauge of each shard's oldest pending event.
+const oldestPendingSeries = "vigil_events_oldest_pending_age_seconds"
 
 func (m *member) setIntent(s string) {
 	m.mu.Lock()
@@ -93,6 +104,17 @@ func (m *member) scrape() {
 			m.counters[s] = v
 		}
 	}
+	for s, v := range vals {
+		if strings.HasPrefix(s, oldestPendingSeries) && v > m.oldestMax {
+			m.oldestMax = v
+		}
+	}
+}
+
+func (m *member) oldestPending() float64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.oldestMax
 }
 
 func (m *member) counter(series string) float64 {
@@ -211,7 +233,8 @@ func (e *env) startMember(ctx context.Context) (*member, error) {
 			return fail(err)
 		}
 		ru.Host = m.redisPx.Addr()
-		args = append(args, "--events-redis-url", ru.String(), "--events-stream", e.events.stream)
+		args = append(args, "--events-redis-url", ru.String(), "--events-stream", e.events.stream,
+			"--events-marker-ttl", e.events.markerTTL.String())
 	}
 	m.logPath = filepath.Join(e.dir, "logs", id+".log")
 	if m.logFile, err = os.Create(m.logPath); err != nil {

@@ -287,6 +287,12 @@ func (e *env) teardown() {
 	for _, m := range ms {
 		e.stopMember(m)
 	}
+	if e.events != nil {
+		// Once no replica can append to it any more.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		e.events.drop(ctx)
+		cancel()
+	}
 	if e.rec != nil {
 		e.rec.Close()
 	}
@@ -317,7 +323,6 @@ func (e *env) run(ctx context.Context) (*Report, error) {
 	go e.leaders.run(scrapeCtx)
 	if e.events != nil {
 		go e.events.run(scrapeCtx)
-		defer e.events.drop(context.WithoutCancel(ctx))
 	}
 
 	faultsEnd := time.Now().Add(e.cfg.Duration)
