@@ -1,6 +1,9 @@
 package monitor
 
 import (
+	"sync"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vigil-sh/vigil/events"
@@ -18,7 +21,7 @@ type metrics struct {
 	zombies         prometheus.Counter
 	resent          prometheus.Counter
 	eventsPending   *prometheus.GaugeVec   // shard
-	eventsOldest    *prometheus.GaugeVec   // shard
+	eventsOldest    *ageVec                // shard
 	published       *prometheus.CounterVec // event
 	publishErrors   prometheus.Counter
 	badRows         *prometheus.CounterVec // kind
@@ -67,10 +70,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "vigil_events_pending",
 			Help: "Notification events of the shard committed but not yet published to Redis; exported by the shard's owner only.",
 		}, []string{"shard"}),
-		eventsOldest: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "vigil_events_oldest_pending_age_seconds",
-			Help: "Age of the shard's oldest unpublished event at the relay's last look (0: none pending); exported by the shard's owner only.",
-		}, []string{"shard"}),
+		eventsOldest: newAgeVec(prometheus.NewDesc("vigil_events_oldest_pending_age_seconds",
+			"Age, at the scrape, of the shard's oldest unpublished event as the relay last saw it (0: none pending); exported by the shard's owner only.",
+			[]string{"shard"}, nil)),
 		published: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vigil_events_published_total",
 			Help: "Notification events Redis acknowledged, by event (a republished duplicate counts again).",
@@ -108,4 +110,58 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			m.resent, m.eventsPending, m.eventsOldest, m.published, m.publishErrors, m.badRows, m.lastSuccess, m.lastPass, m.blindHosts, m.shardHosts)
 	}
 	return m
+}
+
+// ageVec is a per-shard gauge of how old something is at the scrape: it
+// keeps the time and exports now minus it, so an age keeps growing between
+// the relay's looks (while Redis is down they are up to its backoff apart).
+type ageVec struct {
+	desc  *prometheus.Desc
+	mu    sync.Mutex
+	since map[string]time.Time // zero: nothing pending (age 0)
+}
+
+func newAgeVec(desc *prometheus.Desc) *ageVec {
+	return &ageVec{desc: desc, since: map[string]time.Time{}}
+}
+
+// Set records the time of label's oldest item (zero: none).
+func (a *ageVec) Set(label string, t time.Time) {
+	a.mu.Lock()
+	a.since[label] = t
+	a.mu.Unlock()
+}
+
+// Delete removes label's series.
+func (a *ageVec) Delete(label string) {
+	a.mu.Lock()
+	delete(a.since, label)
+	a.mu.Unlock()
+}
+
+// Age is label's age now, and whether it is exported.
+func (a *ageVec) Age(label string) (float64, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	t, ok := a.since[label]
+	if !ok || t.IsZero() {
+		return 0, ok
+	}
+	return max(time.Since(t).Seconds(), 0), true
+}
+
+func (a *ageVec) Describe(ch chan<- *prometheus.Desc) { ch <- a.desc }
+
+func (a *ageVec) Collect(ch chan<- prometheus.Metric) {
+	a.mu.Lock()
+	labels := make([]string, 0, len(a.since))
+	for l := range a.since {
+		labels = append(labels, l)
+	}
+	a.mu.Unlock()
+	for _, l := range labels {
+		if v, ok := a.Age(l); ok {
+			ch <- prometheus.MustNewConstMetric(a.desc, prometheus.GaugeValue, v, l)
+		}
+	}
 }

@@ -331,10 +331,14 @@ func TestRedisOutageDelaysEventsOnly(t *testing.T) {
 	e.proxy.Cut()
 	own := runOwned(t, e.env, r, s, 100)
 	var orphans []uuid.UUID
+	var firstSeen time.Time // the first event was committed before this
 	for i := 0; i < 10; i++ {
 		sb := e.sandbox(h, "running", young, "")
 		orphans = append(orphans, sb)
 		poll(t, 10*time.Second, "orphan stopped while Redis is cut", func() bool { return e.status(sb) == "stopped" })
+		if i == 0 {
+			firstSeen = time.Now()
+		}
 	}
 	poll(t, 10*time.Second, "publish errors counted", func() bool {
 		return counter(t, e.reg, "vigil_event_publish_errors_total") > 0
@@ -355,6 +359,12 @@ func TestRedisOutageDelaysEventsOnly(t *testing.T) {
 		age, ok := gauge(t, e.reg, "vigil_events_oldest_pending_age_seconds", s)
 		return ok && age > 0
 	})
+	// The age is the oldest event's at the scrape, not at the relay's last
+	// look (which may be a backoff of up to 10 s ago).
+	waited := time.Since(firstSeen).Seconds()
+	if age, _ := gauge(t, e.reg, "vigil_events_oldest_pending_age_seconds", s); age < waited {
+		t.Errorf("oldest pending age %.2fs, but the first event has waited at least %.2fs", age, waited)
+	}
 	if got := e.stream_(); len(got) != 0 {
 		t.Fatalf("%d entries published through a cut link", len(got))
 	}

@@ -41,10 +41,10 @@ func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) err
 		}
 		r.m.eventsPending.WithLabelValues(label).Set(float64(total))
 		if len(pend) == 0 {
-			r.m.eventsOldest.WithLabelValues(label).Set(0)
+			r.m.eventsOldest.Set(label, time.Time{})
 			return nil
 		}
-		r.m.eventsOldest.WithLabelValues(label).Set(time.Since(pend[0].CreatedAt).Seconds())
+		r.m.eventsOldest.Set(label, pend[0].CreatedAt)
 		evs := make([]events.Event, len(pend))
 		seqs := make([]int64, len(pend))
 		for i, p := range pend {
@@ -68,7 +68,7 @@ func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) err
 		}
 		if len(pend) == total {
 			r.m.eventsPending.WithLabelValues(label).Set(0)
-			r.m.eventsOldest.WithLabelValues(label).Set(0)
+			r.m.eventsOldest.Set(label, time.Time{})
 			return nil
 		}
 	}

@@ -476,7 +476,7 @@ func (c *lagClock) forget() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.m.eventsPending.DeleteLabelValues(c.label)
-	c.m.eventsOldest.DeleteLabelValues(c.label)
+	c.m.eventsOldest.Delete(c.label)
 	c.m.lastSuccess.DeleteLabelValues(c.label)
 	c.m.lastPass.DeleteLabelValues(c.label)
 	c.m.blindHosts.DeleteLabelValues(c.label)
