@@ -94,6 +94,12 @@ func (s *Sim) AdminHandler() http.Handler {
 			"rejected": nonNil(s.RejectedDestroys(id)),
 		})
 	}))
+	mux.HandleFunc("GET /stats", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]int64{
+			"in_flight":           int64(s.InFlight()),
+			"full_tls_handshakes": s.FullHandshakes(),
+		})
+	})
 	mux.HandleFunc("POST /heartbeat", func(w http.ResponseWriter, r *http.Request) {
 		n, err := s.Heartbeat(r.Context())
 		if err != nil {

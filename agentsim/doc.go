@@ -104,4 +104,6 @@
 //	DELETE /hosts/{id}/vms/{sandbox}   remove a VM (204)
 //	GET    /hosts/{id}/destroys        {"accepted":[...],"rejected":[...]} DestroySandbox records
 //	POST   /heartbeat                  one heartbeat round now; answers {"hosts": n}
+//	GET    /stats                      {"in_flight": n, "full_tls_handshakes": n}: requests being
+//	                                   handled, handshakes that presented a host certificate (did not resume)
 package agentsim

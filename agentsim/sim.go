@@ -109,6 +109,7 @@ type Sim struct {
 
 	churnDone atomic.Int64
 	inflight  atomic.Int64 // agent requests being handled
+	fullTLS   atomic.Int64 // TLS handshakes that did not resume a session
 }
 
 type host struct {
@@ -263,6 +264,10 @@ func (s *Sim) HostIDs() []uuid.UUID {
 // InFlight is the number of agent requests being handled right now (a hung
 // one counts until its client gives up).
 func (s *Sim) InFlight() int { return int(s.inflight.Load()) }
+
+// FullHandshakes is how many TLS handshakes presented a host certificate,
+// that is did not resume a session (with a certificate minted per host).
+func (s *Sim) FullHandshakes() int64 { return s.fullTLS.Load() }
 
 // Teams returns the team ids the Sim hands out.
 func (s *Sim) Teams() []uuid.UUID { return slices.Clone(s.teams) }

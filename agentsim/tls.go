@@ -140,6 +140,7 @@ func (s *Sim) hostCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, err
 	if h == nil {
 		return nil, errors.New("agentsim: TLS connection to an address that is not a simulated host")
 	}
+	s.fullTLS.Add(1) // a resumed handshake presents no certificate
 	now := s.now()
 	cached := h.leaf.Load()
 	if cached != nil && now.Sub(cached.Leaf.NotBefore) < leafValidity/2 {

@@ -332,3 +332,29 @@ func TestTLSConfigErrorsNameTheFile(t *testing.T) {
 		})
 	}
 }
+
+// vigil's pool resumes its TLS sessions when it dials an agent again (its
+// idle connections capped below the fleet, as at fleet scale): a dial after
+// the first costs no certificate signing or verification.
+func TestPoolResumesSessionsOnRedial(t *testing.T) {
+	const hosts = 200
+	s, pki := tlsSim(t, hosts)
+	p, err := agentpool.New(agentpool.Config{CAFile: pki.CA, CertFile: pki.ClientCert, KeyFile: pki.ClientKey,
+		Timeout: 10 * time.Second, MaxIdleConns: 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	ids := s.HostIDs()
+	for round := 0; round < 3; round++ {
+		for _, h := range ids {
+			if _, err := p.ListSandboxes(ctxTimeout(t, 10*time.Second), h, s.Address(h)); err != nil {
+				t.Fatalf("round %d, host %s: %v", round, h, err)
+			}
+		}
+		t.Logf("after round %d: %d full handshakes", round, s.FullHandshakes())
+	}
+	if n := s.FullHandshakes(); n > hosts+hosts/20 {
+		t.Fatalf("%d full handshakes over 3 rounds of %d hosts with 20 idle connections: sessions are not resumed", n, hosts)
+	}
+}

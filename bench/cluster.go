@@ -17,6 +17,7 @@ import (
 
 type cluster struct {
 	interval  time.Duration // --interval of its replicas
+	warm      warmUp        // what its warm-up took
 	e         *env
 	name      string
 	transport string
@@ -413,6 +414,7 @@ type counters struct {
 	replicas map[string]replicaCounters
 	simCPU   float64
 	pgCPU    float64 // every postgres process on the machine
+	tlsFull  float64 // agentsim's full TLS handshakes, all processes; -1: unknown
 }
 
 type replicaCounters struct {
@@ -460,6 +462,7 @@ func (c *cluster) snapshot(ctx context.Context, f *fleet) (counters, error) {
 		}
 	}
 	s.pgCPU = postgresCPU()
+	s.tlsFull = f.fullHandshakes(ctx)
 	if s.pg, err = c.e.pgStats(ctx); err != nil {
 		return s, err
 	}
@@ -478,6 +481,7 @@ type delta struct {
 	cpu        float64
 	simCPU     float64
 	pgCPU      float64
+	tlsFull    float64 // -1: unknown
 	statements float64
 	writeTxns  float64
 	active     float64
@@ -489,7 +493,10 @@ type delta struct {
 }
 
 func (b counters) sub(a counters) delta {
-	d := delta{window: b.at.Sub(a.at), pg: b.pg.sub(a.pg), etcd: b.etcd.sub(a.etcd), simCPU: b.simCPU - a.simCPU, pgCPU: b.pgCPU - a.pgCPU}
+	d := delta{window: b.at.Sub(a.at), pg: b.pg.sub(a.pg), etcd: b.etcd.sub(a.etcd), simCPU: b.simCPU - a.simCPU, pgCPU: b.pgCPU - a.pgCPU, tlsFull: -1}
+	if a.tlsFull >= 0 && b.tlsFull >= 0 {
+		d.tlsFull = b.tlsFull - a.tlsFull
+	}
 	for id, rb := range b.replicas {
 		ra, ok := a.replicas[id]
 		if !ok {

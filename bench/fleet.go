@@ -123,6 +123,26 @@ func startFleet(ctx context.Context, e *env, tls bool, name string) (*fleet, err
 	return f, nil
 }
 
+// fullHandshakes sums the agentsim processes' full (not resumed) TLS
+// handshakes, -1 when one of them does not say (an older agentsim).
+func (f *fleet) fullHandshakes(ctx context.Context) float64 {
+	var sum float64
+	for _, s := range f.sims {
+		code, body, err := httpGet(ctx, "http://"+s.admin+"/stats")
+		if err != nil || code != 200 {
+			return -1
+		}
+		var st struct {
+			Full *int64 `json:"full_tls_handshakes"`
+		}
+		if json.Unmarshal(body, &st) != nil || st.Full == nil {
+			return -1
+		}
+		sum += float64(*st.Full)
+	}
+	return sum
+}
+
 func (s *agentsim) list(ctx context.Context) ([]fleetHost, error) {
 	code, body, err := httpGet(ctx, "http://"+s.admin+"/hosts")
 	if err != nil {

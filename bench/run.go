@@ -229,11 +229,12 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 	}
 	defer c.close()
 	c.deadline = sweepsBy
-	if err := c.warmUp(ctx); err != nil {
+	if err := c.warmUp(ctx, fl); err != nil {
 		c.close()
 		configNotRun(rep, e, n, tr, "cluster did not settle and sweep: "+err.Error(), "")
 		return fail("warm-up", err, c)
 	}
+	warmFigures(rep, n, tr, c)
 
 	profiled := func() {}
 	if o.Profile && n == 1 {
@@ -279,7 +280,7 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 		}
 		defer fc.close()
 		fc.deadline = start.Add(share)
-		if err := fc.warmUp(ctx); err != nil {
+		if err := fc.warmUp(ctx, fl); err != nil {
 			faultsNotRun(rep, e, "cluster did not settle and sweep: "+err.Error())
 			return fail("failover warm-up", err, fc)
 		}
