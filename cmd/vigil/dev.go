@@ -147,7 +147,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: 30 * time.Second,
 			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, AgentConcurrency: 128,
 			JournalRetention: 24 * time.Hour, HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)),
-			AgentMaxBytes: 4 << 20, AgentMaxIdle: 3500, // AgentTimeout 0: derived from the TTL
+			AgentMaxBytes: 4 << 20, AgentMaxIdle: 3500, AgentTLSSessions: 16384, // AgentTimeout 0: derived from the TTL
 			EventsRedisURL: redisURL, EventsStream: *eventsStream, EventsMarkerTTL: 24 * time.Hour, EventsBatch: 100,
 		}
 		if *agentTLS {

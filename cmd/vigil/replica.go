@@ -59,6 +59,7 @@ type replicaConfig struct {
 	AgentTimeout     time.Duration
 	AgentMaxBytes    int
 	AgentMaxIdle     int
+	AgentTLSSessions int
 	AgentIdleTimeout time.Duration
 	AgentCAFile      string
 	AgentCertFile    string
@@ -109,6 +110,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go profiles under /debug/pprof/ on the admin listener")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 0, "deadline of every agent RPC (default: 5s, or half of --lease-ttl when that is shorter)")
 	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", 4<<20, "largest agent answer accepted")
+	fs.IntVar(&c.AgentTLSSessions, "agent-tls-sessions", agentpool.DefaultTLSSessions, "agents' TLS sessions kept for resumption, about 4 KiB each (bounds memory); keep it above the hosts a replica owns, or dials beyond the idle connections handshake in full")
 	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", 3500, "idle keep-alive connections to agents kept across the replica, one file descriptor each and no goroutine (bounds file descriptors); agents beyond it are dialled anew on each call, resuming TLS sessions")
 	fs.DurationVar(&c.AgentIdleTimeout, "agent-idle-timeout", 0, "an agent not called for this long has its idle connection closed and its client dropped (default: 1.5 × --interval, at least 10s)")
 	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
@@ -157,6 +159,9 @@ func (c *replicaConfig) validate() error {
 	}
 	if c.AgentConcurrency < 1 {
 		return fmt.Errorf("--agent-concurrency %d must be at least 1", c.AgentConcurrency)
+	}
+	if c.AgentTLSSessions < 1 {
+		return fmt.Errorf("--agent-tls-sessions %d must be at least 1", c.AgentTLSSessions)
 	}
 	if c.AgentMaxIdle < 0 {
 		return fmt.Errorf("--agent-max-idle-conns %d must not be negative", c.AgentMaxIdle)
@@ -389,7 +394,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	defer st.Close()
 	pool, err := agentpool.New(agentpool.Config{
 		Timeout: c.AgentTimeout, MaxResponseBytes: c.AgentMaxBytes,
-		MaxIdleConns: max(c.AgentMaxIdle, 1), IdleTimeout: c.AgentIdleTimeout,
+		MaxIdleConns: max(c.AgentMaxIdle, 1), IdleTimeout: c.AgentIdleTimeout, TLSSessions: c.AgentTLSSessions,
 		CAFile: c.AgentCAFile, CertFile: c.AgentCertFile, KeyFile: c.AgentKeyFile,
 		Logger: log.Named("agents"), Registerer: reg,
 	})
