@@ -270,7 +270,7 @@ func postgresCPU() float64 {
 		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
 			continue
 		}
-		if v, err := procCPU(pid); err == nil {
+		if v, err := procCPUWithChildren(pid); err == nil {
 			sum += v
 		}
 	}
@@ -278,26 +278,49 @@ func postgresCPU() float64 {
 }
 
 func procCPU(pid int) (float64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	f, err := procStat(pid)
 	if err != nil {
 		return 0, err
+	}
+	return (f[0] + f[1]) / clockTicks, nil
+}
+
+// procCPUWithChildren adds the CPU of reaped children: a backend that exits
+// moves its time into the postmaster's, so the sum over all postgres
+// processes only grows.
+func procCPUWithChildren(pid int) (float64, error) {
+	f, err := procStat(pid)
+	if err != nil {
+		return 0, err
+	}
+	return (f[0] + f[1] + f[2] + f[3]) / clockTicks, nil
+}
+
+// procStat is a process's utime, stime, cutime and cstime, in ticks.
+func procStat(pid int) ([4]float64, error) {
+	var out [4]float64
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return out, err
 	}
 	// The command name (field 2) may hold spaces; fields count from after it.
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+		return out, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
 	}
 	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	if len(f) < 15 {
+		return out, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
 	}
-	utime, err1 := strconv.ParseFloat(f[11], 64)
-	stime, err2 := strconv.ParseFloat(f[12], 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	for k := range out { // utime, stime, cutime, cstime: fields 14-17
+		v, err := strconv.ParseFloat(f[11+k], 64)
+		if err != nil {
+			return out, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+		}
+		out[k] = v
 	}
-	return (utime + stime) / clockTicks, nil
+	return out, nil
 }
 
 // procStatusBytes reads a "kB" field of /proc/<pid>/status, e.g. VmHWM, the

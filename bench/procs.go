@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/vigil-sh/vigil/internal/vigiltest"
 )
 
 type procTable struct {
@@ -45,7 +47,7 @@ func (t *procTable) start(name, bin string, args []string) (*proc, error) {
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Env = benchEnv()
+	cmd.Env = vigiltest.CleanEnv() // flags are each child's only configuration
 	// Own process group: a terminal's Ctrl-C reaches only the bench, which
 	// then kills each group. Pdeathsig covers the bench dying without
 	// cleaning up.
@@ -64,18 +66,6 @@ func (t *procTable) start(name, bin string, args []string) (*proc, error) {
 	t.all = append(t.all, p)
 	t.mu.Unlock()
 	return p, nil
-}
-
-// benchEnv is the environment without VIGIL_* settings, so flags are each
-// child's only configuration.
-func benchEnv() []string {
-	var out []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "VIGIL_") {
-			out = append(out, kv)
-		}
-	}
-	return out
 }
 
 func (p *proc) pid() int { return p.cmd.Process.Pid }

@@ -495,7 +495,7 @@ func (s *sweepFigs) cpu() {
 	if s.ok {
 		cpu.set(s.st.perSweep(s.st.d.cpu))
 		sim.set(s.st.perSweep(s.st.d.simCPU))
-		pg.set(s.st.perSweep(s.st.d.pgCPU)).note("backends that exited during the window are not counted")
+		pg.set(s.st.perSweep(s.st.d.pgCPU)).note("every postgres process, with the backends reaped meanwhile (the postmaster's children time)")
 	}
 }
 

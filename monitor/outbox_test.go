@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
@@ -111,38 +112,24 @@ func (e *eventsEnv) stream_() []published {
 
 // outbox is the vigil_ids of the pending events, in commit order.
 func (e *eventsEnv) outbox() []string {
-	e.t.Helper()
-	rows, err := e.db.Query(e.ctx, `select vigil_id::text from vigil_events order by seq`)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			e.t.Fatal(err)
-		}
-		out = append(out, id)
-	}
-	return out
+	return e.ids(`select vigil_id::text from vigil_events order by seq`)
 }
 
 // journalEvents is the event ids the journal names, in commit order.
 func (e *eventsEnv) journalEvents() []string {
+	return e.ids(`select event_id::text from vigil_journal where event_id is not null order by seq`)
+}
+
+// ids runs a query of one text column.
+func (e *eventsEnv) ids(query string) []string {
 	e.t.Helper()
-	rows, err := e.db.Query(e.ctx, `select event_id::text from vigil_journal where event_id is not null order by seq`)
+	rows, err := e.db.Query(e.ctx, query)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			e.t.Fatal(err)
-		}
-		out = append(out, id)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		e.t.Fatal(err)
 	}
 	return out
 }

@@ -463,7 +463,7 @@ func (p *Pass) destroyOnAgents(ctx context.Context, plans []hostPlan, held []act
 		if a.Kind == RetryDestroy {
 			change = "destroy_resent"
 		}
-		recs = append(recs, store.Record{Host: h, Sandbox: a.Sandbox, Change: change, Audit: *p.r.audit(a, time.Now()), Retry: a.Kind == RetryDestroy})
+		recs = append(recs, store.Record{Host: h, Sandbox: a.Sandbox, Change: change, Audit: *p.r.audit(a, time.Now())})
 		done = append(done, rf)
 	}
 	if _, err := p.r.store.Apply(ctx, p.f, store.Batch{Records: recs}); err != nil {

@@ -34,11 +34,16 @@ const (
 // shard is lost. It sets the shard's pending and oldest-age gauges as it
 // goes.
 func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) error {
+	total := -1 // counted on the first read only: a count scans the whole backlog
 	for {
-		pend, total, err := r.store.PendingEvents(ctx, f.Shard, r.cfg.RelayBatch)
+		pend, n, err := r.store.PendingEvents(ctx, f.Shard, r.cfg.RelayBatch, total < 0)
 		if err != nil {
 			return err
 		}
+		if total < 0 {
+			total = max(n, 0)
+		}
+		total = max(total, len(pend)) // events committed since the count
 		r.m.eventsPending.WithLabelValues(label).Set(float64(total))
 		if len(pend) == 0 {
 			r.m.eventsOldest.Set(label, time.Time{})
@@ -66,7 +71,8 @@ func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) err
 		if err := r.store.DeleteEvents(ctx, f, seqs); err != nil {
 			return r.fenced(err)
 		}
-		if len(pend) == total {
+		total -= len(pend)
+		if len(pend) < r.cfg.RelayBatch {
 			r.m.eventsPending.WithLabelValues(label).Set(0)
 			r.m.eventsOldest.Set(label, time.Time{})
 			return nil

@@ -202,12 +202,10 @@ type Change struct {
 
 // Record is a side effect that already happened (a sandbox destroyed on its
 // agent), written as its audit row (with its event, if any) and journal row.
-// Retry also records the time of a re-sent destroy (rule 9).
 type Record struct {
 	Host, Sandbox uuid.UUID
 	Change        string // journal text, e.g. "destroyed_on_agent"
 	Audit         Audit
-	Retry         bool
 }
 
 // Batch is everything one fenced transaction writes or checks.
@@ -277,6 +275,9 @@ func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Outcome, error) {
 			return err
 		}
 		if err := checkHeld(ctx, tx, b.HeldRetry, b.RetryGrace, out.HeldRetry); err != nil {
+			return err
+		}
+		if err := claimRetries(ctx, tx, b.HeldRetry, out.HeldRetry); err != nil {
 			return err
 		}
 		return writeRecords(ctx, tx, f, b.Records)
@@ -419,6 +420,29 @@ func checkHeld(ctx context.Context, tx pgx.Tx, hs []Sandbox, grace time.Duration
 	return nil
 }
 
+// claimRetries records, in the transaction whose check let them through,
+// that the held rows' destroys are re-sent now: the once-per-grace bound of
+// rule 9 then holds whatever the agent answers (accepted, refused, timed
+// out) and whoever owns the shard next.
+func claimRetries(ctx context.Context, tx pgx.Tx, hs []Sandbox, held []bool) error {
+	var ids []uuid.UUID
+	for i, h := range hs {
+		if held[i] {
+			ids = append(ids, h.ID)
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, `
+		insert into vigil_destroy_retries (sandbox_id, retried_at)
+		select id, now() from unnest($1::uuid[]) as id
+		    on conflict (sandbox_id) do update set retried_at = excluded.retried_at`, ids); err != nil {
+		return fmt.Errorf("store: claim %d destroy re-sends: %w", len(ids), err)
+	}
+	return nil
+}
+
 func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 	if len(rs) == 0 {
 		return nil
@@ -426,7 +450,6 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 	n := len(rs)
 	host, sb, team := make([]uuid.UUID, n), make([]uuid.UUID, n), make([]uuid.UUID, n)
 	change, rtype, rid, act, st, meta := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	retry := make([]bool, n)
 	rEvent := make([]pgtype.UUID, n) // the record's event, null for none
 	var eID []uuid.UUID
 	var eName, ePayload []string
@@ -435,7 +458,7 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 		if err != nil {
 			return err
 		}
-		host[i], sb[i], team[i], change[i], retry[i] = r.Host, r.Sandbox, r.Audit.TeamID, r.Change, r.Retry
+		host[i], sb[i], team[i], change[i] = r.Host, r.Sandbox, r.Audit.TeamID, r.Change
 		rtype[i], rid[i], act[i], st[i], meta[i] = r.Audit.ResourceType, r.Audit.ResourceID, r.Audit.Action, r.Audit.Status, m
 		if e := r.Audit.Event; e != nil {
 			eID, eName, ePayload = append(eID, e.ID), append(eName, e.Name), append(ePayload, e.Payload)
@@ -444,15 +467,11 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 	}
 	_, err := tx.Exec(ctx, `
 		with r as (
-			select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $13::bool[], $17::uuid[])
-			           as r(host_id, sandbox_id, team_id, change, rtype, rid, action, status, meta, retry, event_id)),
+			select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $13::uuid[])
+			           as r(host_id, sandbox_id, team_id, change, rtype, rid, action, status, meta, event_id)),
 		aud as (
 			insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
 			select gen_random_uuid(), team_id, 'system', null, '', rtype, rid, action, 'team', status, meta::jsonb, now() from r),
-		rt as (
-			insert into vigil_destroy_retries (sandbox_id, retried_at)
-			select sandbox_id, now() from r where retry
-			on conflict (sandbox_id) do update set retried_at = excluded.retried_at),
 		ev as (
 			insert into vigil_events (shard, vigil_id, event, payload)
 			select $10, e.id, e.name, e.payload
@@ -460,7 +479,7 @@ func writeRecords(ctx context.Context, tx pgx.Tx, f Fence, rs []Record) error {
 			 order by e.ord)
 		insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change, event_id)
 		select $10, $11, $12, host_id, sandbox_id, change, event_id from r`,
-		host, sb, team, change, rtype, rid, act, st, meta, f.Shard, f.Token, f.Replica, retry, eID, eName, ePayload, rEvent)
+		host, sb, team, change, rtype, rid, act, st, meta, f.Shard, f.Token, f.Replica, rEvent, eID, eName, ePayload)
 	if err != nil {
 		return fmt.Errorf("store: write %d records: %w", n, err)
 	}
@@ -537,6 +556,14 @@ func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]Mar
 	var out []MarkedHost
 	err = s.WithFence(ctx, f, func(tx pgx.Tx) error {
 		out = out[:0]
+		if m.Event != nil {
+			// Before any row lock, in the same order as Apply: a pass
+			// writing events on these hosts at the same time waits here
+			// instead of deadlocking.
+			if err := lockEvents(ctx, tx, f.Shard); err != nil {
+				return err
+			}
+		}
 		rows, err := tx.Query(ctx, `
 			with cand as (
 				select h.id, h.status as was, h.team_id, c.rid
@@ -633,9 +660,6 @@ func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(Marked
 	if len(id) == 0 {
 		return nil
 	}
-	if err := lockEvents(ctx, tx, f.Shard); err != nil {
-		return err
-	}
 	// The host's journal row of this transaction (the first statement's)
 	// names its event.
 	_, err := tx.Exec(ctx, `
@@ -662,12 +686,19 @@ type PendingEvent struct {
 }
 
 // PendingEvents returns the shard's oldest pending events, at most limit, in
-// commit order, and how many are pending in all, in one statement.
-func (s *Store) PendingEvents(ctx context.Context, shard, limit int) ([]PendingEvent, int, error) {
-	rows, err := s.pool.Query(ctx, `
-		select seq, vigil_id, event, payload, created_at, count(*) over ()
-		  from vigil_events where shard = $1
-		 order by seq limit $2`, shard, limit)
+// commit order, and with count how many are pending in all (a scan of the
+// whole backlog: once per relay run, not per batch), in one statement;
+// without count the total is -1.
+func (s *Store) PendingEvents(ctx context.Context, shard, limit int, count bool) ([]PendingEvent, int, error) {
+	q := `select seq, vigil_id, event, payload, created_at, -1
+	        from vigil_events where shard = $1
+	       order by seq limit $2`
+	if count {
+		q = `select seq, vigil_id, event, payload, created_at, count(*) over ()
+		       from vigil_events where shard = $1
+		      order by seq limit $2`
+	}
+	rows, err := s.pool.Query(ctx, q, shard, limit)
 	if err != nil {
 		return nil, 0, fmt.Errorf("store: read pending events of shard %d: %w", shard, err)
 	}
@@ -739,7 +770,13 @@ func (s *Store) TrimJournal(ctx context.Context, f Fence, keep time.Duration) (i
 	var n int64
 	err := s.WithFence(ctx, f, func(tx pgx.Tx) error {
 		tag, err := tx.Exec(ctx, `delete from vigil_journal where shard = $1 and written_at < now() - make_interval(secs => $2)`, f.Shard, keep.Seconds())
+		if err != nil {
+			return err
+		}
 		n = tag.RowsAffected()
+		// Re-send times far past any grace (they are not per shard: any
+		// owner's trim takes them).
+		_, err = tx.Exec(ctx, `delete from vigil_destroy_retries where retried_at < now() - make_interval(secs => $1)`, keep.Seconds())
 		return err
 	})
 	if err != nil {

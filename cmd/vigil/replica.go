@@ -105,7 +105,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.TransientGrace, "transient-grace", 2*time.Minute, "grace for starting/resuming/pausing/stopping/snapshotting sandboxes missing on their agent")
 	fs.DurationVar(&c.SnapshotGrace, "snapshot-grace", 15*time.Minute, "grace for a snapshotting sandbox still alive on its agent")
 	fs.IntVar(&c.AgentConcurrency, "agent-concurrency", 128, "agent calls in flight across the replica (bounds goroutines, connections and file descriptors); calls wait in one queue, reconnects first, so every owned host waits the same")
-	fs.DurationVar(&c.JournalRetention, "journal-retention", 24*time.Hour, "how long the vigil_journal rows of owned shards are kept (0: forever)")
+	fs.DurationVar(&c.JournalRetention, "journal-retention", 24*time.Hour, "how long the vigil_journal rows of owned shards (and stuck destroys' re-send times) are kept (0: forever; else at least --transient-grace)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9090", "admin HTTP listener: /metrics, /healthz, /readyz")
 	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go profiles under /debug/pprof/ on the admin listener")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 0, "deadline of every agent RPC (default: 5s, or half of --lease-ttl when that is shorter)")
@@ -168,6 +168,10 @@ func (c *replicaConfig) validate() error {
 	}
 	if c.JournalRetention < 0 {
 		return fmt.Errorf("--journal-retention %s must not be negative", c.JournalRetention)
+	}
+	if c.JournalRetention > 0 && c.JournalRetention < c.TransientGrace {
+		// The trim also forgets stuck destroys' re-send times (rule 9).
+		return fmt.Errorf("--journal-retention %s must be 0 or at least --transient-grace %s", c.JournalRetention, c.TransientGrace)
 	}
 	if c.EventsRedisURL != "" && !strings.HasPrefix(c.EventsRedisURL, "redis://") && !strings.HasPrefix(c.EventsRedisURL, "rediss://") {
 		return errors.New("--events-redis-url must be a redis:// or rediss:// URL")
