@@ -318,6 +318,9 @@ func (a *agentService) DestroySandbox(ctx context.Context, req *connect.Request[
 	if err != nil {
 		return nil, reject(DestroyBadID, connect.CodeInvalidArgument, err)
 	}
+	if h.mode.Load().Kind == ModeRefuseDestroy {
+		return nil, reject(DestroyRefused, connect.CodeUnavailable, errors.New("destroy refused (mode refuse-destroy)"))
+	}
 	if fenced {
 		h.fence = max(h.fence, token)
 	}

@@ -97,6 +97,24 @@ type Config struct {
 	// Negative means no delay.
 	ChurnStepDelay time.Duration
 
+	// MonitorInterval runs the control plane's own monitor loop (the one
+	// vigil replaces, cpmonitor.go) every MonitorInterval; 0 does not run
+	// it. Needs a database. For shadow cutovers (vigil run --shadow).
+	MonitorInterval time.Duration
+	// MonitorUnreachableAfter and MonitorTransientGrace are the monitor
+	// loop's heartbeat threshold and transient grace, default the control
+	// plane's 90s and 2m (shorter ones make short tests).
+	MonitorUnreachableAfter time.Duration
+	MonitorTransientGrace   time.Duration
+	// MishapsPerSecond is the rate of the mishaps a real fleet has and the
+	// reconcile rules are for (mishap.go): VMs that vanish, destroys that
+	// get lost, operations cut short, pauses the control plane never heard
+	// of, zombies, host outages; 0 disables them. Needs a database.
+	MishapsPerSecond float64
+	// OutageFor is how long a host outage mishap lasts, default 2m: past
+	// the control plane's 90 s threshold and a few heartbeats.
+	OutageFor time.Duration
+
 	// Logger receives the Sim's logs; default discards them.
 	Logger hclog.Logger
 	// Seed makes host, team and seeded sandbox ids reproducible; 0 picks a
@@ -131,6 +149,15 @@ func (c *Config) setDefaults() {
 	}
 	if c.ChurnStepDelay < 0 {
 		c.ChurnStepDelay = 0
+	}
+	if c.MonitorUnreachableAfter == 0 {
+		c.MonitorUnreachableAfter = 90 * time.Second
+	}
+	if c.MonitorTransientGrace == 0 {
+		c.MonitorTransientGrace = 2 * time.Minute
+	}
+	if c.OutageFor == 0 {
+		c.OutageFor = 2 * time.Minute
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
@@ -174,6 +201,21 @@ func (c *Config) validate() error {
 	}
 	if c.ChurnPerSecond > 0 && c.Pool == nil && c.DatabaseURL == "" {
 		return bad("ChurnPerSecond", "needs a database (DatabaseURL or Pool)")
+	}
+	if c.MonitorInterval < 0 || (c.MonitorInterval > 0 && c.MonitorInterval < 10*time.Millisecond) {
+		return bad("MonitorInterval", "must be 0 or at least 10ms, got %v", c.MonitorInterval)
+	}
+	if c.MonitorInterval > 0 && c.Pool == nil && c.DatabaseURL == "" {
+		return bad("MonitorInterval", "needs a database (DatabaseURL or Pool)")
+	}
+	if c.MonitorUnreachableAfter < 0 || c.MonitorTransientGrace < 0 || c.OutageFor < 0 {
+		return bad("MonitorUnreachableAfter", "durations must not be negative")
+	}
+	if !(c.MishapsPerSecond >= 0) || c.MishapsPerSecond > 1000 {
+		return bad("MishapsPerSecond", "must be between 0 and 1000, got %v", c.MishapsPerSecond)
+	}
+	if c.MishapsPerSecond > 0 && c.Pool == nil && c.DatabaseURL == "" {
+		return bad("MishapsPerSecond", "needs a database (DatabaseURL or Pool)")
 	}
 	if c.ChurnConcurrency < 1 {
 		return bad("ChurnConcurrency", "must be at least 1, got %d", c.ChurnConcurrency)

@@ -68,7 +68,8 @@
 // # Fault modes
 //
 // Each host has a Mode, settable at any time with SetMode: healthy, dead,
-// hang, slow, flap, malformed, oversized, unknown-status, duplicate-ids (see
+// hang, slow, flap, malformed, oversized, unknown-status, duplicate-ids,
+// refuse-destroy (see
 // the Kind constants). Restart is an action: every VM but the paused ones
 // disappears. AddVM, SetVMStatus, RemoveVM and VMs manipulate the agent's
 // state directly, without touching the database.

@@ -45,6 +45,10 @@ const (
 	// ModeDuplicateIDs reports every VM twice: first with its true status,
 	// then with another one ("paused", or "running" for a paused VM).
 	ModeDuplicateIDs Kind = "duplicate-ids"
+	// ModeRefuseDestroy answers ListSandboxes correctly and refuses every
+	// DestroySandbox with unavailable, destroying nothing: an agent that
+	// keeps losing destroys (rule 9).
+	ModeRefuseDestroy Kind = "refuse-destroy"
 )
 
 // Defaults for the parameters of the modes that take one.
@@ -78,7 +82,7 @@ func (m Mode) normalize() (Mode, error) {
 		m.Kind = ModeHealthy
 	}
 	switch m.Kind {
-	case ModeHealthy, ModeDead, ModeHang, ModeMalformed, ModeDuplicateIDs:
+	case ModeHealthy, ModeDead, ModeHang, ModeMalformed, ModeDuplicateIDs, ModeRefuseDestroy:
 	case ModeSlow:
 		if m.Delay < 0 {
 			return m, fmt.Errorf("agentsim: mode slow: negative delay %v", m.Delay)

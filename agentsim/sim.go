@@ -66,6 +66,7 @@ const (
 	DestroyStaleFence DestroyResult = "stale_fence"
 	DestroyBadFence   DestroyResult = "bad_fence"
 	DestroyBadID      DestroyResult = "bad_sandbox_id"
+	DestroyRefused    DestroyResult = "refused" // ModeRefuseDestroy
 )
 
 // DestroyRecord is one DestroySandbox call as the agent saw it.
@@ -107,9 +108,11 @@ type Sim struct {
 	rngMu sync.Mutex
 	rng   *mrand.Rand
 
-	churnDone atomic.Int64
-	inflight  atomic.Int64 // agent requests being handled
-	fullTLS   atomic.Int64 // TLS handshakes that did not resume a session
+	churnDone      atomic.Int64
+	monitorChanges atomic.Int64 // changes the control plane's monitor loop made
+	mishaps        atomic.Int64
+	inflight       atomic.Int64 // agent requests being handled
+	fullTLS        atomic.Int64 // TLS handshakes that did not resume a session
 }
 
 type host struct {
@@ -536,6 +539,12 @@ func (s *Sim) Run(ctx context.Context) error {
 		}
 		if s.cfg.ChurnPerSecond > 0 {
 			wg.Go(func() { s.churnLoop(ctx) })
+		}
+		if s.cfg.MonitorInterval > 0 {
+			wg.Go(func() { s.monitorLoop(ctx) })
+		}
+		if s.cfg.MishapsPerSecond > 0 {
+			wg.Go(func() { s.mishapLoop(ctx) })
 		}
 		select {
 		case <-ctx.Done():

@@ -71,6 +71,8 @@ var vigilMetrics = map[string]metricInfo{
 	"vigil_events_oldest_pending_age_seconds":              {kind: gauge, labels: []string{"shard"}},
 	"vigil_events_published_total":                         {kind: counter, labels: []string{"event"}, values: eventLabelValues},
 	"vigil_event_publish_errors_total":                     {kind: counter},
+	"vigil_shadow_changes_total":                           {kind: counter, labels: []string{"from", "to"}},
+	"vigil_volumes_table":                                  {kind: gauge},
 	"vigil_agent_rpc_duration_seconds":                     {kind: histogram, labels: []string{"procedure", "code"}, values: rpcLabelValues},
 	"vigil_agent_rpc_errors_total":                         {kind: counter, labels: []string{"procedure", "code"}, values: rpcLabelValues},
 }
@@ -84,7 +86,7 @@ var (
 		"procedure": {"ListSandboxes", "DestroySandbox"},
 	}
 	eventLabelValues = map[string][]string{
-		"event": {"host.down", "capsule.paused", "capsule.destroyed"},
+		"event": {"host.down", "capsule.pause", "capsule.destroy", "capsule.create", "capsule.resume"},
 	}
 )
 

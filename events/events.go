@@ -23,21 +23,35 @@ import (
 	"github.com/vigil-sh/vigil/internal/ids"
 )
 
-// Event names (SPEC §6).
+// Event names (SPEC §6), spelled as the control plane's audit logger
+// publishes them: its channel dispatcher matches subscriptions on them.
 const (
-	HostDown         = "host.down"
-	CapsulePaused    = "capsule.paused"
-	CapsuleDestroyed = "capsule.destroyed"
+	HostDown       = "host.down"
+	CapsulePause   = "capsule.pause"
+	CapsuleDestroy = "capsule.destroy"
+	CapsuleCreate  = "capsule.create"
+	CapsuleResume  = "capsule.resume"
+)
+
+// Outcomes of capsule events.
+const (
+	OutcomeSuccess = "success"
+	OutcomeError   = "error"
 )
 
 // Payload is the control plane's event, as its dispatcher reads it from the
-// stream entry's "payload" field.
+// stream entry's "payload" field and its dashboard from the mirror channel.
+// The field order is the JSON key order; empty Outcome, Metadata and Error
+// are left out, as the control plane's encoder leaves them out.
 type Payload struct {
-	Event     string   `json:"event"`
-	Timestamp string   `json:"timestamp"` // RFC 3339, UTC, seconds
-	TeamID    string   `json:"team_id"`   // "team-..."
-	Actor     Actor    `json:"actor"`
-	Resource  Resource `json:"resource"`
+	Event     string    `json:"event"`
+	Outcome   string    `json:"outcome,omitempty"`
+	Timestamp string    `json:"timestamp"` // RFC 3339, UTC, whole seconds
+	TeamID    string    `json:"team_id"`   // "team-..."
+	Actor     Actor     `json:"actor"`
+	Resource  Resource  `json:"resource"`
+	Metadata  *Metadata `json:"metadata,omitempty"`
+	Error     string    `json:"error,omitempty"`
 }
 
 // Actor is who caused the event: vigil is the system.
@@ -51,17 +65,41 @@ type Resource struct {
 	Type string `json:"type"` // host or sandbox
 }
 
-// Encode is the compact JSON payload of an event about resource (its
-// prefixed id and type) of team, at t.
-func Encode(event string, team uuid.UUID, resourceType, resourceID string, t time.Time) string {
-	b, _ := json.Marshal(Payload{
+// Metadata is the event's metadata: the reason of a system change. The
+// dispatcher drops a system capsule event without one.
+type Metadata struct {
+	Reason string `json:"reason"`
+}
+
+// Timestamp is t as an event's timestamp: RFC 3339, UTC, whole seconds.
+func Timestamp(t time.Time) string { return t.UTC().Truncate(time.Second).Format(time.RFC3339) }
+
+// Encode is p as the compact JSON the stream entry and the mirror carry.
+func (p Payload) Encode() string {
+	b, err := json.Marshal(p)
+	if err != nil { // only strings inside: cannot happen
+		panic(fmt.Sprintf("events: encode %+v: %v", p, err))
+	}
+	return string(b)
+}
+
+// System is the payload of a system change to resource (its type and
+// prefixed id) of team at t, with the event name, outcome, reason and error
+// text the change publishes ("" for none).
+func System(event, outcome string, team uuid.UUID, resourceType, resourceID, reason, errText string, t time.Time) Payload {
+	p := Payload{
 		Event:     event,
-		Timestamp: t.UTC().Truncate(time.Second).Format(time.RFC3339),
+		Outcome:   outcome,
+		Timestamp: Timestamp(t),
 		TeamID:    ids.Team(team),
 		Actor:     Actor{Type: "system"},
 		Resource:  Resource{ID: resourceID, Type: resourceType},
-	})
-	return string(b)
+		Error:     errText,
+	}
+	if reason != "" {
+		p.Metadata = &Metadata{Reason: reason}
+	}
+	return p
 }
 
 // Event is one outbox row to publish.
@@ -78,6 +116,10 @@ type Config struct {
 	URL string
 	// Stream is the stream key, default "wrenn:events".
 	Stream string
+	// Mirror is the Pub/Sub channel that carries the same payload when,
+	// and only when, its entry is appended to Stream: the dashboard's live
+	// feed. Empty: no mirror. The control plane's is DefaultMirror.
+	Mirror string
 	// MarkerTTL is how long a published id is remembered: a publish of the
 	// same id within it is a no-op. Default 24h; it must exceed the
 	// longest time an event can wait between its publish and the delete
@@ -93,6 +135,7 @@ type Config struct {
 // Defaults of Config's zero fields.
 const (
 	DefaultStream    = "wrenn:events"
+	DefaultMirror    = "wrenn:sse"
 	DefaultMarkerTTL = 24 * time.Hour
 	DefaultMaxLen    = 10000
 	DefaultTimeout   = 2 * time.Second
@@ -127,24 +170,32 @@ func (c *Config) validate() error {
 
 // publishScript appends a batch of events in order, each only if its id is
 // new: its marker key is set with NX and an expiry, and its XADD runs only
-// when that set happened. The script runs as one, so a batch is appended in
-// order; should it fail part way, what it appended is a prefix, and the
-// markers make publishing the whole batch again harmless. A failed XADD
-// (e.g. out of memory) deletes the marker it just set before failing the
-// script, so a marker never stands for an entry that is not there.
+// when that set happened; after its XADD succeeded, the same payload is
+// PUBLISHed on the mirror channel (when there is one), so the mirror carries
+// an event exactly when the stream got it. The script runs as one, so a batch
+// is appended in order; should it fail part way, what it appended is a
+// prefix, and the markers make publishing the whole batch again harmless. A
+// failed XADD (e.g. out of memory) deletes the marker it just set before
+// failing the script, so a marker never stands for an entry that is not
+// there.
 //
 //	KEYS[1] the stream, KEYS[2..] one marker key per event
-//	ARGV[1] marker TTL (s), ARGV[2] max length, then per event: payload, vigil_id
+//	ARGV[1] marker TTL (s), ARGV[2] max length, ARGV[3] mirror channel ('' for
+//	none), then per event: payload, vigil_id
 //
 // It returns how many events it appended (the rest were duplicates).
 var publishScript = redis.NewScript(`
 local added = 0
 for i = 2, #KEYS do
   if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[1]) then
-    local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'payload', ARGV[2*i-1], 'vigil_id', ARGV[2*i])
+    local payload = ARGV[2*i]
+    local r = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'payload', payload, 'vigil_id', ARGV[2*i+1])
     if type(r) == 'table' and r.err then
       redis.call('DEL', KEYS[i])
       return r
+    end
+    if ARGV[3] ~= '' then
+      redis.call('PUBLISH', ARGV[3], payload)
     end
     added = added + 1
   end
@@ -175,6 +226,9 @@ func New(cfg Config) (*Publisher, error) {
 // Stream is the stream key events go to.
 func (p *Publisher) Stream() string { return p.cfg.Stream }
 
+// Mirror is the Pub/Sub channel that mirrors the stream, "" for none.
+func (p *Publisher) Mirror() string { return p.cfg.Mirror }
+
 // markerKey is the deduplication key of an event id, in the stream's
 // namespace.
 func (p *Publisher) markerKey(id uuid.UUID) string { return p.cfg.Stream + ":vigil_id:" + id.String() }
@@ -188,9 +242,9 @@ func (p *Publisher) Publish(ctx context.Context, evs []Event) (added int, err er
 		return 0, nil
 	}
 	keys := make([]string, 0, len(evs)+1)
-	args := make([]any, 0, 2*len(evs)+2)
+	args := make([]any, 0, 2*len(evs)+3)
 	keys = append(keys, p.cfg.Stream)
-	args = append(args, int64(p.cfg.MarkerTTL/time.Second), p.cfg.MaxLen)
+	args = append(args, int64(p.cfg.MarkerTTL/time.Second), p.cfg.MaxLen, p.cfg.Mirror)
 	for _, e := range evs {
 		keys = append(keys, p.markerKey(e.ID))
 		args = append(args, e.Payload, e.ID.String())
@@ -207,3 +261,42 @@ func (p *Publisher) Ping(ctx context.Context) error { return p.rdb.Ping(ctx).Err
 
 // Close closes the connections.
 func (p *Publisher) Close() error { return p.rdb.Close() }
+
+// Earlier vigil versions published capsule.paused and capsule.destroyed,
+// without outcome or metadata: names no channel subscribes to. Events still
+// pending in the outbox from such a version are published in this shape
+// (Upgrade). host.down kept its shape.
+const (
+	legacyPaused    = "capsule.paused"
+	legacyDestroyed = "capsule.destroyed"
+)
+
+// LegacyNames are the earlier versions' event names that Upgrade rewrites.
+var LegacyNames = []string{legacyPaused, legacyDestroyed}
+
+// Legacy reports whether name is an earlier version's event name.
+func Legacy(name string) bool { return name == legacyPaused || name == legacyDestroyed }
+
+// Upgrade rewrites an earlier version's payload in this shape: the event's
+// name becomes the control plane's (capsule.pause, capsule.destroy) with
+// outcome success and the change's reason, its timestamp, team and resource
+// kept. An empty reason (it could not be found) leaves the metadata out.
+func Upgrade(payload, reason string) (Payload, error) {
+	var p Payload
+	if err := json.Unmarshal([]byte(payload), &p); err != nil {
+		return p, fmt.Errorf("events: upgrade %q: %w", payload, err)
+	}
+	switch p.Event {
+	case legacyPaused:
+		p.Event = CapsulePause
+	case legacyDestroyed:
+		p.Event = CapsuleDestroy
+	default:
+		return p, fmt.Errorf("events: upgrade: %q is not an earlier version's event", p.Event)
+	}
+	p.Outcome, p.Metadata, p.Error = OutcomeSuccess, nil, ""
+	if reason != "" {
+		p.Metadata = &Metadata{Reason: reason}
+	}
+	return p, nil
+}

@@ -3,6 +3,7 @@ package events
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"testing"
 	"time"
 
@@ -49,10 +50,25 @@ func entries(t *testing.T, rdb *redis.Client, stream string) []redis.XMessage {
 
 func TestPayloadShape(t *testing.T) {
 	team := uuid.MustParse("6ba7b810-9dad-11d1-80b4-00c04fd430c8")
-	got := Encode(HostDown, team, "host", "host-f5lxx1zz5pnorynqglhzmsp33", time.Date(2026, 12, 1, 9, 30, 15, 999, time.FixedZone("x", 3600)))
-	want := `{"event":"host.down","timestamp":"2026-12-01T08:30:15Z","team_id":"team-6dfzh5ik5uxynzmlf5cshamdk","actor":{"type":"system"},"resource":{"id":"host-f5lxx1zz5pnorynqglhzmsp33","type":"host"}}`
-	if got != want {
-		t.Fatalf("payload\n%s\nwant\n%s", got, want)
+	at := time.Date(2026, 12, 1, 9, 30, 15, 999, time.FixedZone("x", 3600))
+	for _, c := range []struct {
+		name string
+		p    Payload
+		want string
+	}{
+		{"host.down has no outcome, metadata or error",
+			System(HostDown, "", team, "host", "host-f5lxx1zz5pnorynqglhzmsp33", "", "", at),
+			`{"event":"host.down","timestamp":"2026-12-01T08:30:15Z","team_id":"team-6dfzh5ik5uxynzmlf5cshamdk","actor":{"type":"system"},"resource":{"id":"host-f5lxx1zz5pnorynqglhzmsp33","type":"host"}}`},
+		{"a success carries outcome and reason, no error",
+			System(CapsulePause, OutcomeSuccess, team, "sandbox", "cl-0000000000000000000000000", "host_state_sync", "", at),
+			`{"event":"capsule.pause","outcome":"success","timestamp":"2026-12-01T08:30:15Z","team_id":"team-6dfzh5ik5uxynzmlf5cshamdk","actor":{"type":"system"},"resource":{"id":"cl-0000000000000000000000000","type":"sandbox"},"metadata":{"reason":"host_state_sync"}}`},
+		{"an error carries outcome, reason and error last",
+			System(CapsuleCreate, OutcomeError, team, "sandbox", "cl-0000000000000000000000000", "transient_timeout", "transient state did not settle within grace period", at),
+			`{"event":"capsule.create","outcome":"error","timestamp":"2026-12-01T08:30:15Z","team_id":"team-6dfzh5ik5uxynzmlf5cshamdk","actor":{"type":"system"},"resource":{"id":"cl-0000000000000000000000000","type":"sandbox"},"metadata":{"reason":"transient_timeout"},"error":"transient state did not settle within grace period"}`},
+	} {
+		if got := c.p.Encode(); got != c.want {
+			t.Errorf("%s:\n%s\nwant\n%s", c.name, got, c.want)
+		}
 	}
 }
 
@@ -63,7 +79,7 @@ func TestPublishAppendsOnceInOrder(t *testing.T) {
 	p, rdb := newPublisher(t, time.Hour)
 	var evs []Event
 	for i := range 5 {
-		evs = append(evs, Event{ID: uuid.New(), Name: CapsulePaused, Payload: `{"n":` + string(rune('0'+i)) + `}`})
+		evs = append(evs, Event{ID: uuid.New(), Name: CapsulePause, Payload: `{"n":` + string(rune('0'+i)) + `}`})
 	}
 	if n, err := p.Publish(ctx, evs[:3]); err != nil || n != 3 {
 		t.Fatalf("first publish: %d, %v", n, err)
@@ -157,5 +173,63 @@ func TestFailedAppendLeavesNoMarker(t *testing.T) {
 	}
 	if got := len(entries(t, rdb, p.Stream())); got != 1 {
 		t.Fatalf("%d entries, want 1", got)
+	}
+}
+
+// The mirror carries a payload exactly when its entry was appended: not for
+// a duplicate, not for a failed append; without a channel nothing is
+// published.
+func TestMirrorOnlyWhenAppended(t *testing.T) {
+	ctx := context.Background()
+	p, rdb := newPublisher(t, time.Hour)
+	p.cfg.Mirror = p.cfg.Stream + ":sse"
+	sub := rdb.Subscribe(ctx, p.Mirror())
+	defer sub.Close()
+	if _, err := sub.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a := Event{ID: uuid.New(), Name: HostDown, Payload: `{"a":1}`}
+	b := Event{ID: uuid.New(), Name: HostDown, Payload: `{"b":2}`}
+	if n, err := p.Publish(ctx, []Event{a}); err != nil || n != 1 {
+		t.Fatalf("publish a: %d, %v", n, err)
+	}
+	if n, err := p.Publish(ctx, []Event{a, b}); err != nil || n != 1 {
+		t.Fatalf("publish a again with b: %d, %v", n, err)
+	}
+	// A failed append mirrors nothing.
+	stream := p.cfg.Stream
+	p.cfg.Stream = stream + ":broken"
+	if err := rdb.Set(ctx, p.cfg.Stream, "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Publish(ctx, []Event{{ID: uuid.New(), Payload: `{"c":3}`}}); err == nil {
+		t.Fatal("publish onto a string key succeeded")
+	}
+	p.cfg.Stream = stream
+	// Without a mirror channel: appended, not mirrored.
+	p.cfg.Mirror = ""
+	if n, err := p.Publish(ctx, []Event{{ID: uuid.New(), Payload: `{"d":4}`}}); err != nil || n != 1 {
+		t.Fatalf("publish d: %d, %v", n, err)
+	}
+	// Everything published before this marker arrives before it.
+	if err := rdb.Publish(ctx, stream+":sse", "end").Err(); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for {
+		m, err := sub.ReceiveMessage(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Payload == "end" {
+			break
+		}
+		got = append(got, m.Payload)
+	}
+	if want := []string{`{"a":1}`, `{"b":2}`}; !slices.Equal(got, want) {
+		t.Fatalf("mirror carried %q, want %q", got, want)
+	}
+	if n := len(entries(t, rdb, stream)); n != 3 {
+		t.Fatalf("stream holds %d entries, want 3", n)
 	}
 }

@@ -29,6 +29,7 @@ type metrics struct {
 	lastPass        *prometheus.GaugeVec   // shard
 	blindHosts      *prometheus.GaugeVec   // shard
 	shardHosts      *prometheus.GaugeVec   // shard
+	shadow          *prometheus.CounterVec // from, to
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -64,7 +65,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		resent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vigil_destroys_resent_total",
-			Help: "DestroySandbox calls re-sent for rows stopping past the transient grace whose VM the agent still had (rule 9), accepted by the agent.",
+			Help: "DestroySandbox calls re-sent for rows stopping past the transient grace whose VM the agent still had (rule 9), accepted by the agent (each then moves its row stopping -> stopped).",
 		}),
 		eventsPending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "vigil_events_pending",
@@ -101,13 +102,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "vigil_shard_hosts",
 			Help: "The shard's online hosts with an address (the ones its lag is made of); exported by the shard's owner only.",
 		}, []string{"shard"}),
+		shadow: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_shadow_changes_total",
+			Help: "Changes shadow mode would have committed and recorded instead, by from and to status (host rows: their host status).",
+		}, []string{"from", "to"}),
 	}
-	for _, e := range []string{events.HostDown, events.CapsulePaused, events.CapsuleDestroyed} {
+	for _, e := range []string{events.HostDown, events.CapsulePause, events.CapsuleDestroy, events.CapsuleCreate, events.CapsuleResume} {
 		m.published.WithLabelValues(e)
 	}
 	if reg != nil {
 		reg.MustRegister(m.reconciles, m.duration, m.transitions, m.markedDown, m.fenceRejections, m.reportProblems, m.zombies,
-			m.resent, m.eventsPending, m.eventsOldest, m.published, m.publishErrors, m.badRows, m.lastSuccess, m.lastPass, m.blindHosts, m.shardHosts)
+			m.resent, m.eventsPending, m.eventsOldest, m.published, m.publishErrors, m.badRows, m.lastSuccess, m.lastPass, m.blindHosts, m.shardHosts, m.shadow)
 	}
 	return m
 }

@@ -17,7 +17,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/vigil-sh/vigil/agentsim"
 	"github.com/vigil-sh/vigil/events"
+	"github.com/vigil-sh/vigil/internal/cpconsumer"
 	"github.com/vigil-sh/vigil/internal/faultproxy"
 	"github.com/vigil-sh/vigil/internal/ids"
 	"github.com/vigil-sh/vigil/monitor"
@@ -34,6 +36,7 @@ type eventsEnv struct {
 	stream string
 	rdb    *redis.Client // straight to Redis, for checks
 	proxy  *faultproxy.Proxy
+	mirror *redis.PubSub // subscribed to the test's mirror channel from the start
 }
 
 func newEventsEnv(t *testing.T, hosts int, batch int) *eventsEnv {
@@ -48,12 +51,17 @@ func newEventsEnv(t *testing.T, hosts int, batch int) *eventsEnv {
 		t.Fatal(err)
 	}
 	stream := "vigil-test:" + t.Name() + ":" + uuid.NewString()[:8]
-	pub, err := events.New(events.Config{URL: "redis://" + proxy.Addr() + "/0", Stream: stream, Timeout: 500 * time.Millisecond})
+	pub, err := events.New(events.Config{URL: "redis://" + proxy.Addr() + "/0", Stream: stream, Mirror: stream + ":sse", Timeout: 500 * time.Millisecond})
 	if err != nil {
+		t.Fatal(err)
+	}
+	mirror := rdb.Subscribe(e.ctx, pub.Mirror())
+	if _, err := mirror.Receive(e.ctx); err != nil { // the subscription's confirmation
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		ctx := context.Background()
+		mirror.Close()
 		if keys, _ := rdb.Keys(ctx, stream+"*").Result(); len(keys) > 0 {
 			rdb.Del(ctx, keys...)
 		}
@@ -78,7 +86,33 @@ func newEventsEnv(t *testing.T, hosts int, batch int) *eventsEnv {
 	if err := e.st.RaiseFence(e.ctx, e.fence); err != nil {
 		t.Fatal(err)
 	}
-	return &eventsEnv{env: e, stream: stream, rdb: rdb, proxy: proxy}
+	return &eventsEnv{env: e, stream: stream, rdb: rdb, proxy: proxy, mirror: mirror}
+}
+
+// mirrored is every payload the mirror channel carried so far, in order.
+// It publishes a marker of its own and reads up to it: Redis delivers a
+// channel's messages in the order it processed the PUBLISHes, so everything
+// published before the call arrives before the marker.
+func (e *eventsEnv) mirrored() []string {
+	e.t.Helper()
+	marker := "marker-" + uuid.NewString()
+	if err := e.rdb.Publish(e.ctx, e.stream+":sse", marker).Err(); err != nil {
+		e.t.Fatal(err)
+	}
+	var out []string
+	ch := e.mirror.Channel()
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-ch:
+			if m.Payload == marker {
+				return out
+			}
+			out = append(out, m.Payload)
+		case <-timeout:
+			e.t.Fatalf("mirror: marker not back within 10s (%d payloads so far)", len(out))
+		}
+	}
 }
 
 // relayShards is the shard count relayAll's owner runs with.
@@ -160,34 +194,38 @@ func (e *eventsEnv) relayAll(s int, token int64) {
 }
 
 // Every row of SPEC §6's table publishes its event with the exact payload;
-// every other change publishes nothing; each event once.
+// every other change publishes nothing; each event once, on the stream and
+// on the mirror; and every payload is one the control plane's consumers
+// read and deliver (strict decode, byte-exact re-encoding, the dispatcher's
+// filters).
 func TestEventsForEachChange(t *testing.T) {
 	e := newEventsEnv(t, 3, 100)
 	h, down, shared := e.hosts[0], e.hosts[1], e.hosts[2]
+	const timeout = monitor.TransientTimeoutError
 	type c struct {
-		name   string
-		status string
-		age    time.Duration
-		vm     string
-		event  string
+		name                          string
+		status                        string
+		age                           time.Duration
+		vm                            string
+		event, outcome, reason, error string
 	}
 	cases := []c{
-		{"missing absent -> stopped orphaned", "missing", young, "", events.CapsuleDestroyed},
-		{"running absent -> stopped orphaned", "running", young, "", events.CapsuleDestroyed},
-		{"missing paused -> paused restored", "missing", young, "paused", events.CapsulePaused},
-		{"running paused on agent -> paused host_state_sync", "running", young, "paused", events.CapsulePaused},
-		{"pausing gone past grace -> paused inferred", "pausing", old, "", events.CapsulePaused},
-		{"stopping gone past grace -> stopped inferred", "stopping", old, "", events.CapsuleDestroyed},
-		{"zombie destroyed on the agent", "stopped", young, "paused", events.CapsuleDestroyed},
-		{"missing running -> running silent", "missing", young, "running", ""},
-		{"starting alive -> running silent", "starting", young, "running", ""},
-		{"starting gone past grace -> error", "starting", old, "", ""},
-		{"resuming gone past grace -> error", "resuming", old, "", ""},
-		{"snapshotting gone past grace -> error", "snapshotting", old, "", ""},
-		{"snapshotting past snapshot grace -> paused", "snapshotting", ancient, "paused", ""},
-		{"snapshotting past snapshot grace -> running", "snapshotting", ancient, "running", ""},
-		{"stopping alive past grace -> destroy re-sent", "stopping", old, "running", ""},
-		{"paused absent untouched", "paused", ancient, "", ""},
+		{"missing absent -> stopped orphaned", "missing", young, "", "capsule.destroy", "success", "orphaned", ""},
+		{"running absent -> stopped orphaned", "running", young, "", "capsule.destroy", "success", "orphaned", ""},
+		{"missing paused -> paused restored", "missing", young, "paused", "capsule.pause", "success", "restored_after_host_recovery", ""},
+		{"running paused on agent -> paused host_state_sync", "running", young, "paused", "capsule.pause", "success", "host_state_sync", ""},
+		{"pausing gone past grace -> paused inferred", "pausing", old, "", "capsule.pause", "success", "transient_timeout_inferred", ""},
+		{"stopping gone past grace -> stopped inferred", "stopping", old, "", "capsule.destroy", "success", "transient_timeout_inferred", ""},
+		{"stopping alive past grace -> destroy re-sent -> stopped", "stopping", old, "running", "capsule.destroy", "success", "destroy_retry", ""},
+		{"zombie destroyed on the agent", "stopped", young, "paused", "capsule.destroy", "success", "paused_zombie_cleanup", ""},
+		{"starting gone past grace -> error", "starting", old, "", "capsule.create", "error", "transient_timeout", timeout},
+		{"resuming gone past grace -> error", "resuming", old, "", "capsule.resume", "error", "transient_timeout", timeout},
+		{"missing running -> running silent", "missing", young, "running", "", "", "", ""},
+		{"starting alive -> running silent", "starting", young, "running", "", "", "", ""},
+		{"snapshotting gone past grace -> error", "snapshotting", old, "", "", "", "", ""},
+		{"snapshotting past snapshot grace -> paused", "snapshotting", ancient, "paused", "", "", "", ""},
+		{"snapshotting past snapshot grace -> running", "snapshotting", ancient, "running", "", "", "", ""},
+		{"paused absent untouched", "paused", ancient, "", "", "", "", ""},
 	}
 	rows := make([]uuid.UUID, len(cases))
 	for i, c := range cases {
@@ -209,16 +247,15 @@ func TestEventsForEachChange(t *testing.T) {
 	e.relayAll(e.fence.Shard, e.fence.Token+1)
 	end := time.Now().Add(time.Second)
 
-	want := map[string]struct {
-		event, typ string
-		team       uuid.UUID
-	}{ids.Host(down): {events.HostDown, "host", e.team(down)}}
+	type w struct {
+		c
+		typ  string
+		team uuid.UUID
+	}
+	want := map[string]w{ids.Host(down): {c: c{event: "host.down"}, typ: "host", team: e.team(down)}}
 	for i, c := range cases {
 		if c.event != "" {
-			want[ids.Sandbox(rows[i])] = struct {
-				event, typ string
-				team       uuid.UUID
-			}{c.event, "sandbox", e.team(h)}
+			want[ids.Sandbox(rows[i])] = w{c: c, typ: "sandbox", team: e.team(h)}
 		}
 	}
 	got := e.stream_()
@@ -231,6 +268,9 @@ func TestEventsForEachChange(t *testing.T) {
 		if _, err := uuid.Parse(p.VigilID); err != nil {
 			t.Errorf("vigil_id %q: %v", p.VigilID, err)
 		}
+		if _, err := cpconsumer.Check(p.Raw); err != nil {
+			t.Errorf("the control plane would not deliver it: %v", err)
+		}
 		w, ok := want[p.P.Resource.ID]
 		if !ok {
 			t.Errorf("unexpected event %s", p.Raw)
@@ -241,17 +281,34 @@ func TestEventsForEachChange(t *testing.T) {
 		if err != nil || ts.Before(start) || ts.After(end) || ts.Location() != time.UTC {
 			t.Errorf("%s: timestamp %q not RFC 3339 UTC seconds within the test (%v)", p.P.Resource.ID, p.P.Timestamp, err)
 		}
-		exact := events.Encode(w.event, w.team, w.typ, p.P.Resource.ID, ts)
-		if p.Raw != exact {
-			t.Errorf("payload\n  %s\nwant\n  %s", p.Raw, exact)
+		exact := `{"event":"` + w.event + `",`
+		if w.outcome != "" {
+			exact += `"outcome":"` + w.outcome + `",`
 		}
-		if exact2 := `{"event":"` + w.event + `","timestamp":"` + p.P.Timestamp + `","team_id":"` + ids.Team(w.team) +
-			`","actor":{"type":"system"},"resource":{"id":"` + p.P.Resource.ID + `","type":"` + w.typ + `"}}`; p.Raw != exact2 {
-			t.Errorf("payload\n  %s\nwant\n  %s", p.Raw, exact2)
+		exact += `"timestamp":"` + p.P.Timestamp + `","team_id":"` + ids.Team(w.team) +
+			`","actor":{"type":"system"},"resource":{"id":"` + p.P.Resource.ID + `","type":"` + w.typ + `"}`
+		if w.reason != "" {
+			exact += `,"metadata":{"reason":"` + w.reason + `"}`
+		}
+		if w.error != "" {
+			exact += `,"error":"` + w.error + `"`
+		}
+		if exact += "}"; p.Raw != exact {
+			t.Errorf("payload\n  %s\nwant\n  %s", p.Raw, exact)
 		}
 	}
 	for rid, w := range want {
 		t.Errorf("no %s event for %s", w.event, rid)
+	}
+	// The mirror carried each payload once, in the stream's order.
+	mirrored := e.mirrored()
+	if len(mirrored) != len(got) {
+		t.Errorf("mirror carried %d payloads, the stream holds %d", len(mirrored), len(got))
+	}
+	for i := range min(len(mirrored), len(got)) {
+		if mirrored[i] != got[i].Raw {
+			t.Errorf("mirror message %d\n  %s\nstream entry\n  %s", i, mirrored[i], got[i].Raw)
+		}
 	}
 	// The journal names every published event, and nothing else.
 	je := e.journalEvents()
@@ -263,14 +320,18 @@ func TestEventsForEachChange(t *testing.T) {
 			t.Errorf("journal names event %s, not in the stream", id)
 		}
 	}
-	// The re-sent destroy wrote its audit row and no event.
+	// The error rows' audit metadata carries the event's error text.
 	for i, c := range cases {
-		if c.status == "stopping" && c.vm != "" {
-			e.wantAudit(rows[i], "sandbox", "destroy", "warning", "destroy_retry")
+		if c.error == "" {
+			continue
+		}
+		a := e.audits(ids.Sandbox(rows[i]))
+		if len(a) != 1 || a[0].Meta["error"] != c.error {
+			t.Errorf("%s: audit rows %+v, want metadata.error %q", c.name, a, c.error)
 		}
 	}
-	if n := counter(t, e.reg, "vigil_events_published_total", events.CapsuleDestroyed); n != 4 {
-		t.Errorf("vigil_events_published_total{capsule.destroyed} = %v, want 4", n)
+	if n := counter(t, e.reg, "vigil_events_published_total", "capsule.destroy"); n != 5 {
+		t.Errorf("vigil_events_published_total{capsule.destroy} = %v, want 5", n)
 	}
 }
 
@@ -429,54 +490,131 @@ func TestNewOwnerRepublishesNothingTwice(t *testing.T) {
 }
 
 // Rule 9 against a real agent: a stopping row alive on its agent past the
-// grace gets DestroySandbox re-sent under the fence, once per grace, with
-// its destroy_retry audit row; once the agent no longer has it, rule 6 makes
-// it stopped (and that publishes capsule.destroyed).
+// grace gets DestroySandbox re-sent under the fence; the agent accepts it,
+// and the row goes stopping -> stopped with one destroy_retry audit row and
+// one capsule.destroy event. A re-send the agent refuses leaves the row
+// stopping, writes nothing, and is not repeated within the grace.
 func TestStuckDestroyIsResent(t *testing.T) {
-	e := newEventsEnv(t, 1, 100)
-	h := e.hosts[0]
+	e := newEventsEnv(t, 2, 100)
+	h, refusing := e.hosts[0], e.hosts[1]
 	sb := e.sandbox(h, "stopping", old, "running")
-	out := e.reconcile(h)
-	if out.Resent != 1 {
-		t.Fatalf("outcome %+v, want one destroy re-sent", out)
+	refused := e.sandbox(refusing, "stopping", old, "running")
+	if err := e.sim.SetMode(refusing, agentsim.Mode{Kind: agentsim.ModeRefuseDestroy}); err != nil {
+		t.Fatal(err)
+	}
+	outs, err := e.rec.Reconcile(e.ctx, e.fence, []uuid.UUID{h, refusing})
+	if err != nil {
+		t.Fatal(err)
+	}
+	byHost := map[uuid.UUID]monitor.Outcome{}
+	for _, o := range outs {
+		byHost[o.Host] = o
+	}
+	if o, r := byHost[h], byHost[refusing]; o.Resent != 1 || len(o.Applied) != 1 || r.Resent != 0 || len(r.Applied) != 0 {
+		t.Fatalf("outcomes %+v, want one destroy re-sent and accepted, one refused", outs)
 	}
 	d := e.sim.Destroys(h)
 	if len(d) != 1 || d[0].Sandbox != ids.Sandbox(sb) || !d[0].Fenced || d[0].Token != e.fence.Token {
 		t.Fatalf("agent saw destroys %+v", d)
 	}
-	if e.status(sb) != "stopping" {
-		t.Fatalf("row %s, want still stopping", e.status(sb))
+	if r := e.sim.RejectedDestroys(refusing); len(r) != 1 || r[0].Result != agentsim.DestroyRefused {
+		t.Fatalf("refusing agent saw %+v", r)
+	}
+	if e.status(sb) != "stopped" {
+		t.Fatalf("accepted re-send: row %s, want stopped", e.status(sb))
+	}
+	if e.status(refused) != "stopping" {
+		t.Fatalf("refused re-send: row %s, want still stopping", e.status(refused))
 	}
 	e.wantAudit(sb, "sandbox", "destroy", "warning", "destroy_retry")
+	if a := e.audits(ids.Sandbox(refused)); len(a) != 0 {
+		t.Fatalf("refused re-send wrote audit rows %+v", a)
+	}
 	if n := counter(t, e.reg, "vigil_destroys_resent_total"); n != 1 {
 		t.Errorf("vigil_destroys_resent_total = %v, want 1", n)
 	}
-	// The agent lost that one too (the VM is back): within the grace it is
-	// not sent again.
-	if err := e.sim.AddVM(h, sb, "running", e.team(h)); err != nil {
+	// Within the grace the refused one is not sent again, even once the
+	// agent would take it.
+	if err := e.sim.SetMode(refusing, agentsim.Mode{}); err != nil {
 		t.Fatal(err)
 	}
-	if out := e.reconcile(h); out.Resent != 0 {
+	if out := e.reconcile(refusing); out.Resent != 0 {
 		t.Fatalf("re-sent again within the grace: %+v", out)
 	}
-	if n := len(e.sim.Destroys(h)); n != 1 {
-		t.Fatalf("agent saw %d destroys, want 1", n)
-	}
-	// The agent destroys it for good: rule 6 finishes the row.
-	if err := e.sim.RemoveVM(h, sb); err != nil {
-		t.Fatal(err)
-	}
-	e.reconcile(h)
-	if e.status(sb) != "stopped" {
-		t.Fatalf("row %s, want stopped", e.status(sb))
-	}
-	a := e.audits(ids.Sandbox(sb))
-	if len(a) != 2 || a[1].Action != "destroy" || a[1].Meta["reason"] != "transient_timeout_inferred" {
-		t.Fatalf("audit rows %+v", a)
+	if n := len(e.sim.Destroys(refusing)) + len(e.sim.RejectedDestroys(refusing)); n != 1 {
+		t.Fatalf("refusing agent saw %d destroys, want 1", n)
 	}
 	e.relayAll(e.fence.Shard, e.fence.Token+1)
 	got := e.stream_()
-	if len(got) != 1 || got[0].P.Event != events.CapsuleDestroyed || got[0].P.Resource.ID != ids.Sandbox(sb) {
-		t.Fatalf("stream %+v, want one capsule.destroyed", got)
+	if len(got) != 1 || got[0].P.Event != "capsule.destroy" || got[0].P.Resource.ID != ids.Sandbox(sb) ||
+		got[0].P.Metadata == nil || got[0].P.Metadata.Reason != "destroy_retry" || got[0].P.Outcome != "success" {
+		t.Fatalf("stream %+v, want one capsule.destroy destroy_retry", got)
+	}
+}
+
+// Events an earlier version left pending (capsule.paused / capsule.destroyed,
+// no outcome or metadata) are published in this shape, with the reason of
+// their change, their vigil_id kept: none lost, none twice.
+func TestEarlierVersionsPendingEventsPublishedInTheNewShape(t *testing.T) {
+	e := newEventsEnv(t, 1, 2)
+	h := e.hosts[0]
+	team := e.team(h)
+	type legacy struct {
+		name, change, auditReason string // change "" : the journal row is gone
+		want                      string
+	}
+	cases := []legacy{
+		{"capsule.paused", "missing->paused", "restored_after_host_recovery", "capsule.pause restored_after_host_recovery"},
+		{"capsule.paused", "running->paused", "host_state_sync", "capsule.pause host_state_sync"},
+		{"capsule.paused", "pausing->paused", "transient_timeout_inferred", "capsule.pause transient_timeout_inferred"},
+		{"capsule.destroyed", "running->stopped", "orphaned", "capsule.destroy orphaned"},
+		{"capsule.destroyed", "stopping->stopped", "transient_timeout_inferred", "capsule.destroy transient_timeout_inferred"},
+		{"capsule.destroyed", "destroyed_on_agent", "paused_zombie_cleanup", "capsule.destroy paused_zombie_cleanup"},
+		{"capsule.destroyed", "", "orphaned", "capsule.destroy orphaned"}, // journal trimmed: the audit row tells
+	}
+	var order []string
+	for _, c := range cases {
+		sb, id := uuid.New(), uuid.New()
+		rid := ids.Sandbox(sb)
+		old := `{"event":"` + c.name + `","timestamp":"2026-12-01T08:30:15Z","team_id":"` + ids.Team(team) +
+			`","actor":{"type":"system"},"resource":{"id":"` + rid + `","type":"sandbox"}}`
+		tx, err := e.db.Begin(e.ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tx.Exec(e.ctx, `insert into vigil_events (shard, vigil_id, event, payload) values ($1, $2, $3, $4)`, e.fence.Shard, id, c.name, old)
+		if c.change != "" {
+			tx.Exec(e.ctx, `insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change, event_id) values ($1, 1, 'old', $2, $3, $4, $5)`,
+				e.fence.Shard, h, sb, c.change, id)
+		}
+		if _, err := tx.Exec(e.ctx, `insert into audit_logs (team_id, actor_type, resource_type, resource_id, action, scope, status, metadata)
+			values ($1, 'system', 'sandbox', $2, 'x', 'team', 'info', jsonb_build_object('reason', $3::text, 'fence', 1))`, team, rid, c.auditReason); err != nil {
+			t.Fatal(err)
+		}
+		if err := tx.Commit(e.ctx); err != nil {
+			t.Fatal(err)
+		}
+		order = append(order, id.String())
+	}
+	e.relayAll(e.fence.Shard, e.fence.Token+1)
+	got := e.stream_()
+	if len(got) != len(cases) {
+		t.Fatalf("stream holds %d entries, want %d", len(got), len(cases))
+	}
+	for i, p := range got {
+		if p.VigilID != order[i] {
+			t.Errorf("entry %d is %s, want %s (commit order, vigil_id kept)", i, p.VigilID, order[i])
+		}
+		cp, err := cpconsumer.Check(p.Raw)
+		if err != nil {
+			t.Errorf("entry %d: %v", i, err)
+			continue
+		}
+		if got := cp.Event + " " + cp.Metadata["reason"]; got != cases[i].want || cp.Outcome != "success" || cp.Timestamp != "2026-12-01T08:30:15Z" {
+			t.Errorf("entry %d: %s, want %s (outcome success, timestamp kept)", i, p.Raw, cases[i].want)
+		}
+	}
+	if n := counter(t, e.reg, "vigil_events_published_total", "capsule.pause"); n != 3 {
+		t.Errorf("vigil_events_published_total{capsule.pause} = %v, want 3", n)
 	}
 }

@@ -128,13 +128,21 @@ func (p *Pass) Run(ctx context.Context) error {
 			p.r.record(p.f, "passive", p.staleOutcomes())
 		}
 	}()
-	if len(p.stale) > 0 {
+	var replays []store.ShadowChange
+	if p.r.cfg.Shadow {
+		decided := make(map[uuid.UUID]bool, len(p.stale))
+		for _, s := range p.stale {
+			decided[p.out[s].Host] = true
+		}
+		replays = p.r.shadowMem.hostsRead(p.read, decided, hostDownAudit(p.r.cfg.UnreachableAfter).Reason)
+	}
+	if len(p.stale) > 0 || len(replays) > 0 {
 		so := make([]Outcome, len(p.stale))
 		for i, s := range p.stale {
 			so[i] = p.out[s]
 			so[i].start = time.Now()
 		}
-		err := p.r.markStale(ctx, p.f, so)
+		err := p.r.markStale(ctx, p.f, so, replays)
 		for i, s := range p.stale {
 			p.out[s] = so[i]
 		}
@@ -319,10 +327,24 @@ type hostPlan struct {
 }
 
 // apply decides for a batch of answered hosts and applies the decisions in
-// one fenced transaction, then destroys confirmed zombies and records them.
-// Every host of the batch ends up Done or failed. It returns the error that
-// failed them.
+// one fenced transaction, then destroys confirmed zombies and records them;
+// in shadow mode it records the decisions instead (shadow.go). Every host of
+// the batch ends up Done or failed. It returns the error that failed them.
 func (p *Pass) apply(ctx context.Context, batch []answer) error {
+	plans, err := p.decide(ctx, batch)
+	if err != nil {
+		p.failBatch(plans, err)
+		return err
+	}
+	if p.r.cfg.Shadow {
+		return p.shadow(ctx, plans)
+	}
+	return p.commit(ctx, plans)
+}
+
+// decide parses the batch's reports, reads the zombie candidates (one
+// statement) and runs Decide for each host.
+func (p *Pass) decide(ctx context.Context, batch []answer) ([]hostPlan, error) {
 	plans := make([]hostPlan, len(batch))
 	var cands []store.Candidate
 	for i, a := range batch {
@@ -342,25 +364,33 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 	// a destroy the control plane is finishing right now).
 	zombies, err := p.r.store.StoppedAmong(ctx, cands, p.read.Now)
 	if err != nil {
-		p.failBatch(plans, err)
-		return err
+		return plans, err
 	}
 	byHost := map[uuid.UUID][]Row{}
 	for _, z := range p.valid(zombies) {
 		byHost[z.HostID] = append(byHost[z.HostID], z)
 	}
+	for i := range plans {
+		pl := &plans[i]
+		rows := p.valid(p.read.Hosts[pl.t].Sandboxes)
+		if z := byHost[p.out[pl.t].Host]; len(z) > 0 {
+			rows = append(rows[:len(rows):len(rows)], z...)
+		}
+		pl.actions = Decide(p.r.cfg.Rules, rows, pl.report, p.read.Now)
+	}
+	return plans, nil
+}
 
+// commit applies the plans' decisions in one fenced transaction, then
+// destroys the zombies and re-sends the stuck destroys the transaction
+// confirmed (destroyOnAgents).
+func (p *Pass) commit(ctx context.Context, plans []hostPlan) error {
 	b := store.Batch{RetryGrace: p.r.cfg.Rules.TransientGrace}
 	var changeRef, heldRef, retryRef []actionRef
 	now := time.Now()
 	for i := range plans {
 		pl := &plans[i]
 		h := p.out[pl.t].Host
-		rows := p.valid(p.read.Hosts[pl.t].Sandboxes)
-		if z := byHost[h]; len(z) > 0 {
-			rows = append(rows[:len(rows):len(rows)], z...)
-		}
-		pl.actions = Decide(p.r.cfg.Rules, rows, pl.report, p.read.Now)
 		for j, a := range pl.actions {
 			row := store.Sandbox{ID: a.Sandbox, TeamID: uuid.NullUUID{UUID: a.TeamID, Valid: true}, HostID: h, Status: a.From, LastUpdated: a.Seen}
 			switch a.Kind {
@@ -371,7 +401,7 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 				b.HeldRetry = append(b.HeldRetry, row)
 				retryRef = append(retryRef, actionRef{i, j})
 			default:
-				b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: p.r.audit(a, now)})
+				b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: sandboxAudit(a, p.r.pub != nil, now)})
 				changeRef = append(changeRef, actionRef{i, j})
 			}
 		}
@@ -421,10 +451,60 @@ func (p *Pass) apply(ctx context.Context, batch []answer) error {
 
 // destroyOnAgents sends DestroySandbox for the zombies and stuck destroys the
 // fenced check confirmed, with the fence token in the Vigil-Fence header,
-// then writes the audit rows (and events, and retry times) of the ones the
-// agents accepted in one fenced transaction. A host counts as reconciled
-// only once that commits.
+// then, in one fenced transaction, writes what the accepted ones did: a
+// zombie's audit row (and event), a stuck destroy's change stopping ->
+// stopped by compare-and-set with its audit row, event and volumes (rule 9).
+// A host counts as reconciled only once that commits.
 func (p *Pass) destroyOnAgents(ctx context.Context, plans []hostPlan, held []actionRef) error {
+	ok := p.sendDestroys(ctx, plans, held)
+	var b store.Batch
+	var zombieRef, retryRef []actionRef
+	now := time.Now()
+	for k, rf := range held {
+		if !ok[k] {
+			continue
+		}
+		a := plans[rf.plan].actions[rf.action]
+		h := p.out[plans[rf.plan].t].Host
+		au := sandboxAudit(a, p.r.pub != nil, now)
+		if a.Kind == RetryDestroy {
+			row := store.Sandbox{ID: a.Sandbox, TeamID: uuid.NullUUID{UUID: a.TeamID, Valid: true}, HostID: h, Status: a.From, LastUpdated: a.Seen}
+			b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: au})
+			retryRef = append(retryRef, rf)
+			continue
+		}
+		b.Records = append(b.Records, store.Record{Host: h, Sandbox: a.Sandbox, Change: "destroyed_on_agent", Audit: *au})
+		zombieRef = append(zombieRef, rf)
+	}
+	res, err := p.r.store.Apply(ctx, p.f, b)
+	if err != nil {
+		p.failBatch(plans, p.r.fenced(err))
+		return err
+	}
+	now = time.Now()
+	for _, rf := range zombieRef {
+		o := &p.out[plans[rf.plan].t]
+		o.Destroyed++
+		o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
+		o.Done = now
+	}
+	for k, rf := range retryRef {
+		o := &p.out[plans[rf.plan].t]
+		o.Resent++
+		if res.Applied[k] {
+			o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
+		} else {
+			o.Missed++ // the control plane finished (or moved) the row first
+		}
+		o.Done = now
+	}
+	return nil
+}
+
+// sendDestroys sends the held actions' DestroySandbox calls through the
+// urgent lane and waits for them (or for ctx); ok[k] says held[k]'s agent
+// accepted it (not_found counts as accepted).
+func (p *Pass) sendDestroys(ctx context.Context, plans []hostPlan, held []actionRef) []bool {
 	ok := make([]bool, len(held))
 	var wg sync.WaitGroup
 	for k, rf := range held {
@@ -451,38 +531,7 @@ func (p *Pass) destroyOnAgents(ctx context.Context, plans []hostPlan, held []act
 		})
 	}
 	wg.Wait()
-	var recs []store.Record
-	var done []actionRef
-	for k, rf := range held {
-		if !ok[k] {
-			continue
-		}
-		a := plans[rf.plan].actions[rf.action]
-		h := p.out[plans[rf.plan].t].Host
-		change := "destroyed_on_agent"
-		if a.Kind == RetryDestroy {
-			change = "destroy_resent"
-		}
-		recs = append(recs, store.Record{Host: h, Sandbox: a.Sandbox, Change: change, Audit: *p.r.audit(a, time.Now())})
-		done = append(done, rf)
-	}
-	if _, err := p.r.store.Apply(ctx, p.f, store.Batch{Records: recs}); err != nil {
-		p.failBatch(plans, p.r.fenced(err))
-		return err
-	}
-	now := time.Now()
-	for _, rf := range done {
-		o := &p.out[plans[rf.plan].t]
-		a := plans[rf.plan].actions[rf.action]
-		if a.Kind == DestroyOnAgent {
-			o.Destroyed++
-		} else {
-			o.Resent++
-		}
-		o.Applied = append(o.Applied, a)
-		o.Done = now
-	}
-	return nil
+	return ok
 }
 
 func (p *Pass) failBatch(plans []hostPlan, err error) {
@@ -511,32 +560,6 @@ func (p *Pass) valid(rows []Row) []Row {
 		}
 	}
 	return out
-}
-
-// audit is the audit row of a sandbox action (with its event when events are
-// on), nil for a silent one.
-func (r *Reconciler) audit(a Action, now time.Time) *store.Audit {
-	au := sandboxAudit(a)
-	if au != nil && r.pub != nil {
-		au.Event = sandboxEvent(a, now)
-	}
-	return au
-}
-
-// sandboxAudit is the audit row of a sandbox action, nil for a silent one.
-func sandboxAudit(a Action) *store.Audit {
-	if a.Audit == nil {
-		return nil
-	}
-	meta := map[string]any{"reason": a.Audit.Reason}
-	if a.Audit.Phase != "" {
-		meta["phase"] = a.Audit.Phase
-	}
-	if a.Audit.Status == "error" && a.Audit.Error != "" {
-		meta["error"] = a.Audit.Error
-	}
-	return &store.Audit{TeamID: a.TeamID, ResourceType: "sandbox", ResourceID: ids.Sandbox(a.Sandbox),
-		Action: a.Audit.Action, Status: a.Audit.Status, Metadata: meta}
 }
 
 func hostResourceID(h uuid.UUID) string { return ids.Host(h) }

@@ -52,6 +52,11 @@ type Config struct {
 	Publisher Publisher
 	// RelayBatch is how many events one publish carries, default 100.
 	RelayBatch int
+	// Shadow records every change a pass would commit in
+	// vigil_shadow_changes instead of making it (shadow.go): no
+	// control-plane row, audit row, DestroySandbox, event or volume is
+	// touched. It excludes Publisher.
+	Shadow     bool
 	Logger     hclog.Logger
 	Registerer prometheus.Registerer
 }
@@ -89,6 +94,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("monitor: apply linger %s must not be negative", c.ApplyLinger)
 	case c.RelayBatch < 1 || c.RelayBatch > 10000:
 		return fmt.Errorf("monitor: events batch %d must be between 1 and 10000", c.RelayBatch)
+	case c.Shadow && c.Publisher != nil:
+		return errors.New("monitor: shadow mode publishes no events: no publisher may be set")
 	}
 	if c.Logger == nil {
 		c.Logger = hclog.NewNullLogger()
@@ -105,6 +112,9 @@ type Reconciler struct {
 	m      *metrics
 	calls  *callQueue // every agent call goes through it
 	pub    Publisher  // nil: events off
+	// shadowMem is shadow mode's memory of the last pass per host; nil
+	// unless Config.Shadow.
+	shadowMem *shadowMemory
 }
 
 // New builds a Reconciler.
@@ -112,8 +122,12 @@ func New(cfg Config, st *store.Store, agents Agents) (*Reconciler, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Reconciler{cfg: cfg, store: st, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer),
-		calls: newCallQueue(cfg.AgentConcurrency), pub: cfg.Publisher}, nil
+	r := &Reconciler{cfg: cfg, store: st, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer),
+		calls: newCallQueue(cfg.AgentConcurrency), pub: cfg.Publisher}
+	if cfg.Shadow {
+		r.shadowMem = newShadowMemory()
+	}
+	return r, nil
 }
 
 // Outcome says what a pass did for one host.
@@ -175,13 +189,16 @@ func (r *Reconciler) MarkStale(ctx context.Context, f store.Fence, hosts []uuid.
 	for i, h := range hosts {
 		out[i] = Outcome{Host: h, Skipped: errHostStale, start: time.Now()}
 	}
-	err := r.markStale(ctx, f, out)
+	err := r.markStale(ctx, f, out, nil)
 	r.record(f, "passive", out)
 	return out, err
 }
 
-func (r *Reconciler) markStale(ctx context.Context, f store.Fence, out []Outcome) error {
-	if len(out) == 0 {
+// markStale runs the passive rule on the hosts of out; in shadow mode it
+// records instead, with replays (the hosts another writer marked since the
+// last read).
+func (r *Reconciler) markStale(ctx context.Context, f store.Fence, out []Outcome, replays []store.ShadowChange) error {
+	if len(out) == 0 && len(replays) == 0 {
 		return nil
 	}
 	ids, rids := make([]uuid.UUID, len(out)), make([]string, len(out))
@@ -189,13 +206,25 @@ func (r *Reconciler) markStale(ctx context.Context, f store.Fence, out []Outcome
 	for i, o := range out {
 		ids[i], rids[i], at[o.Host] = o.Host, hostResourceID(o.Host), i
 	}
+	au := hostDownAudit(r.cfg.UnreachableAfter)
 	md := store.MarkDown{
 		Hosts: ids, ResourceIDs: rids, StaleAfter: r.cfg.UnreachableAfter, Live: MissingOnHostDown,
-		Audit: store.Audit{ResourceType: "host", Action: "marked_down", Status: "error", Metadata: map[string]any{
-			"reason": "heartbeat_timeout", "error": fmt.Sprintf("no heartbeat for more than %s", r.cfg.UnreachableAfter)}},
+		Audit: *auditRow("host", "", uuid.Nil, au, false, time.Time{}),
+	}
+	if r.cfg.Shadow {
+		if err := r.shadowMarkDown(ctx, f, md, replays); err != nil {
+			for i := range out {
+				out[i].fail(err)
+			}
+			return r.fenced(err)
+		}
+		for i := range out {
+			out[i].Counted = false // vigil holds them unreachable: not part of the lag
+		}
+		return nil
 	}
 	if r.pub != nil {
-		md.Event = hostDownEvent
+		md.Event = hostDownEvent(au)
 	}
 	marked, err := r.store.MarkUnreachable(ctx, f, md)
 	if err != nil {

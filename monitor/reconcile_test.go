@@ -61,9 +61,16 @@ func (h *hookAgents) ListSandboxes(ctx context.Context, host uuid.UUID, addr str
 
 func newEnv(t *testing.T, hosts int, agentTimeout time.Duration) *env {
 	t.Helper()
-	url := pgtest.New(t)
+	return newEnvSchema(t, hosts, agentTimeout, store.Schema{ControlPlane: true}, 0)
+}
+
+// newEnvSchema is newEnv on a database with the control-plane tables schema
+// asks for, its store looking at the schema again every volumesRecheck.
+func newEnvSchema(t *testing.T, hosts int, agentTimeout time.Duration, schema store.Schema, volumesRecheck time.Duration) *env {
+	t.Helper()
+	url := pgtest.NewSchema(t, schema)
 	ctx, cancel := context.WithCancel(context.Background())
-	st, err := store.Open(ctx, store.Config{URL: url, MaxConns: 8})
+	st, err := store.Open(ctx, store.Config{URL: url, MaxConns: 8, VolumesRecheck: volumesRecheck})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package monitor
 import (
 	"context"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/vigil-sh/vigil/events"
@@ -36,7 +37,7 @@ const (
 func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) error {
 	total := -1 // counted on the first read only: a count scans the whole backlog
 	for {
-		pend, n, err := r.store.PendingEvents(ctx, f.Shard, r.cfg.RelayBatch, total < 0)
+		pend, n, err := r.store.PendingEvents(ctx, f.Shard, r.cfg.RelayBatch, total < 0, events.LegacyNames)
 		if err != nil {
 			return err
 		}
@@ -54,6 +55,9 @@ func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) err
 		seqs := make([]int64, len(pend))
 		for i, p := range pend {
 			evs[i] = events.Event{ID: p.Event.ID, Name: p.Event.Name, Payload: p.Event.Payload}
+			if events.Legacy(p.Event.Name) {
+				evs[i] = r.upgrade(p)
+			}
 			seqs[i] = p.Seq
 		}
 		if _, err := r.pub.Publish(ctx, evs); err != nil {
@@ -114,4 +118,43 @@ func (rl *relayer) done(err error) {
 	rl.failing = true
 	rl.backoff = min(max(2*rl.backoff, relayBackoffMin), relayBackoffMax)
 	rl.retry.Reset(rl.backoff)
+}
+
+// upgrade is an event an earlier version left pending, in this version's
+// shape (SPEC §6), its reason taken from its change: none is lost, none
+// published twice (its vigil_id is kept), none published in a shape the
+// control plane's dispatcher drops.
+func (r *Reconciler) upgrade(p store.PendingEvent) events.Event {
+	reason := legacyReason(p.Legacy)
+	up, err := events.Upgrade(p.Event.Payload, reason)
+	if err != nil {
+		r.log.Error("an earlier version's pending event cannot be read; publishing it as it is", "vigil_id", p.Event.ID, "error", err)
+		return events.Event{ID: p.Event.ID, Name: p.Event.Name, Payload: p.Event.Payload}
+	}
+	if reason == "" {
+		r.log.Warn("an earlier version's pending event has no change on record; published without a reason", "vigil_id", p.Event.ID, "event", up.Event)
+	}
+	return events.Event{ID: p.Event.ID, Name: up.Event, Payload: up.Encode()}
+}
+
+// legacyReason is the reason of the change behind an earlier version's
+// event, from what PendingEvent.Legacy found: the journal's change (each
+// maps to one rule), or the audit row's reason.
+func legacyReason(found string) string {
+	if r, ok := strings.CutPrefix(found, "reason:"); ok {
+		return r
+	}
+	switch found {
+	case "missing->paused":
+		return "restored_after_host_recovery"
+	case "running->paused":
+		return "host_state_sync"
+	case "pausing->paused", "stopping->stopped":
+		return "transient_timeout_inferred"
+	case "missing->stopped", "running->stopped":
+		return "orphaned"
+	case "destroyed_on_agent":
+		return "paused_zombie_cleanup"
+	}
+	return ""
 }

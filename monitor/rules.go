@@ -121,7 +121,9 @@ const (
 	DestroyOnAgent
 	// RetryDestroy re-sends DestroySandbox for a row stopping past the
 	// transient grace whose VM the agent still reports: the control
-	// plane's destroy was lost (rule 9). The row stays stopping.
+	// plane's destroy was lost (rule 9). When the agent accepts it, the row
+	// goes From -> To (stopping -> stopped) by compare-and-set on From and
+	// Seen; while it refuses or does not answer, the row stays stopping.
 	RetryDestroy
 )
 
@@ -209,7 +211,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 					phase = "resume"
 				}
 				act(status.Error, &Audit{Action: "error", Status: "error", Reason: "transient_timeout", Phase: phase,
-					Error: fmt.Sprintf("sandbox not on its host %s after entering %s", age.Truncate(time.Second), r.Status)})
+					Error: TransientTimeoutError})
 			}
 		case status.Snapshotting:
 			if obs.Presence != Absent {
@@ -222,7 +224,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 				}
 			} else if age > rules.TransientGrace {
 				act(status.Error, &Audit{Action: "snapshot", Status: "error", Reason: "transient_timeout", Phase: "snapshot",
-					Error: fmt.Sprintf("sandbox not on its host %s after entering snapshotting", age.Truncate(time.Second))})
+					Error: TransientTimeoutError})
 			}
 		case status.Pausing:
 			if obs.Presence == Absent && age > rules.TransientGrace {
@@ -234,9 +236,9 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 			case obs.Presence == Absent:
 				act(status.Stopped, &Audit{Action: "destroy", Status: "warning", Reason: "transient_timeout_inferred"})
 			default:
-				// Rule 9: the destroy was lost; the row stays stopping
-				// until the agent no longer reports the sandbox.
-				out = append(out, Action{Kind: RetryDestroy, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: status.Stopping, To: status.Stopping, Seen: r.LastUpdated,
+				// Rule 9: the destroy was lost. Re-sent; once the agent
+				// accepts it, the row goes stopping -> stopped.
+				out = append(out, Action{Kind: RetryDestroy, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: status.Stopping, To: status.Stopped, Seen: r.LastUpdated,
 					Audit: &Audit{Action: "destroy", Status: "warning", Reason: "destroy_retry"}})
 			}
 		}

@@ -113,9 +113,9 @@ func TestDecide(t *testing.T) {
 			[]want{{Transition, "stopped", "destroy", "warning", "transient_timeout_inferred", ""}}},
 		// Rule 9: a stuck destroy.
 		{"stopping alive past grace re-sends the destroy, destroy_retry", []Row{row(sbA, "stopping", old)}, agent(sbA, "running"),
-			[]want{{RetryDestroy, "stopping", "destroy", "warning", "destroy_retry", ""}}},
+			[]want{{RetryDestroy, "stopped", "destroy", "warning", "destroy_retry", ""}}},
 		{"stopping reported mid-transition past grace re-sends the destroy", []Row{row(sbA, "stopping", ancient)}, agent(sbA, "stopping"),
-			[]want{{RetryDestroy, "stopping", "destroy", "warning", "destroy_retry", ""}}},
+			[]want{{RetryDestroy, "stopped", "destroy", "warning", "destroy_retry", ""}}},
 		{"stopping alive within grace waits", []Row{row(sbA, "stopping", young)}, agent(sbA, "running"), nil},
 		{"grace boundary is exclusive", []Row{row(sbA, "starting", 2*time.Minute)}, agent(), nil},
 

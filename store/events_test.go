@@ -73,7 +73,7 @@ func TestEventWritersWaitForTheShardsEventsLock(t *testing.T) {
 		_, err := s.Apply(ctx, f, store.Batch{Changes: []store.Change{{Row: sb, To: "stopped", Audit: &store.Audit{
 			TeamID: team, ResourceType: "sandbox", ResourceID: "cl-x", Action: "destroy", Status: "warning",
 			Metadata: map[string]any{"reason": "orphaned"},
-			Event:    &store.Event{ID: uuid.New(), Name: "capsule.destroyed", Payload: "{}"}}}}})
+			Event:    &store.Event{ID: uuid.New(), Name: "capsule.destroy", Payload: "{}"}}}}})
 		done <- err
 	}()
 	waitAdvisory(t, s, done)

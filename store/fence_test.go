@@ -280,7 +280,10 @@ func TestMigrateConcurrentlyAndTwice(t *testing.T) {
 	errs := make([]error, 4)
 	for i := range errs {
 		wg.Add(1)
-		go func() { defer wg.Done(); errs[i] = store.Migrate(context.Background(), url, true) }()
+		go func() {
+			defer wg.Done()
+			errs[i] = store.Migrate(context.Background(), url, store.Schema{ControlPlane: true, Volumes: true})
+		}()
 	}
 	wg.Wait()
 	for _, err := range errs {
@@ -288,7 +291,7 @@ func TestMigrateConcurrentlyAndTwice(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := store.Migrate(context.Background(), url, true); err != nil {
+	if err := store.Migrate(context.Background(), url, store.Schema{ControlPlane: true, Volumes: true}); err != nil {
 		t.Fatalf("migrating an up-to-date database: %v", err)
 	}
 	s := open(t, url, 0)

@@ -13,6 +13,7 @@ import (
 type metrics struct {
 	statements prometheus.Counter
 	writes     *prometheus.CounterVec // result
+	volumes    prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -25,6 +26,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vigil_db_write_transactions_total",
 			Help: "Fenced write transactions by result (committed, fenced, failed).",
 		}, []string{"result"}),
+		volumes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vigil_volumes_table",
+			Help: "1 when the control plane's database has a volumes table, whose volumes vigil detaches from the sandboxes it stops (rule 11); 0 without one.",
+		}),
 	}
 	for _, r := range []string{"committed", "fenced", "failed"} {
 		m.writes.WithLabelValues(r)
@@ -32,7 +37,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.statements, m.writes} {
+	for _, c := range []prometheus.Collector{m.statements, m.writes, m.volumes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

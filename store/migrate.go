@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"embed"
+	"errors"
 	"fmt"
 	"io/fs"
 
@@ -13,26 +14,41 @@ import (
 //go:embed migrations
 var migrations embed.FS
 
-// Migrate brings the database schema up to date. With controlPlane set it
-// first creates the control plane's own tables (hosts, sandboxes, audit_logs)
-// if they are absent — for dev and tests only; a real deployment owns them.
-// vigil's own tables and triggers always follow.
+// Schema says which tables Migrate creates besides vigil's own.
+type Schema struct {
+	// ControlPlane creates the control plane's hosts, sandboxes and
+	// audit_logs tables when absent: for dev and tests only; a real
+	// deployment owns them.
+	ControlPlane bool
+	// Volumes, with ControlPlane, also creates the volumes table of newer
+	// control planes (rule 11).
+	Volumes bool
+}
+
+// Migrate brings the database schema up to date: first the control plane's
+// tables the schema asks for, then vigil's own tables and triggers.
 //
 // Migrate is safe to run from several replicas at once: each migration set
 // runs under a Postgres advisory lock and records its version in its own
 // table.
-func Migrate(ctx context.Context, databaseURL string, controlPlane bool) error {
+func Migrate(ctx context.Context, databaseURL string, schema Schema) error {
+	if schema.Volumes && !schema.ControlPlane {
+		return errors.New("migrate: the volumes table comes only with the control plane's tables")
+	}
 	conn, err := pgx.Connect(ctx, databaseURL)
 	if err != nil {
 		return fmt.Errorf("migrate: connect: %w", err)
 	}
 	defer conn.Close(context.Background())
-	sets := []struct{ dir, table string }{
-		{"migrations/vigil", "vigil_schema_version"},
+	type set struct{ dir, table string }
+	var sets []set
+	if schema.ControlPlane {
+		sets = append(sets, set{"migrations/controlplane", "vigil_dev_schema_version"})
 	}
-	if controlPlane {
-		sets = append([]struct{ dir, table string }{{"migrations/controlplane", "vigil_dev_schema_version"}}, sets...)
+	if schema.Volumes {
+		sets = append(sets, set{"migrations/volumes", "vigil_dev_volumes_version"})
 	}
+	sets = append(sets, set{"migrations/vigil", "vigil_schema_version"})
 	for _, set := range sets {
 		sub, err := fs.Sub(migrations, set.dir)
 		if err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -248,8 +249,10 @@ type Outcome struct {
 }
 
 // Apply runs b in one fenced transaction (see WithFence): the changes as one
-// statement (compare-and-set updates, their audit rows and journal rows), the
-// checks as one, the records as one. A compare-and-set that misses is not an
+// statement (compare-and-set updates, their audit, journal and outbox rows,
+// and when the database has a volumes table the volumes of the sandboxes
+// that became stopped or error detached: rule 11), the checks as one, the
+// records as one. A compare-and-set that misses is not an
 // error: Applied is false and nothing of it is written. An empty batch opens
 // no transaction. On error nothing was written; errors.Is(err, ErrFenced)
 // means the shard is lost.
@@ -261,14 +264,30 @@ func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Outcome, error) {
 	if b.empty() {
 		return out, nil
 	}
-	err := s.WithFence(ctx, f, func(tx pgx.Tx) error {
-		out = fresh()
+	vol := b.detaches() && s.Volumes(ctx)
+	err := s.apply(ctx, f, b, vol, &out, fresh)
+	if err != nil && vol && s.volumesGone(err) {
+		// The volumes table went away since the last look: look again and
+		// write the batch without it, rather than failing the pass.
+		vol = s.Volumes(ctx)
+		err = s.apply(ctx, f, b, vol, &out, fresh)
+	}
+	if err != nil {
+		return fresh(), err
+	}
+	return out, nil
+}
+
+// apply is Apply's one fenced transaction; out is reset at each attempt.
+func (s *Store) apply(ctx context.Context, f Fence, b Batch, vol bool, out *Outcome, fresh func() Outcome) error {
+	return s.WithFence(ctx, f, func(tx pgx.Tx) error {
+		*out = fresh()
 		if b.events() {
 			if err := lockEvents(ctx, tx, f.Shard); err != nil {
 				return err
 			}
 		}
-		if err := applyChanges(ctx, tx, f, b.Changes, out.Applied); err != nil {
+		if err := applyChanges(ctx, tx, f, b.Changes, out.Applied, vol); err != nil {
 			return err
 		}
 		if err := checkHeld(ctx, tx, b.Held, 0, out.Held); err != nil {
@@ -282,11 +301,31 @@ func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Outcome, error) {
 		}
 		return writeRecords(ctx, tx, f, b.Records)
 	})
-	if err != nil {
-		return fresh(), err
-	}
-	return out, nil
 }
+
+// detaches reports whether a change of b may detach volumes (rule 11): it
+// moves a sandbox to stopped or error.
+func (b Batch) detaches() bool {
+	for _, c := range b.Changes {
+		if detaching(c.To) {
+			return true
+		}
+	}
+	return false
+}
+
+// detaching reports whether a change to status detaches the sandbox's
+// volumes (rule 11).
+func detaching(to string) bool { return to == status.Stopped || to == status.Error }
+
+// detachVolumes is the CTE of applyChanges that detaches the volumes of the
+// sandboxes whose change to stopped or error matched (rule 11).
+const detachVolumes = `,
+		vol as (
+			update volumes v set status = 'detached', sandbox_id = null, mount_path = '', last_updated = now()
+			  from upd
+			 where upd.to_status in ('stopped', 'error') and v.sandbox_id = upd.id
+			   and v.status in ('attached', 'attaching'))`
 
 // lockEvents serialises the transactions that write one shard's events, so
 // their seq order is their commit order.
@@ -300,7 +339,10 @@ func lockEvents(ctx context.Context, tx pgx.Tx, shard int) error {
 // eventsLockSpace is the first key of the events' advisory locks.
 const eventsLockSpace = 0x76696731 // "vig1"
 
-func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied []bool) error {
+// applyChanges writes cs in one statement: the compare-and-set updates, and
+// for exactly the ones that matched their audit, journal and outbox rows,
+// and with volumes their volumes detached.
+func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied []bool, volumes bool) error {
 	if len(cs) == 0 {
 		return nil
 	}
@@ -334,11 +376,35 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 			}
 		}
 	}
-	// Rows are locked in id order (the input is sorted by the caller's
-	// pass order; the update's join decides the rest), one statement for
-	// everything: the compare-and-set updates, then audit and journal rows
-	// for exactly the updates that matched.
-	rows, err := tx.Query(ctx, `
+	q := applyChangesSQL
+	if volumes {
+		q = applyChangesVolumesSQL
+	}
+	rows, err := tx.Query(ctx, q,
+		idx, id, host, from, to, seen, aIdx, aTeam, aType, aRID, aAct, aSt, aMeta, f.Shard, f.Token, f.Replica,
+		eIdx, eID, eName, ePayload)
+	if err != nil {
+		return fmt.Errorf("store: apply %d changes: %w", n, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var i int32
+		if err := rows.Scan(&i); err != nil {
+			return fmt.Errorf("store: apply %d changes: %w", n, err)
+		}
+		applied[i] = true
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("store: apply %d changes: %w", n, err)
+	}
+	return nil
+}
+
+// applyChangesSQL: rows are locked in id order (the input is sorted by the
+// caller's pass order; the update's join decides the rest), one statement
+// for everything: the compare-and-set updates, then audit, journal and
+// outbox rows for exactly the updates that matched.
+const applyChangesSQL = `
 		with c as (
 			select * from unnest($1::int[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
 			           as c(idx, id, host_id, from_status, to_status, seen)),
@@ -363,26 +429,13 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 			insert into vigil_events (shard, vigil_id, event, payload)
 			select $14, e.id, e.name, e.payload
 			  from e join upd on upd.idx = e.idx
-			 order by e.ord)
-		select idx from upd`,
-		idx, id, host, from, to, seen, aIdx, aTeam, aType, aRID, aAct, aSt, aMeta, f.Shard, f.Token, f.Replica,
-		eIdx, eID, eName, ePayload)
-	if err != nil {
-		return fmt.Errorf("store: apply %d changes: %w", n, err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var i int32
-		if err := rows.Scan(&i); err != nil {
-			return fmt.Errorf("store: apply %d changes: %w", n, err)
-		}
-		applied[i] = true
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("store: apply %d changes: %w", n, err)
-	}
-	return nil
-}
+			 order by e.ord)` + applyChangesTail
+
+const applyChangesTail = `
+		select idx from upd`
+
+// applyChangesVolumesSQL is applyChangesSQL that also detaches volumes.
+var applyChangesVolumesSQL = strings.TrimSuffix(applyChangesSQL, applyChangesTail) + detachVolumes + applyChangesTail
 
 // checkHeld checks that rows are still as read, FOR SHARE; with a grace, also
 // that their destroy was not re-sent within it.
@@ -683,31 +736,44 @@ type PendingEvent struct {
 	Seq       int64
 	Event     Event
 	CreatedAt time.Time
+	// Legacy, for an event of a name in PendingEvents' legacy list (an
+	// earlier version's), says what its change was: the journal's change
+	// ("running->stopped", "destroyed_on_agent"), or when the journal row is
+	// gone "reason:" and the reason of its audit row; "" when neither is
+	// found.
+	Legacy string
 }
 
 // PendingEvents returns the shard's oldest pending events, at most limit, in
 // commit order, and with count how many are pending in all (a scan of the
 // whole backlog: once per relay run, not per batch), in one statement;
-// without count the total is -1.
-func (s *Store) PendingEvents(ctx context.Context, shard, limit int, count bool) ([]PendingEvent, int, error) {
-	q := `select seq, vigil_id, event, payload, created_at, -1
-	        from vigil_events where shard = $1
-	       order by seq limit $2`
+// without count the total is -1. Events named in legacy get their Legacy
+// field (one indexed lookup each; others none).
+func (s *Store) PendingEvents(ctx context.Context, shard, limit int, count bool, legacy []string) ([]PendingEvent, int, error) {
+	total := "-1"
 	if count {
-		q = `select seq, vigil_id, event, payload, created_at, count(*) over ()
-		       from vigil_events where shard = $1
-		      order by seq limit $2`
+		total = "count(*) over ()"
 	}
-	rows, err := s.pool.Query(ctx, q, shard, limit)
+	q := `select e.seq, e.vigil_id, e.event, e.payload, e.created_at, ` + total + `,
+	             case when e.event = any($3) then coalesce(
+	                 (select j.change from vigil_journal j
+	                   where j.shard = e.shard and j.written_at = e.created_at and j.event_id = e.vigil_id limit 1),
+	                 (select 'reason:' || (a.metadata->>'reason') from audit_logs a
+	                   where a.created_at = e.created_at and a.actor_type = 'system'
+	                     and a.resource_id = (e.payload::jsonb->'resource'->>'id') and a.metadata->>'reason' is not null limit 1),
+	                 '') else '' end
+	        from vigil_events e where e.shard = $1
+	       order by e.seq limit $2`
+	rows, err := s.pool.Query(ctx, q, shard, limit, legacy)
 	if err != nil {
 		return nil, 0, fmt.Errorf("store: read pending events of shard %d: %w", shard, err)
 	}
 	defer rows.Close()
 	var out []PendingEvent
-	total := 0
+	n := 0
 	for rows.Next() {
 		var p PendingEvent
-		if err := rows.Scan(&p.Seq, &p.Event.ID, &p.Event.Name, &p.Event.Payload, &p.CreatedAt, &total); err != nil {
+		if err := rows.Scan(&p.Seq, &p.Event.ID, &p.Event.Name, &p.Event.Payload, &p.CreatedAt, &n, &p.Legacy); err != nil {
 			return nil, 0, fmt.Errorf("store: read pending events of shard %d: %w", shard, err)
 		}
 		out = append(out, p)
@@ -715,7 +781,10 @@ func (s *Store) PendingEvents(ctx context.Context, shard, limit int, count bool)
 	if err := rows.Err(); err != nil {
 		return nil, 0, fmt.Errorf("store: read pending events of shard %d: %w", shard, err)
 	}
-	return out, total, nil
+	if len(out) == 0 && !count {
+		n = -1
+	}
+	return out, n, nil
 }
 
 // DeleteEvents removes published outbox rows of f's shard, under the fence.
@@ -764,8 +833,8 @@ func (s *Store) HostIDs(ctx context.Context) ([]uuid.UUID, error) {
 	return ids, nil
 }
 
-// TrimJournal deletes the shard's journal rows older than keep, under the
-// fence.
+// TrimJournal deletes the shard's journal rows and shadow changes older than
+// keep, under the fence.
 func (s *Store) TrimJournal(ctx context.Context, f Fence, keep time.Duration) (int64, error) {
 	var n int64
 	err := s.WithFence(ctx, f, func(tx pgx.Tx) error {
@@ -774,6 +843,10 @@ func (s *Store) TrimJournal(ctx context.Context, f Fence, keep time.Duration) (i
 			return err
 		}
 		n = tag.RowsAffected()
+		_, err = tx.Exec(ctx, `delete from vigil_shadow_changes where shard = $1 and at < now() - make_interval(secs => $2)`, f.Shard, keep.Seconds())
+		if err != nil {
+			return err
+		}
 		// Re-send times far past any grace (they are not per shard: any
 		// owner's trim takes them).
 		_, err = tx.Exec(ctx, `delete from vigil_destroy_retries where retried_at < now() - make_interval(secs => $1)`, keep.Seconds())

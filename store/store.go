@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,6 +33,10 @@ type Config struct {
 	StatementTimeout                time.Duration // default 5s
 	IdleInTransactionSessionTimeout time.Duration // default 3s
 	ApplicationName                 string        // default "vigil"
+	// VolumesRecheck is how often the schema is read again for the volumes
+	// table (rule 11), default DefaultVolumesRecheck, at most 5m.
+	VolumesRecheck time.Duration
+	Logger         hclog.Logger
 	// Registerer receives the store's metrics (see Open); nil means none.
 	Registerer prometheus.Registerer
 }
@@ -59,6 +64,15 @@ func (c *Config) Validate() error {
 	if c.ApplicationName == "" {
 		c.ApplicationName = "vigil"
 	}
+	if c.VolumesRecheck == 0 {
+		c.VolumesRecheck = DefaultVolumesRecheck
+	}
+	if c.VolumesRecheck < 0 || c.VolumesRecheck > 5*time.Minute {
+		return fmt.Errorf("store: volumes recheck %s must be positive and at most 5m", c.VolumesRecheck)
+	}
+	if c.Logger == nil {
+		c.Logger = hclog.NewNullLogger()
+	}
 	for name, d := range map[string]time.Duration{"lock_timeout": c.LockTimeout, "statement_timeout": c.StatementTimeout, "idle_in_transaction_session_timeout": c.IdleInTransactionSessionTimeout} {
 		if d < time.Millisecond {
 			return fmt.Errorf("store: %s %s must be at least 1ms", name, d)
@@ -66,6 +80,10 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
+
+// DefaultVolumesRecheck is how often the schema is read again for the
+// volumes table.
+const DefaultVolumesRecheck = time.Minute
 
 // SessionTimeoutsFor derives the owner-session timeouts from the etcd lease
 // TTL: each a fraction of it, so a paused owner's session is killed (and its
@@ -79,8 +97,11 @@ func SessionTimeoutsFor(leaseTTL time.Duration) (lock, statement, idle time.Dura
 
 // Store is a Postgres pool plus vigil's queries.
 type Store struct {
-	pool *pgxpool.Pool
-	m    *metrics
+	pool    *pgxpool.Pool
+	m       *metrics
+	log     hclog.Logger
+	recheck time.Duration
+	vol     volumesProbe
 }
 
 // Open connects a pool. Every connection runs with the configured session
@@ -88,6 +109,10 @@ type Store struct {
 //
 //	vigil_db_statements_total                 statements sent (begin and commit included)
 //	vigil_db_write_transactions_total{result} fenced write transactions: committed, fenced, failed
+//	vigil_volumes_table                       1 when the database has a volumes table (rule 11)
+//
+// It then reads the schema for the volumes table; a failed look is retried
+// at the first write.
 func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -114,7 +139,9 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: connect: %w", err)
 	}
-	return &Store{pool: pool, m: m}, nil
+	s := &Store{pool: pool, m: m, log: cfg.Logger, recheck: cfg.VolumesRecheck}
+	s.Volumes(ctx)
+	return s, nil
 }
 
 func ms(d time.Duration) string { return strconv.FormatInt(d.Milliseconds(), 10) }
@@ -204,4 +231,13 @@ func (s *Store) WithFence(ctx context.Context, f Fence, fn func(tx pgx.Tx) error
 	})
 	s.m.writeTx(err)
 	return err
+}
+
+// Now is the database clock.
+func (s *Store) Now(ctx context.Context) (time.Time, error) {
+	var t time.Time
+	if err := s.pool.QueryRow(ctx, `select now()`).Scan(&t); err != nil {
+		return t, fmt.Errorf("store: read the clock: %w", err)
+	}
+	return t, nil
 }

@@ -60,6 +60,8 @@ var flagFor = map[string]string{
 	"CertFile":          "tls-cert-file",
 	"KeyFile":           "tls-key-file",
 	"Latency":           "latency",
+	"MonitorInterval":   "monitor-interval",
+	"MishapsPerSecond":  "mishaps",
 }
 
 // envName is a flag's environment twin: --churn-step-delay is
@@ -95,6 +97,8 @@ func parseFlags(args []string, lookupEnv func(string) (string, bool), stderr io.
 	fs.StringVar(&c.CertFile, "tls-cert-file", "", "mutual TLS: PEM serving certificate; if it is a CA, each host gets a certificate for its own IP minted from it")
 	fs.StringVar(&c.KeyFile, "tls-key-file", "", "mutual TLS: PEM private key of --tls-cert-file")
 	fs.DurationVar(&c.Latency, "latency", 0, "delay of every agent answer, on top of a fault mode's own (e.g. 2ms)")
+	fs.DurationVar(&c.MonitorInterval, "monitor-interval", 0, "also run the control plane's own monitor loop (the one vigil replaces) at this period, for a shadow cutover; 0 does not")
+	fs.Float64Var(&c.MishapsPerSecond, "mishaps", 0, "mishaps per second for the reconcile rules to meet: VMs that vanish, lost destroys, creates cut short, unannounced pauses, zombies, host outages; 0 disables")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.Usage = func() {

@@ -44,6 +44,8 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	agentTLS := fs.Bool("agent-tls", false, "run the agents and the replicas over mutual TLS with a throwaway CA made for this run")
 	eventsURL := fs.String("events-redis-url", "redis://127.0.0.1:6379/0", "Redis for the notification events, used when it answers (empty: events off)")
 	eventsStream := fs.String("events-stream", "vigil-dev:events", "stream key of the dev cluster's events")
+	mishaps := fs.Float64("mishaps", 0.2, "mishaps per second for the rules to meet: VMs that vanish, lost destroys, creates cut short, unannounced pauses, zombies, host outages")
+	shadow := fs.Bool("shadow", false, "a shadow cutover: the agent simulator also runs the control plane's own monitor loop, and the replicas run with --shadow beside it (recording instead of changing); compare with vigil shadow-report")
 	if err := cli.Parse(fs, args); err != nil {
 		return usageErr(err)
 	}
@@ -58,7 +60,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	if err := createDatabase(ctx, *dbURL); err != nil {
 		return err
 	}
-	if err := store.Migrate(ctx, *dbURL, true); err != nil {
+	if err := store.Migrate(ctx, *dbURL, store.Schema{ControlPlane: true, Volumes: true}); err != nil {
 		return err
 	}
 	log.Info("database ready", "url", *dbURL)
@@ -84,7 +86,12 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	simCfg := agentsim.Config{
 		DatabaseURL: *dbURL, Hosts: *hosts, SandboxesPerHost: *sandboxes, ChurnPerSecond: *churn,
 		ChurnStepDelay: 500 * time.Millisecond, SharedFraction: 0.2, HeartbeatInterval: 5 * time.Second,
-		Logger: log.Named("agentsim"), Seed: 1, // the same hosts on every run
+		MishapsPerSecond: *mishaps, Logger: log.Named("agentsim"), Seed: 1, // the same hosts on every run
+	}
+	unreachableAfter := 30 * time.Second // quick, for a demo
+	if *shadow {
+		// Beside the control plane's monitor both must judge staleness alike.
+		simCfg.MonitorInterval, unreachableAfter = *interval, 90*time.Second
 	}
 	var pki devcerts.Files
 	if *agentTLS {
@@ -133,6 +140,9 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 
 	redisURL := *eventsURL
+	if *shadow {
+		redisURL = "" // shadow mode publishes nothing
+	}
 	if redisURL != "" {
 		if err := pingRedis(ctx, redisURL); err != nil {
 			log.Warn("Redis does not answer: events off", "url", redisURL, "error", err)
@@ -144,11 +154,12 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		c := replicaConfig{
 			EtcdEndpoints: endpoint, EtcdPrefix: "/vigil", DatabaseURL: *dbURL, DBMaxConns: 8,
 			Cluster: *cluster, ReplicaID: fmt.Sprintf("dev-%d-%s", i+1, randSuffix()), Shards: *shards,
-			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: 30 * time.Second,
+			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: unreachableAfter,
 			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, AgentConcurrency: 128,
 			JournalRetention: 24 * time.Hour, HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)),
 			AgentMaxBytes: 4 << 20, AgentMaxIdle: 3500, AgentTLSSessions: 16384, // AgentTimeout 0: derived from the TTL
-			EventsRedisURL: redisURL, EventsStream: *eventsStream, EventsMarkerTTL: 24 * time.Hour, EventsBatch: 100,
+			EventsRedisURL: redisURL, EventsStream: *eventsStream, EventsMirror: events.DefaultMirror, EventsMarkerTTL: 24 * time.Hour, EventsBatch: 100,
+			Shadow: *shadow,
 		}
 		if *agentTLS {
 			c.AgentCAFile, c.AgentCertFile, c.AgentKeyFile = pki.CA, pki.ClientCert, pki.ClientKey
@@ -173,10 +184,10 @@ vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s, 
   one host:   go run ./cmd/vigil owner <host-uuid> --etcd-endpoints=%s --cluster=%s
   agents:     curl http://%s/hosts   (POST /hosts/<id>/mode {"kind":"dead"} to kill one)
   database:   psql '%s'
-  events:     %s
+  events:     %s%s
 
 Ctrl-C stops everything.
-`, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL, eventsLine(redisURL, *eventsStream))
+`, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL, eventsLine(redisURL, *eventsStream), shadowLine(*shadow, *dbURL))
 
 	var first error
 	select {
@@ -188,6 +199,13 @@ Ctrl-C stops everything.
 	wg.Wait()
 	log.Info("dev cluster stopped")
 	return first
+}
+
+func shadowLine(shadow bool, dbURL string) string {
+	if !shadow {
+		return ""
+	}
+	return fmt.Sprintf("\n  shadow:     the control plane's monitor changes, the replicas record; compare with\n              go run ./cmd/vigil shadow-report --since 10m --database-url '%s'", dbURL)
 }
 
 func eventsLine(url, stream string) string {

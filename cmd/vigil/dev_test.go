@@ -60,7 +60,7 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 		rdb.Close()
 	})
 	cmd := exec.Command(bin, "dev", "--agent-tls", "--hosts", "20", "--replicas", "2", "--shards", "16",
-		"--interval", "500ms", "--lease-ttl", "2s", "--churn", "0",
+		"--interval", "500ms", "--lease-ttl", "2s", "--churn", "0", "--mishaps", "0",
 		"--database-url", dbURL, "--events-stream", stream,
 		"--etcd-client-addr", freePort(t), "--etcd-peer-addr", freePort(t),
 		"--http-base-port", strconv.Itoa(base), "--agentsim-admin-addr", freePort(t))
@@ -116,7 +116,7 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 	if !strings.Contains(out.String(), "XRANGE "+stream+" - +") {
 		t.Errorf("banner lacks the XRANGE line of the events stream:\n%s", out.Tail(40))
 	}
-	// An orphan row: the dev cluster stops it and publishes capsule.destroyed.
+	// An orphan row: the dev cluster stops it and publishes capsule.destroy.
 	db, err := pgx.Connect(context.Background(), dbURL)
 	if err != nil {
 		t.Fatal(err)
@@ -134,7 +134,7 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no capsule.destroyed for the orphan in %s after 20s (%d entries)\n%s", stream, len(msgs), out.Tail(40))
+			t.Fatalf("no capsule.destroy for the orphan in %s after 20s (%d entries)\n%s", stream, len(msgs), out.Tail(40))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

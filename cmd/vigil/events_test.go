@@ -120,7 +120,7 @@ func (er *eventsRun) waitDrained(what string) {
 
 func TestEventsExactlyOnceUnderFaults(t *testing.T) {
 	h := newHarness(t, 16)
-	w := startWorkload(t, h, 32) // a new orphan every 50 ms: capsule.destroyed events all along
+	w := startWorkload(t, h, 32) // a new orphan every 50 ms: capsule.destroy events all along
 	er := newEventsRun(t, h)
 	ctx := context.Background()
 

@@ -25,13 +25,14 @@ func commands() []command {
 		{"shards", "print shard ownership from etcd", runShards},
 		{"owner", "print the shard and owner of one host", runOwner},
 		{"migrate", "create or update vigil's tables (and, with --control-plane-tables, the control plane's for dev)", runMigrate},
+		{"shadow-report", "compare what shadow mode would have changed with the control plane's own monitor", runShadowReport},
 	}
 }
 
 func usage(w io.Writer) {
 	fmt.Fprintf(w, "Usage: vigil <command> [flags]\n\nCommands:\n")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.synopsis)
+		fmt.Fprintf(w, "  %-14s %s\n", c.name, c.synopsis)
 	}
 	fmt.Fprintf(w, "\nRun 'vigil <command> -h' for a command's flags.\n")
 }

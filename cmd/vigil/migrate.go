@@ -13,6 +13,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs := cli.NewFlagSet("vigil migrate", "Create or update vigil's own tables and triggers. Safe to run from several replicas at once.", stderr)
 	dbURL := fs.String("database-url", "", "Postgres URL of the control plane's database (required)")
 	controlPlane := fs.Bool("control-plane-tables", false, "also create the control plane's hosts, sandboxes and audit_logs tables when absent (dev and tests only)")
+	volumes := fs.Bool("volumes-table", false, "with --control-plane-tables, also create the volumes table of newer control planes (dev and tests only)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: trace, debug, info, warn, error")
 	if err := cli.Parse(fs, args); err != nil {
@@ -25,10 +26,13 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if *dbURL == "" {
 		return usageErr(fmt.Errorf("--database-url (or $VIGIL_DATABASE_URL) is required"))
 	}
-	if err := store.Migrate(ctx, *dbURL, *controlPlane); err != nil {
+	if *volumes && !*controlPlane {
+		return usageErr(fmt.Errorf("--volumes-table needs --control-plane-tables"))
+	}
+	if err := store.Migrate(ctx, *dbURL, store.Schema{ControlPlane: *controlPlane, Volumes: *volumes}); err != nil {
 		return err
 	}
-	log.Info("schema up to date", "control_plane_tables", *controlPlane)
+	log.Info("schema up to date", "control_plane_tables", *controlPlane, "volumes_table", *volumes)
 	return nil
 }
 

@@ -66,8 +66,10 @@ type replicaConfig struct {
 	AgentKeyFile     string
 	EventsRedisURL   string
 	EventsStream     string
+	EventsMirror     string
 	EventsMarkerTTL  time.Duration
 	EventsBatch      int
+	Shadow           bool
 }
 
 func defaultReplicaID() string {
@@ -118,8 +120,10 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.AgentKeyFile, "agent-key-file", "", "client key for agent mutual TLS")
 	fs.StringVar(&c.EventsRedisURL, "events-redis-url", "", "redis:// or rediss:// URL (user and password for AUTH/ACL in it) of the control plane's Redis: each change's notification event reaches its stream exactly once; empty turns events off")
 	fs.StringVar(&c.EventsStream, "events-stream", events.DefaultStream, "stream key the control plane's dispatcher reads")
+	fs.StringVar(&c.EventsMirror, "events-sse-channel", events.DefaultMirror, "Pub/Sub channel the control plane's dashboard listens on: each event appended to the stream is PUBLISHed there too; empty turns the mirror off")
 	fs.DurationVar(&c.EventsMarkerTTL, "events-marker-ttl", events.DefaultMarkerTTL, "how long a published event's id is remembered in Redis: a republish within it is dropped (it must outlast a crash and the failover after it)")
 	fs.IntVar(&c.EventsBatch, "events-batch", 100, "events published per Redis round trip")
+	fs.BoolVar(&c.Shadow, "shadow", false, "shadow mode, for a cutover beside the control plane's own monitor: own shards, read, ask the agents and decide as usual, but record each change in vigil_shadow_changes instead of making it (no control-plane row, audit row, DestroySandbox, event or volume is touched); compare with `vigil shadow-report`")
 }
 
 func (c *replicaConfig) validate() error {
@@ -390,7 +394,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	st, err := store.Open(ctx, store.Config{
 		URL: c.DatabaseURL, MaxConns: int32(c.DBMaxConns),
 		LockTimeout: lockT, StatementTimeout: stmtT, IdleInTransactionSessionTimeout: idleT,
-		ApplicationName: "vigil " + c.ReplicaID, Registerer: reg,
+		ApplicationName: "vigil " + c.ReplicaID, Registerer: reg, Logger: log.Named("store"),
 	})
 	if err != nil {
 		return err
@@ -409,16 +413,19 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	mcfg := monitor.Config{
 		Rules:            monitor.Rules{TransientGrace: c.TransientGrace, SnapshotGrace: c.SnapshotGrace},
 		UnreachableAfter: c.UnreachableAfter, AgentConcurrency: c.AgentConcurrency,
-		RelayBatch: c.EventsBatch, Logger: log.Named("reconcile"), Registerer: reg,
+		RelayBatch: c.EventsBatch, Shadow: c.Shadow, Logger: log.Named("reconcile"), Registerer: reg,
 	}
-	if c.EventsRedisURL != "" {
-		pub, err := events.New(events.Config{URL: c.EventsRedisURL, Stream: c.EventsStream, MarkerTTL: c.EventsMarkerTTL})
+	switch {
+	case c.Shadow:
+		log.Warn("shadow mode: changes are recorded in vigil_shadow_changes, not made; compare with vigil shadow-report", "events", "off")
+	case c.EventsRedisURL != "":
+		pub, err := events.New(events.Config{URL: c.EventsRedisURL, Stream: c.EventsStream, Mirror: c.EventsMirror, MarkerTTL: c.EventsMarkerTTL})
 		if err != nil {
 			return usageErr(fmt.Errorf("--events-redis-url: %w", err))
 		}
 		defer pub.Close()
 		mcfg.Publisher = pub
-		log.Info("events on", "stream", c.EventsStream)
+		log.Info("events on", "stream", c.EventsStream, "mirror", c.EventsMirror)
 	}
 	rec, err := monitor.New(mcfg, st, pool)
 	if err != nil {

@@ -43,6 +43,9 @@ func ParseSandbox(s string) (uuid.UUID, error) { return parse(SandboxPrefix, s) 
 // ParseHost parses a "host-..." identifier.
 func ParseHost(s string) (uuid.UUID, error) { return parse(HostPrefix, s) }
 
+// ParseTeam parses a "team-..." identifier.
+func ParseTeam(s string) (uuid.UUID, error) { return parse(TeamPrefix, s) }
+
 func encode(u uuid.UUID) string {
 	// The value as two 64-bit halves; repeated division by 36.
 	hi := uint64(u[0])<<56 | uint64(u[1])<<48 | uint64(u[2])<<40 | uint64(u[3])<<32 |

@@ -32,10 +32,17 @@ func AdminURL() string {
 // and vigil's) and returns its URL. The database is dropped at cleanup.
 func New(t testing.TB) string {
 	t.Helper()
+	return NewSchema(t, store.Schema{ControlPlane: true})
+}
+
+// NewSchema is New with the control plane's tables schema asks for (e.g. a
+// newer control plane's volumes table).
+func NewSchema(t testing.TB, schema store.Schema) string {
+	t.Helper()
 	dbURL := NewEmpty(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	if err := store.Migrate(ctx, dbURL, true); err != nil {
+	if err := store.Migrate(ctx, dbURL, schema); err != nil {
 		t.Fatalf("pgtest: migrate: %v", err)
 	}
 	return dbURL
