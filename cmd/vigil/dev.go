@@ -187,7 +187,7 @@ vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s, 
   events:     %s%s
 
 Ctrl-C stops everything.
-`, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL, eventsLine(redisURL, *eventsStream), shadowLine(*shadow, *dbURL))
+`, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL, eventsLine(redisURL, *eventsStream, *shadow), shadowLine(*shadow, *dbURL))
 
 	var first error
 	select {
@@ -208,8 +208,11 @@ func shadowLine(shadow bool, dbURL string) string {
 	return fmt.Sprintf("\n  shadow:     the control plane's monitor changes, the replicas record; compare with\n              go run ./cmd/vigil shadow-report --since 10m --database-url '%s'", dbURL)
 }
 
-func eventsLine(url, stream string) string {
-	if url == "" {
+func eventsLine(url, stream string, shadow bool) string {
+	switch {
+	case shadow:
+		return "off (shadow mode publishes nothing)"
+	case url == "":
 		return "off (no Redis)"
 	}
 	return fmt.Sprintf("redis-cli -u %s XRANGE %s - +", url, stream)
