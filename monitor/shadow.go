@@ -69,10 +69,10 @@ func (m *shadowMemory) hostsRead(rd store.Read, decided map[uuid.UUID]bool, reas
 		if s.status != "" && s.status != status.HostUnreachable && now.Sub(s.statusAt) < shadowReplayWindow &&
 			h.Status == status.HostUnreachable && h.Stale {
 			c := store.ShadowChange{Host: h.ID, From: s.status, To: status.HostUnreachable, Basis: s.statusAt, Replayed: true}
-			if h.TeamID.Valid {
+			if h.TeamID.Valid { // a shared host's is silent: never compared
 				c.Action, c.Reason = "marked_down", reason
+				out = append(out, c)
 			}
-			out = append(out, c)
 		}
 		s.status, s.statusAt = h.Status, now
 		if decided[h.ID] {
@@ -120,7 +120,8 @@ func (m *shadowMemory) rowsDecided(rules Rules, h uuid.UUID, rows []Row, acts []
 			for _, a := range Decide(rules, []Row{p}, rep, now) {
 				c := shadowChange(h, a)
 				c.Replayed = true
-				if a.Kind != DestroyOnAgent && !seen[c] {
+				// A silent change is never compared: no replay of one.
+				if a.Kind != DestroyOnAgent && a.Audit != nil && !seen[c] {
 					seen[c] = true
 					out = append(out, c)
 				}
