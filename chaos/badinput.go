@@ -136,7 +136,7 @@ func (w *workload) startBadInput() {
 
 // badOnce writes one piece of bad input.
 func (w *workload) badOnce(ctx context.Context) error {
-	switch k := w.intn(10); k {
+	switch k := w.intn(11); k {
 	case 0, 1: // a sandbox moved to another host mid-pass
 		var id, from uuid.UUID
 		err := w.e.db.QueryRow(ctx, `select id, host_id from sandboxes where host_id = any($1) and status = 'running' order by random() limit 1`, w.hosts).Scan(&id, &from)
@@ -262,11 +262,19 @@ func (w *workload) badOnce(ctx context.Context) error {
 		}
 		// The VM ran when the row went stopping, and nothing but vigil's
 		// re-sent destroy removes it now: the host is quarantined (no host
-		// faults) and churn acts only on running or paused rows.
+		// faults but the one below) and churn acts only on running or
+		// paused rows. Half the time its agent refuses every destroy for
+		// a while (rule 9: re-sent at most once per grace while refused).
+		refusing := w.float() < 0.5
 		w.mu.Lock()
-		w.bad.stuck[id] = stuckRow{host: h, at: time.Now()}
+		w.bad.stuck[id] = stuckRow{host: h, at: time.Now(), refusing: refusing}
 		w.mu.Unlock()
+		if refusing {
+			w.refuseDestroys(h)
+		}
 		w.count("bad input: lost destroy (stopping row, VM alive)")
+	case 10:
+		return w.lostTransient(ctx)
 	case 8, 9:
 		// a restored temporary change, so hosts come and go
 		w.mu.Lock()
@@ -286,6 +294,72 @@ func (w *workload) badOnce(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// lostTransient is a control-plane operation whose agent side was lost: a
+// create never booted (row starting, no VM), a resume or a pause whose VM
+// vanished (row resuming or pausing, no VM). Past the transient grace vigil
+// moves the row to error (create, resume: capsule.create, capsule.resume,
+// its volumes detached) or to paused (capsule.pause): rule 6, and the
+// events no other input makes.
+func (w *workload) lostTransient(ctx context.Context) error {
+	switch w.intn(3) {
+	case 0:
+		h := w.randomHost()
+		if w.excludedHost(h) {
+			return nil
+		}
+		if err := w.insertSandbox(ctx, h, uuid.New(), w.teams[w.intn(len(w.teams))]); err != nil {
+			return err
+		}
+		w.count("bad input: lost create (starting row, no VM)")
+		return nil
+	case 1:
+		return w.loseVM(ctx, status.Paused, status.Resuming, "bad input: lost resume (resuming row, VM gone)")
+	}
+	return w.loseVM(ctx, status.Running, status.Pausing, "bad input: lost pause (pausing row, VM gone)")
+}
+
+// loseVM moves a row from -> via as the control plane does, and its VM
+// vanishes from the agent.
+func (w *workload) loseVM(ctx context.Context, from, via, what string) error {
+	id, h, ok := w.sandboxOn(ctx, w.hosts, from)
+	if !ok || w.excludedHost(h) || vmStatus(w.sim.VMs(h), id) != from {
+		return nil
+	}
+	w.mu.Lock()
+	if w.busy[id] {
+		w.mu.Unlock()
+		return nil
+	}
+	w.busy[id] = true // the churn leaves it alone meanwhile
+	w.mu.Unlock()
+	defer func() {
+		w.mu.Lock()
+		delete(w.busy, id)
+		w.mu.Unlock()
+	}()
+	if err := w.cas(ctx, id, from, via); err != nil {
+		return nil
+	}
+	if err := w.sim.RemoveVM(h, id); err != nil {
+		return err
+	}
+	w.count(what)
+	return nil
+}
+
+// refuseDestroys makes a stuck row's agent refuse every DestroySandbox for
+// two and a half transient graces (two or three re-sends); the host-fault
+// loop heals it then, like any host fault.
+func (w *workload) refuseDestroys(h uuid.UUID) {
+	if err := w.sim.SetMode(h, agentsim.Mode{Kind: agentsim.ModeRefuseDestroy}); err != nil {
+		return
+	}
+	w.mu.Lock()
+	w.faulty[h] = hostFault{kind: agentsim.ModeRefuseDestroy, until: time.Now().Add(w.e.cfg.TransientGrace * 5 / 2)}
+	w.mu.Unlock()
+	w.count("bad input: lost destroy on an agent refusing destroys")
 }
 
 // quarantine takes an agentsim host out of the checks (and out of the host

@@ -117,7 +117,7 @@ func TestEventChecks(t *testing.T) {
 	if !rep.EventsOn {
 		t.Fatalf("vigil has events but the run's event checks are off: %s", rep.Events)
 	}
-	for _, c := range []string{vEventsLost, vEventsDup, vEventsSpur, vEventsBad, vEventsOrder} {
+	for _, c := range []string{vEventsLost, vEventsDup, vEventsSpur, vEventsBad, vEventsOrder, vMirror} {
 		if n := rep.Count(c); n > 0 {
 			t.Errorf("%s: %d", c, n)
 		}
@@ -134,7 +134,7 @@ func TestEventChecks(t *testing.T) {
 	if len(rep.EventDelaysOutage) == 0 {
 		t.Errorf("no event waited through a Redis outage")
 	}
-	t.Logf("events: %d committed, %d published, max backlog age %s", rep.EventsCommitted, rep.EventsPublished, ms(pct(rep.EventDelays, 1)))
+	t.Logf("events: %d committed, %d published, max backlog age %s; mirror: %s", rep.EventsCommitted, rep.EventsPublished, ms(pct(rep.EventDelays, 1)), rep.Mirror)
 }
 
 func TestMain(m *testing.M) {

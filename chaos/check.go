@@ -252,103 +252,223 @@ func (m rulesModel) lostTransitions(fs finalState, skip map[uuid.UUID]bool) (los
 // stuckRow is a sandbox whose destroy the harness made the control plane
 // lose: the row set stopping while its VM ran on.
 type stuckRow struct {
-	host uuid.UUID
-	at   time.Time // just after the row went stopping
+	host     uuid.UUID
+	at       time.Time // just after the row went stopping
+	refusing bool      // its agent refused every destroy for a while (agentsim's refuse-destroy)
+}
+
+// destroyAudit is a sandbox's destroy audit row that finishes a stopping
+// row: reason destroy_retry (rule 9) or transient_timeout_inferred (rule 6).
+type destroyAudit struct {
+	reason string
+	txid   int64
+	at     time.Time // created_at: its transaction's start
+}
+
+// retryClaim is a re-send of a stuck destroy as vigil's fenced check
+// claimed it (vigil_destroy_retries), before the DestroySandbox went out.
+type retryClaim struct {
+	at          time.Time // retried_at: the claiming transaction's start
+	committedAt time.Time
+}
+
+// rule9History is what the stuck-destroy check reads.
+type rule9History struct {
+	stuck    map[uuid.UUID]stuckRow
+	journal  []journalRow                           // commit order
+	audits   map[uuid.UUID][]destroyAudit           // by sandbox, oldest first
+	claims   map[uuid.UUID][]retryClaim             // committed claims by sandbox, oldest first
+	accepted map[uuid.UUID][]agentsim.DestroyRecord // by host: the agents' accepted DestroySandbox calls
+	rejected map[uuid.UUID][]agentsim.DestroyRecord // by host: refused and stale-fence ones
+	grace    time.Duration
 }
 
 // rule9Stats are the figures of the stuck destroys.
 type rule9Stats struct {
-	stuck, resent, stopped, dissolved, audits, withinGrace int
+	stuck, refusing, dissolved         int // rows with a lost destroy; of them on a refusing agent; moved on (missing) first
+	claims, accepted, refused, stale   int // re-sends claimed; DestroySandbox calls the agents accepted, refused, rejected for a stale token
+	stoppedRetry, stoppedRule6, audits int // stopped with destroy_retry; by rule 6 after an accepted re-send; destroy_retry rows
+	withinGrace                        int // calls reaching an agent within a grace of the previous (a deposed owner's late call)
+}
+
+// rule9Slack absorbs the two clocks (the database's and the harness's, on
+// one machine) and the scheduling between a call and its record.
+const rule9Slack = 500 * time.Millisecond
+
+// accepted reports whether the agent took the destroy (not_found counts).
+func destroyAccepted(d agentsim.DestroyRecord) bool {
+	return d.Result == agentsim.DestroyDestroyed || d.Result == agentsim.DestroyNotFound
 }
 
 // stuckDestroys judges SPEC §2 rule 9 on the rows whose destroy was lost
 // (the final state's side, a stopping row still alive on its agent past the
-// grace, is the lost-transition check's): the destroy is re-sent only once
-// the row is past the transient grace; the row reaches stopped (rule 6)
-// only after its agent accepted the re-sent destroy, since nothing else
-// removes that VM; and every destroy_retry audit row stands for a destroy
-// its agent accepted. A stuck row the passive rule moved to missing (its
-// host went unreachable) is no longer stuck and is not judged here.
-func stuckDestroys(stuck map[uuid.UUID]stuckRow, journal []journalRow, destroys map[uuid.UUID][]agentsim.DestroyRecord,
-	retries map[uuid.UUID][]time.Time, grace time.Duration) (bad []string, st rule9Stats) {
-	accepted := map[string][]agentsim.DestroyRecord{} // wire sandbox id -> accepted destroys, oldest first
-	for _, h := range sortedKeys(destroys, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
-		for _, d := range destroys[h] {
-			accepted[d.Sandbox] = append(accepted[d.Sandbox], d)
+// grace, is the lost-transition check's):
+//   - the destroy is re-sent only once the row is past the transient grace,
+//     each re-send claimed (fenced) at least a grace after the previous
+//     claim, and every call that reached the agent stands for a claim of its
+//     own: at most once per grace, refused or not;
+//   - the row reaches stopped only after its agent accepted a re-sent
+//     destroy (nothing else removes that VM): in the transaction that wrote
+//     its one destroy_retry audit row, after the destroy the last claim sent
+//     was accepted, or by rule 6 (transient_timeout_inferred) once the VM
+//     was gone (a re-send accepted, its commit lost with its owner);
+//   - every destroy_retry audit row is in the transaction of its sandbox's
+//     stopping -> stopped, one per stop, after a destroy its agent accepted.
+//
+// A stuck row the passive rule moved to missing (its host went unreachable)
+// is no longer stuck and is not judged here.
+func stuckDestroys(in rule9History) (bad []string, st rule9Stats) {
+	calls := map[string][]agentsim.DestroyRecord{} // wire sandbox id -> calls that reached its agent, oldest first
+	for _, m := range []map[uuid.UUID][]agentsim.DestroyRecord{in.accepted, in.rejected} {
+		for _, ds := range m {
+			for _, d := range ds {
+				calls[d.Sandbox] = append(calls[d.Sandbox], d)
+			}
 		}
 	}
-	for _, ds := range accepted {
+	for _, ds := range calls {
 		sort.SliceStable(ds, func(i, j int) bool { return ds[i].Time.Before(ds[j].Time) })
 	}
-	const slack = 500 * time.Millisecond
-	firstChange := map[uuid.UUID]journalRow{} // the first change vigil committed to each stuck row after it went stopping
-	for _, r := range journal {
-		if !r.sandbox.Valid {
-			continue
-		}
-		if _, ok := stuck[r.sandbox.UUID]; !ok {
-			continue
-		}
-		if _, ok := firstChange[r.sandbox.UUID]; !ok && strings.HasPrefix(r.change, "stopping->") {
-			firstChange[r.sandbox.UUID] = r
-		}
-	}
-	st.stuck = len(stuck)
-	for _, id := range sortedKeys(stuck, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
-		sr := stuck[id]
-		wire := ids.Sandbox(id)
-		ch, changed := firstChange[id]
-		if changed && ch.change != "stopping->"+status.Stopped {
-			st.dissolved++
-			continue
-		}
-		var destroyed *agentsim.DestroyRecord
-		var prev time.Time
-		for i, d := range accepted[wire] {
-			if !prev.IsZero() && d.Time.Sub(prev) < grace-slack {
-				st.withinGrace++
-			}
-			prev = d.Time
-			if d.Result == agentsim.DestroyDestroyed && destroyed == nil {
-				destroyed = &accepted[wire][i]
-			}
-		}
-		if destroyed != nil {
-			st.resent++
-			if early := destroyed.Time.Sub(sr.at); early < grace-slack {
-				bad = append(bad, fmt.Sprintf("%s %s: destroy re-sent %s after the row went stopping, within the transient grace of %s",
-					ids.Host(sr.host), wire, early.Round(time.Millisecond), grace))
-			}
-		}
-		if changed {
-			st.stopped++
-			switch {
-			case destroyed == nil:
-				bad = append(bad, fmt.Sprintf("%s %s: stopping row stopped by %s (journal seq %d) while its VM was alive: no re-sent destroy was accepted by its agent",
-					ids.Host(sr.host), wire, ch.replica, ch.seq))
-			case ch.committedAt.Before(destroyed.Time):
-				bad = append(bad, fmt.Sprintf("%s %s: stopping row stopped by %s at %s, before its agent accepted the re-sent destroy at %s",
-					ids.Host(sr.host), wire, ch.replica, ch.committedAt.Format("15:04:05.000"), destroyed.Time.Format("15:04:05.000")))
+	first := map[uuid.UUID]journalRow{} // the first change vigil committed to each stuck row after it went stopping
+	for _, r := range in.journal {
+		if _, ok := in.stuck[r.sandbox.UUID]; ok && r.sandbox.Valid && strings.HasPrefix(r.change, "stopping->") {
+			if _, seen := first[r.sandbox.UUID]; !seen {
+				first[r.sandbox.UUID] = r
 			}
 		}
 	}
-	for _, id := range sortedKeys(retries, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+	st.stuck = len(in.stuck)
+	for _, id := range sortedKeys(in.stuck, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
+		bad = append(bad, in.judgeStuck(id, calls[ids.Sandbox(id)], first, &st)...)
+	}
+	bad = append(bad, in.retryAuditsTied(calls, &st)...)
+	return bad, st
+}
+
+// judgeStuck judges one stuck row: its re-sends, then its stop.
+func (in rule9History) judgeStuck(id uuid.UUID, calls []agentsim.DestroyRecord, first map[uuid.UUID]journalRow, st *rule9Stats) (bad []string) {
+	sr := in.stuck[id]
+	where := ids.Host(sr.host) + " " + ids.Sandbox(id)
+	if sr.refusing {
+		st.refusing++
+	}
+	ch, changed := first[id]
+	if changed && ch.change != "stopping->"+status.Stopped {
+		st.dissolved++
+		return nil
+	}
+	claims := in.claims[id]
+	st.claims += len(claims)
+	for i := 1; i < len(claims); i++ {
+		if gap := claims[i].at.Sub(claims[i-1].at); gap < in.grace {
+			bad = append(bad, fmt.Sprintf("%s: destroy re-sent (claimed at %s) %s after the previous re-send, within the transient grace of %s",
+				where, claims[i].at.Format("15:04:05.000"), gap.Round(time.Millisecond), in.grace))
+		}
+	}
+	used := 0 // claims matched to calls, oldest first
+	for i, d := range calls {
+		switch {
+		case destroyAccepted(d):
+			st.accepted++
+		case d.Result == agentsim.DestroyRefused:
+			st.refused++
+		case d.Result == agentsim.DestroyStaleFence:
+			st.stale++
+		}
+		if i == 0 && d.Time.Sub(sr.at) < in.grace-rule9Slack {
+			bad = append(bad, fmt.Sprintf("%s: destroy re-sent %s after the row went stopping, within the transient grace of %s",
+				where, d.Time.Sub(sr.at).Round(time.Millisecond), in.grace))
+		}
+		if i > 0 && d.Time.Sub(calls[i-1].Time) < in.grace-rule9Slack {
+			st.withinGrace++
+		}
+		if used < len(claims) && !claims[used].at.After(d.Time.Add(rule9Slack)) {
+			used++
+		} else {
+			bad = append(bad, fmt.Sprintf("%s: DestroySandbox (%s) reached its agent at %s with no re-send claimed for it: more than one call per claim",
+				where, d.Result, d.Time.Format("15:04:05.000")))
+		}
+	}
+	if changed {
+		bad = append(bad, in.judgeStop(where, id, ch, calls, st)...)
+	}
+	return bad
+}
+
+// judgeStop judges a stuck row's stopping -> stopped.
+func (in rule9History) judgeStop(where string, id uuid.UUID, ch journalRow, calls []agentsim.DestroyRecord, st *rule9Stats) []string {
+	var mine []destroyAudit
+	for _, a := range in.audits[id] {
+		if a.txid == ch.txid && ch.txid != 0 {
+			mine = append(mine, a)
+		}
+	}
+	if len(mine) != 1 {
+		return []string{fmt.Sprintf("%s: stopped by %s (journal seq %d) in a transaction with %d destroy audit rows for it, want one (destroy_retry)",
+			where, ch.replica, ch.seq, len(mine))}
+	}
+	var since time.Time // destroy_retry: the destroy accepted must be the one of the last claim before the stop
+	if mine[0].reason == "destroy_retry" {
+		st.stoppedRetry++
+		for _, c := range in.claims[id] {
+			if c.committedAt.Before(ch.committedAt) {
+				since = c.at.Add(-rule9Slack)
+			}
+		}
+		if since.IsZero() {
+			return []string{fmt.Sprintf("%s: stopped with destroy_retry by %s (journal seq %d) with no re-send ever claimed", where, ch.replica, ch.seq)}
+		}
+	} else {
+		st.stoppedRule6++
+	}
+	for _, d := range calls {
+		if destroyAccepted(d) && !d.Time.Before(since) && !d.Time.After(ch.committedAt.Add(rule9Slack)) {
+			return nil
+		}
+	}
+	return []string{fmt.Sprintf("%s: stopped (%s) by %s at %s (journal seq %d) while its VM was alive: no re-sent destroy accepted by its agent before it",
+		where, mine[0].reason, ch.replica, ch.committedAt.Format("15:04:05.000"), ch.seq)}
+}
+
+// retryAuditsTied checks every destroy_retry audit row: in the transaction
+// of its sandbox's stopping -> stopped, one per stop, after a destroy its
+// agent accepted.
+func (in rule9History) retryAuditsTied(calls map[string][]agentsim.DestroyRecord, st *rule9Stats) (bad []string) {
+	type stop struct {
+		txid    int64
+		sandbox uuid.UUID
+	}
+	stops := map[stop]bool{}
+	for _, r := range in.journal {
+		if r.sandbox.Valid && r.change == "stopping->"+status.Stopped {
+			stops[stop{r.txid, r.sandbox.UUID}] = true
+		}
+	}
+	per := map[stop]int{}
+	for _, id := range sortedKeys(in.audits, func(a, b uuid.UUID) bool { return a.String() < b.String() }) {
 		wire := ids.Sandbox(id)
-		for _, at := range retries[id] {
+		for _, a := range in.audits[id] {
+			if a.reason != "destroy_retry" {
+				continue
+			}
 			st.audits++
+			k := stop{a.txid, id}
+			if per[k]++; per[k] == 2 {
+				bad = append(bad, fmt.Sprintf("%s: two destroy_retry audit rows in one transaction (%d): one change, one row", wire, a.txid))
+			}
+			if !stops[k] {
+				bad = append(bad, fmt.Sprintf("%s: destroy_retry audit row at %s not in the transaction of its stopping -> stopped", wire, a.at.Format("15:04:05.000")))
+			}
 			ok := false
-			for _, d := range accepted[wire] {
-				if !d.Time.After(at.Add(slack)) {
-					ok = true
-					break
-				}
+			for _, d := range calls[wire] {
+				ok = ok || (destroyAccepted(d) && !d.Time.After(a.at.Add(rule9Slack)))
 			}
 			if !ok {
-				bad = append(bad, fmt.Sprintf("%s: destroy_retry audit row at %s without a destroy its agent accepted before", wire, at.Format("15:04:05.000")))
+				bad = append(bad, fmt.Sprintf("%s: destroy_retry audit row at %s without a destroy its agent accepted before", wire, a.at.Format("15:04:05.000")))
 			}
 		}
 	}
-	return bad, st
+	return bad
 }
 
 // forbiddenWrites finds journal rows vigil must never have written: rows of

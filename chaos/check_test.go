@@ -193,14 +193,66 @@ type eventFixture struct {
 
 var fixtureTeam = uuid.MustParse("00000000-0000-0000-0000-0000000000ee")
 
+// fixtureAudit is the audit row of a change that publishes event, as vigil
+// writes it (SPEC §2.1).
+func fixtureAudit(event string) auditEvent {
+	a := auditEvent{auditID: uuid.New(), resType: "sandbox", team: fixtureTeam}
+	switch event {
+	case "host.down":
+		a.resType, a.action, a.reason, a.errText = "host", "marked_down", "heartbeat_timeout", "no heartbeat for more than 5s"
+	case "capsule.destroy":
+		a.action, a.reason = "destroy", "orphaned"
+	case "capsule.pause":
+		a.action, a.reason = "pause", "host_state_sync"
+	case "capsule.create", "capsule.resume":
+		a.action, a.reason, a.errText = "error", "transient_timeout", transientTimeoutError
+		a.phase = strings.TrimPrefix(event, "capsule.")
+	}
+	a.event, a.outcome = expectedEvent(a.resType, a.action, a.reason, a.phase)
+	return a
+}
+
+// payloadJSON writes an event's payload by hand, in the key order and with
+// the omissions of SPEC §6 (and of the control plane's encoder).
+func payloadJSON(event, outcome, team, resType, resID, reason, errText string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, `{"event":%q`, event)
+	if outcome != "" {
+		fmt.Fprintf(&b, `,"outcome":%q`, outcome)
+	}
+	fmt.Fprintf(&b, `,"timestamp":"2026-12-01T10:00:00Z","team_id":%q,"actor":{"type":"system"},"resource":{"id":%q,"type":%q}`, team, resID, resType)
+	if reason != "" {
+		fmt.Fprintf(&b, `,"metadata":{"reason":%q}`, reason)
+	}
+	if errText != "" {
+		fmt.Fprintf(&b, `,"error":%q`, errText)
+	}
+	return b.String() + "}"
+}
+
+// entryFor is the stream entry a correct relay appends for a.
+func entryFor(a auditEvent, id string, resID string) streamEntry {
+	reason, errText := a.reason, ""
+	if a.event == "host.down" {
+		reason = ""
+	}
+	if a.outcome == "error" {
+		errText = a.errText
+	}
+	se := streamEntry{ID: id, VigilID: uuid.NewString()}
+	se.parsePayload(payloadJSON(a.event, a.outcome, ids.Team(a.team), a.resType, resID, reason, errText))
+	return se
+}
+
 // change commits one change in transaction tx on shard: its audit row and,
 // unless noEvent, its outbox row; it returns the stream entry a correct
 // relay appends for it.
-func (f *eventFixture) change(tx int64, shard int, event, resType, resID string, noEvent bool) streamEntry {
+func (f *eventFixture) change(tx int64, shard int, event, resID string, noEvent bool) streamEntry {
 	f.seq++
-	f.audits = append(f.audits, auditEvent{auditID: uuid.New(), txid: tx, event: event, resType: resType, resID: resID, team: fixtureTeam})
-	se := streamEntry{ID: fmt.Sprintf("%d-0", 1_700_000_000_000+f.seq), VigilID: uuid.NewString(), Event: event, Resource: resID, Type: resType,
-		Team: ids.Team(fixtureTeam), Timestamp: "2026-12-01T10:00:00Z", Actor: "system"}
+	a := fixtureAudit(event)
+	a.txid, a.resID = tx, resID
+	f.audits = append(f.audits, a)
+	se := entryFor(a, fmt.Sprintf("%d-0", 1_700_000_000_000+f.seq), resID)
 	if !noEvent {
 		f.outbox = append(f.outbox, f.row(tx, shard, se))
 	}
@@ -214,34 +266,44 @@ func (f *eventFixture) row(tx int64, shard int, se streamEntry) outboxRow {
 		committedAt: time.UnixMilli(1_700_000_000_000 + f.seq - 1), payload: se}
 }
 
+// reparse is se with its payload written anew from its fields, as a relay
+// that changed them would publish it.
+func reparse(se streamEntry) streamEntry {
+	out := streamEntry{ID: se.ID, VigilID: se.VigilID}
+	out.parsePayload(payloadJSON(se.Event, se.Outcome, se.Team, se.Type, se.Resource, se.Reason, se.Error))
+	return out
+}
+
 func TestCompareEvents(t *testing.T) {
-	t.Run("every change once, in order", func(t *testing.T) {
+	t.Run("SPEC §6: every change once, in order", func(t *testing.T) {
 		var f eventFixture
-		a := f.change(1, 0, "host.down", "host", "host-1", false)
-		b := f.change(1, 0, "capsule.destroyed", "sandbox", "cl-1", false)
-		c := f.change(2, 1, "capsule.paused", "sandbox", "cl-2", false)
-		r := compareEvents(f.audits, f.outbox, []streamEntry{a, c, b})
-		if len(r.Lost)+len(r.Duplicates)+len(r.Spurious)+len(r.BadPayload)+len(r.OutOfOrder) != 0 || r.Published != 3 || r.Expected != 3 || r.Committed != 3 {
+		a := f.change(1, 0, "host.down", "host-1", false)
+		b := f.change(1, 0, "capsule.destroy", "cl-1", false)
+		c := f.change(2, 1, "capsule.pause", "cl-2", false)
+		d := f.change(3, 1, "capsule.create", "cl-3", false)
+		g := f.change(4, 1, "capsule.resume", "cl-4", false)
+		r := compareEvents(f.audits, f.outbox, []streamEntry{a, c, b, d, g})
+		if len(r.Lost)+len(r.Duplicates)+len(r.Spurious)+len(r.BadPayload)+len(r.OutOfOrder) != 0 || r.Published != 5 || r.Expected != 5 || r.Committed != 5 {
 			t.Errorf("a clean history flagged: %+v", r)
 		}
-		if len(r.Delays) != 3 || r.Delays[0].wait() < 0 {
+		if len(r.Delays) != 5 || r.Delays[0].wait() < 0 {
 			t.Errorf("delays: %+v", r.Delays)
 		}
 	})
-	t.Run("lost: not in the stream, or never in the outbox", func(t *testing.T) {
+	t.Run("SPEC §6 lost: not in the stream, or never in the outbox", func(t *testing.T) {
 		var f eventFixture
-		a := f.change(1, 0, "host.down", "host", "host-1", false)
-		f.change(2, 0, "capsule.destroyed", "sandbox", "cl-1", false) // committed, never published
-		f.change(3, 0, "capsule.paused", "sandbox", "cl-2", true)     // the change committed without its event
+		a := f.change(1, 0, "host.down", "host-1", false)
+		f.change(2, 0, "capsule.destroy", "cl-1", false) // committed, never published
+		f.change(3, 0, "capsule.pause", "cl-2", true)    // the change committed without its event
 		r := compareEvents(f.audits, f.outbox, []streamEntry{a})
 		if len(r.Lost) != 2 || !strings.Contains(strings.Join(r.Lost, "\n"), "not in the stream") || !strings.Contains(strings.Join(r.Lost, "\n"), "no event in its transaction") {
 			t.Errorf("lost: %v", r.Lost)
 		}
 	})
-	t.Run("duplicates: one vigil_id twice, or one change published under two ids", func(t *testing.T) {
+	t.Run("SPEC §6 exactly once: one vigil_id twice, or one change published under two ids", func(t *testing.T) {
 		var f eventFixture
-		a := f.change(1, 0, "host.down", "host", "host-1", false)
-		b := f.change(2, 0, "capsule.destroyed", "sandbox", "cl-1", false)
+		a := f.change(1, 0, "host.down", "host-1", false)
+		b := f.change(2, 0, "capsule.destroy", "cl-1", false)
 		b2 := b
 		b2.VigilID, b2.ID = uuid.NewString(), "1700000009999-0"
 		f.outbox = append(f.outbox, f.row(2, 0, b2)) // a second event for the same audit row
@@ -250,25 +312,24 @@ func TestCompareEvents(t *testing.T) {
 			t.Errorf("duplicates %v, lost %v", r.Duplicates, r.Lost)
 		}
 	})
-	t.Run("spurious: in the stream without a committed event, or an event without its change", func(t *testing.T) {
+	t.Run("SPEC §6 spurious: in the stream without a committed event, or an event without its change", func(t *testing.T) {
 		var f eventFixture
-		a := f.change(1, 0, "host.down", "host", "host-1", false)
-		ghost := streamEntry{ID: "1700000000500-0", VigilID: uuid.NewString(), Event: "capsule.paused", Resource: "cl-9", Type: "sandbox"}
-		// An event committed for a change that publishes nothing (say destroy_retry).
-		noChange := streamEntry{ID: "1700000000600-0", VigilID: uuid.NewString(), Event: "capsule.destroyed", Resource: "cl-8", Type: "sandbox",
-			Team: ids.Team(fixtureTeam), Timestamp: "2026-12-01T10:00:00Z", Actor: "system"}
+		a := f.change(1, 0, "host.down", "host-1", false)
+		ghost := entryFor(fixtureAudit("capsule.pause"), "1700000000500-0", "cl-9")
+		// An event committed for a change that publishes nothing (a snapshot change, say).
+		noChange := entryFor(fixtureAudit("capsule.destroy"), "1700000000600-0", "cl-8")
 		f.outbox = append(f.outbox, f.row(7, 0, noChange))
 		r := compareEvents(f.audits, f.outbox, []streamEntry{a, ghost, noChange})
 		if len(r.Spurious) != 2 || len(r.Lost)+len(r.Duplicates) != 0 {
 			t.Errorf("spurious %v, lost %v, duplicates %v", r.Spurious, r.Lost, r.Duplicates)
 		}
 	})
-	t.Run("out of commit order within a shard; shards apart", func(t *testing.T) {
+	t.Run("SPEC §6 order: out of commit order within a shard; shards apart", func(t *testing.T) {
 		var f eventFixture
-		a := f.change(1, 0, "host.down", "host", "host-1", false)
-		b := f.change(2, 0, "capsule.destroyed", "sandbox", "cl-1", false)
-		c := f.change(3, 1, "capsule.paused", "sandbox", "cl-2", false)
-		d := f.change(4, 1, "capsule.paused", "sandbox", "cl-3", false)
+		a := f.change(1, 0, "host.down", "host-1", false)
+		b := f.change(2, 0, "capsule.destroy", "cl-1", false)
+		c := f.change(3, 1, "capsule.pause", "cl-2", false)
+		d := f.change(4, 1, "capsule.pause", "cl-3", false)
 		r := compareEvents(f.audits, f.outbox, []streamEntry{b, a, d, c})
 		if len(r.OutOfOrder) != 2 {
 			t.Errorf("two inversions, one per shard: %v", r.OutOfOrder)
@@ -277,10 +338,10 @@ func TestCompareEvents(t *testing.T) {
 			t.Errorf("interleaved shards, each in order, flagged: %v", r.OutOfOrder)
 		}
 	})
-	t.Run("commit order, not seq order", func(t *testing.T) {
+	t.Run("SPEC §6 order: commit order, not seq order", func(t *testing.T) {
 		var f eventFixture
-		a := f.change(1, 0, "host.down", "host", "host-1", false)
-		b := f.change(2, 0, "host.down", "host", "host-2", false)
+		a := f.change(1, 0, "host.down", "host-1", false)
+		b := f.change(2, 0, "host.down", "host-2", false)
 		// b's transaction took its seq later but committed first.
 		f.outbox[0].commitSeq, f.outbox[1].commitSeq = 20, 10
 		if r := compareEvents(f.audits, f.outbox, []streamEntry{b, a}); len(r.OutOfOrder) != 0 {
@@ -290,77 +351,372 @@ func TestCompareEvents(t *testing.T) {
 			t.Errorf("stream in seq order against the commit order not flagged: %v", r.OutOfOrder)
 		}
 	})
-	t.Run("payload", func(t *testing.T) {
+}
+
+// TestPayloadSpec6 holds single stream entries against the change they
+// announce: SPEC §6's shape and values, and the control plane's own reading
+// (cpconsumer). Each case changes one thing of a correct entry.
+func TestPayloadSpec6(t *testing.T) {
+	for _, tc := range []struct {
+		name, event string
+		mutate      func(se *streamEntry, a *auditEvent)
+		want        string // "" for a correct entry
+	}{
+		{"host.down: no outcome, metadata or error", "host.down", nil, ""},
+		{"capsule.destroy: outcome success and the reason", "capsule.destroy", nil, ""},
+		{"capsule.pause: outcome success and the reason", "capsule.pause", nil, ""},
+		{"capsule.create: outcome error, the reason and the error text", "capsule.create", nil, ""},
+		{"capsule.resume: outcome error, the reason and the error text", "capsule.resume", nil, ""},
+		{"the old name capsule.destroyed reaches nobody", "capsule.destroy",
+			func(se *streamEntry, _ *auditEvent) { se.Event = "capsule.destroyed" }, "no channel can subscribe"},
+		{"a capsule event without its reason is dropped by the dispatcher", "capsule.pause",
+			func(se *streamEntry, _ *auditEvent) { se.Reason = "" }, "without metadata.reason"},
+		{"a reason other than the audit row's", "capsule.destroy",
+			func(se *streamEntry, _ *auditEvent) { se.Reason = "transient_timeout_inferred" }, "metadata.reason"},
+		{"host.down carries no metadata", "host.down",
+			func(se *streamEntry, _ *auditEvent) { se.Reason = "heartbeat_timeout" }, "metadata.reason"},
+		{"an outcome other than SPEC §6's", "capsule.pause",
+			func(se *streamEntry, _ *auditEvent) { se.Outcome = "error" }, "outcome"},
+		{"host.down has no outcome", "host.down",
+			func(se *streamEntry, _ *auditEvent) { se.Outcome = "success" }, "outcome"},
+		{"an error change without its error text", "capsule.create",
+			func(se *streamEntry, _ *auditEvent) { se.Error = "" }, "error"},
+		{"an error text on a success", "capsule.destroy",
+			func(se *streamEntry, _ *auditEvent) { se.Error = transientTimeoutError }, "error"},
+		{"an error change whose audit row has another metadata.error", "capsule.resume",
+			func(_ *streamEntry, a *auditEvent) { a.errText = "timed out" }, "metadata.error"},
+		{"a create event for a resume", "capsule.resume",
+			func(se *streamEntry, _ *auditEvent) { se.Event = "capsule.create" }, "publishes"},
+		{"another team", "capsule.pause",
+			func(se *streamEntry, _ *auditEvent) { se.Team = ids.Team(uuid.Nil) }, "team_id"},
+		{"a timestamp with fractions and an offset", "capsule.pause",
+			func(se *streamEntry, _ *auditEvent) { se.Timestamp = "2026-12-01T10:00:00.123+01:00" }, "timestamp"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := fixtureAudit(tc.event)
+			a.resID = "cl-1"
+			se := entryFor(a, "1-0", "cl-1")
+			if tc.mutate != nil {
+				tc.mutate(&se, &a)
+				se = rewrite(se)
+			}
+			got := payloadProblem(se, a)
+			switch {
+			case tc.want == "" && got != "":
+				t.Errorf("a correct entry flagged: %s (%s)", got, se.Payload)
+			case tc.want != "" && !strings.Contains(got, tc.want):
+				t.Errorf("got %q, want a problem saying %q (%s)", got, tc.want, se.Payload)
+			}
+		})
+	}
+	t.Run("keys out of SPEC §6's order are refused by the control plane's reading", func(t *testing.T) {
+		a := fixtureAudit("capsule.pause")
+		var se streamEntry
+		se.parsePayload(`{"outcome":"success","event":"capsule.pause","timestamp":"2026-12-01T10:00:00Z","team_id":"` + ids.Team(fixtureTeam) +
+			`","actor":{"type":"system"},"resource":{"id":"cl-1","type":"sandbox"},"metadata":{"reason":"host_state_sync"}}`)
+		if got := payloadProblem(se, a); !strings.Contains(got, "would not deliver") {
+			t.Errorf("got %q", got)
+		}
+	})
+	t.Run("the stream must carry the outbox row's very bytes", func(t *testing.T) {
 		var f eventFixture
-		a := f.change(1, 0, "host.down", "host", "host-1", false)
-		b := f.change(2, 0, "capsule.paused", "sandbox", "cl-2", false)
-		c := f.change(3, 0, "capsule.paused", "sandbox", "cl-3", false)
-		a.Team = "team-0"
-		b.Timestamp = "2026-12-01T10:00:00.123+01:00"
-		c.Resource = "cl-4" // the stream entry says another sandbox than its outbox row
-		r := compareEvents(f.audits, f.outbox, []streamEntry{a, b, c})
-		if len(r.BadPayload) != 3 {
+		se := f.change(1, 0, "capsule.pause", "cl-1", false)
+		se.Payload += " "
+		if r := compareEvents(f.audits, f.outbox, []streamEntry{se}); len(r.BadPayload) != 1 {
 			t.Errorf("bad payloads: %v", r.BadPayload)
 		}
 	})
 }
 
-func TestStuckDestroys(t *testing.T) {
-	grace := 10 * time.Second
-	t0 := time.Now().Add(-time.Minute)
-	ok, early, stoppedAlive, dissolved := uuid.New(), uuid.New(), uuid.New(), uuid.New()
-	stuck := map[uuid.UUID]stuckRow{ok: {hostA, t0}, early: {hostA, t0}, stoppedAlive: {hostB, t0}, dissolved: {hostB, t0}}
-	change := func(commit int64, sb uuid.UUID, host uuid.UUID, ch string, at time.Time) journalRow {
-		r := jr(commit, 0, 10, "a", host)
-		r.sandbox, r.change, r.committedAt = uuid.NullUUID{UUID: sb, Valid: true}, ch, at
-		return r
+// rewrite is the entry with its payload written from its (mutated) fields.
+func rewrite(se streamEntry) streamEntry {
+	out := reparse(se)
+	if se.Timestamp != "2026-12-01T10:00:00Z" {
+		out.Payload = strings.Replace(out.Payload, "2026-12-01T10:00:00Z", se.Timestamp, 1)
+		out.parsePayload(out.Payload)
 	}
-	journal := []journalRow{
-		change(1, ok, hostA, "destroy_resent", t0.Add(grace+2*time.Second)),
-		change(2, ok, hostA, "stopping->stopped", t0.Add(grace+4*time.Second)),
-		change(3, stoppedAlive, hostB, "stopping->stopped", t0.Add(grace+4*time.Second)),
-		change(4, dissolved, hostB, "stopping->missing", t0.Add(time.Second)),
-	}
-	rec := func(sb uuid.UUID, at time.Time, res agentsim.DestroyResult) agentsim.DestroyRecord {
-		return agentsim.DestroyRecord{Sandbox: ids.Sandbox(sb), Fenced: true, Token: 10, Result: res, Time: at}
-	}
-	destroys := map[uuid.UUID][]agentsim.DestroyRecord{
-		hostA: {rec(ok, t0.Add(grace+time.Second), agentsim.DestroyDestroyed), rec(early, t0.Add(2*time.Second), agentsim.DestroyDestroyed)},
-	}
-	ghost := uuid.New()
-	retries := map[uuid.UUID][]time.Time{ok: {t0.Add(grace + 2*time.Second)}, ghost: {t0}}
-	bad, st := stuckDestroys(stuck, journal, destroys, retries, grace)
-	all := strings.Join(bad, "\n")
-	if len(bad) != 3 || !strings.Contains(all, "within the transient grace") || !strings.Contains(all, "while its VM was alive") ||
-		!strings.Contains(all, "without a destroy its agent accepted") {
-		t.Errorf("want the early re-send, the row stopped with its VM alive and the retry audit row without a destroy: %v", bad)
-	}
-	if st.stuck != 4 || st.resent != 2 || st.stopped != 2 || st.dissolved != 1 || st.audits != 2 {
-		t.Errorf("figures %+v", st)
-	}
-	// The destroy accepted after the row was stopped.
-	late := map[uuid.UUID][]agentsim.DestroyRecord{hostA: {rec(ok, t0.Add(grace+5*time.Second), agentsim.DestroyDestroyed)}}
-	bad, _ = stuckDestroys(map[uuid.UUID]stuckRow{ok: {hostA, t0}}, journal[:2], late, nil, grace)
-	if len(bad) != 1 || !strings.Contains(bad[0], "before its agent accepted") {
-		t.Errorf("a row stopped before its destroy was accepted: %v", bad)
+	return out
+}
+
+func TestExpectedEventSpec6(t *testing.T) {
+	for _, tc := range []struct{ rt, act, reason, phase, want, outcome string }{
+		{"host", "marked_down", "heartbeat_timeout", "", "host.down", ""},
+		{"sandbox", "pause", "host_state_sync", "", "capsule.pause", "success"},
+		{"sandbox", "pause", "restored_after_host_recovery", "", "capsule.pause", "success"},
+		{"sandbox", "pause", "transient_timeout_inferred", "", "capsule.pause", "success"},
+		{"sandbox", "destroy", "orphaned", "", "capsule.destroy", "success"},
+		{"sandbox", "destroy", "paused_zombie_cleanup", "", "capsule.destroy", "success"},
+		{"sandbox", "destroy", "transient_timeout_inferred", "", "capsule.destroy", "success"},
+		{"sandbox", "destroy", "destroy_retry", "", "capsule.destroy", "success"},
+		{"sandbox", "error", "transient_timeout", "create", "capsule.create", "error"},
+		{"sandbox", "error", "transient_timeout", "resume", "capsule.resume", "error"},
+		{"sandbox", "snapshot", "transient_timeout", "snapshot", "", ""},
+		{"sandbox", "snapshot", "snapshot_recovered", "", "", ""},
+	} {
+		t.Run(fmt.Sprintf("%s %s %s %s", tc.rt, tc.act, tc.reason, tc.phase), func(t *testing.T) {
+			if got, outcome := expectedEvent(tc.rt, tc.act, tc.reason, tc.phase); got != tc.want || outcome != tc.outcome {
+				t.Errorf("%q %q, want %q %q", got, outcome, tc.want, tc.outcome)
+			}
+		})
 	}
 }
 
-func TestExpectedEvent(t *testing.T) {
-	for _, tc := range []struct{ rt, act, reason, want string }{
-		{"host", "marked_down", "heartbeat_timeout", "host.down"},
-		{"sandbox", "pause", "host_state_sync", "capsule.paused"},
-		{"sandbox", "pause", "restored_after_host_recovery", "capsule.paused"},
-		{"sandbox", "pause", "transient_timeout_inferred", "capsule.paused"},
-		{"sandbox", "destroy", "orphaned", "capsule.destroyed"},
-		{"sandbox", "destroy", "paused_zombie_cleanup", "capsule.destroyed"},
-		{"sandbox", "destroy", "transient_timeout_inferred", "capsule.destroyed"},
-		{"sandbox", "destroy", "destroy_retry", ""},
-		{"sandbox", "error", "transient_timeout", ""},
-		{"sandbox", "snapshot", "snapshot_recovered", ""},
+// TestCompareMirror holds the mirror against the stream (SPEC §6: each
+// payload PUBLISHed when, and only when, its entry is appended).
+func TestCompareMirror(t *testing.T) {
+	a := entryFor(fixtureAudit("capsule.pause"), "1-0", "cl-1")
+	b := entryFor(fixtureAudit("capsule.destroy"), "2-0", "cl-2")
+	for _, tc := range []struct {
+		name    string
+		stream  []streamEntry
+		mirror  map[string]int
+		carried int
+		want    int
+	}{
+		{"SPEC §6 mirror: every entry once", []streamEntry{a, b}, map[string]int{a.Payload: 1, b.Payload: 1}, 2, 0},
+		{"SPEC §6 mirror: an entry not mirrored", []streamEntry{a, b}, map[string]int{a.Payload: 1}, 1, 1},
+		{"SPEC §6 mirror: an entry mirrored twice", []streamEntry{a, b}, map[string]int{a.Payload: 2, b.Payload: 1}, 2, 1},
+		{"SPEC §6 mirror: a message never appended", []streamEntry{a}, map[string]int{a.Payload: 1, b.Payload: 1}, 1, 1},
+		{"SPEC §6 mirror: one payload appended twice, mirrored twice", []streamEntry{a, a}, map[string]int{a.Payload: 2}, 2, 0},
 	} {
-		if got := expectedEvent(tc.rt, tc.act, tc.reason); got != tc.want {
-			t.Errorf("%s/%s/%s: %q, want %q", tc.rt, tc.act, tc.reason, got, tc.want)
+		t.Run(tc.name, func(t *testing.T) {
+			problems, carried := compareMirror(tc.stream, tc.mirror)
+			if len(problems) != tc.want || carried != tc.carried {
+				t.Errorf("problems %v, carried %d; want %d problems, carried %d", problems, carried, tc.want, tc.carried)
+			}
+		})
+	}
+}
+
+// TestStuckDestroys proves the checker's statement of SPEC §2 rule 9 on
+// histories built by hand: one stuck row (stopping since t0, its VM alive)
+// per case unless said otherwise.
+func TestStuckDestroys(t *testing.T) {
+	const grace = 10 * time.Second
+	t0 := time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	sb, other := uuid.New(), uuid.New()
+	call := func(s float64, res agentsim.DestroyResult) agentsim.DestroyRecord {
+		return agentsim.DestroyRecord{Host: hostA, Sandbox: ids.Sandbox(sb), Fenced: true, Token: 10, Result: res, Time: at(s)}
+	}
+	claims := func(ss ...float64) []retryClaim {
+		var out []retryClaim
+		for _, s := range ss {
+			out = append(out, retryClaim{at: at(s), committedAt: at(s + 0.01)})
 		}
+		return out
+	}
+	stop := func(seq int64, id uuid.UUID, change string, tx int64, s float64) journalRow {
+		r := jr(seq, 0, 10, "a", hostA)
+		r.sandbox, r.change, r.txid, r.committedAt = uuid.NullUUID{UUID: id, Valid: true}, change, tx, at(s)
+		return r
+	}
+	retry := func(tx int64, s float64) destroyAudit {
+		return destroyAudit{reason: "destroy_retry", txid: tx, at: at(s)}
+	}
+	inferred := func(tx int64, s float64) destroyAudit {
+		return destroyAudit{reason: "transient_timeout_inferred", txid: tx, at: at(s)}
+	}
+	const (
+		ok, refused, stale = agentsim.DestroyDestroyed, agentsim.DestroyRefused, agentsim.DestroyStaleFence
+	)
+	for _, tc := range []struct {
+		name    string
+		claims  []retryClaim
+		calls   []agentsim.DestroyRecord
+		journal []journalRow
+		audits  map[uuid.UUID][]destroyAudit
+		want    []string // one substring per violation
+		check   func(t *testing.T, st rule9Stats)
+	}{
+		{name: "rule 9: refused twice, accepted at the third re-send, stopped with its destroy_retry row in one transaction",
+			claims:  claims(11, 21, 31),
+			calls:   []agentsim.DestroyRecord{call(11.1, refused), call(21.1, refused), call(31.1, ok)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 5, 31.3)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {retry(5, 31.2)}},
+			check: func(t *testing.T, st rule9Stats) {
+				if st.claims != 3 || st.refused != 2 || st.accepted != 1 || st.stoppedRetry != 1 || st.audits != 1 || st.withinGrace != 0 {
+					t.Errorf("figures %+v", st)
+				}
+			}},
+		{name: "rule 9: re-sent within the grace of the row going stopping",
+			claims: claims(2), calls: []agentsim.DestroyRecord{call(2.1, refused)},
+			want: []string{"after the row went stopping"}},
+		{name: "rule 9: a re-send claimed within the grace of the previous one",
+			claims: claims(11, 15), calls: []agentsim.DestroyRecord{call(11.1, refused), call(15.1, refused)},
+			want: []string{"after the previous re-send"}},
+		{name: "rule 9: a call reaching the agent without a claim of its own (twice per grace)",
+			claims: claims(11), calls: []agentsim.DestroyRecord{call(11.1, refused), call(12, refused)},
+			want: []string{"no re-send claimed for it"}},
+		{name: "rule 9: stopped while the agent refused every re-send",
+			claims: claims(11), calls: []agentsim.DestroyRecord{call(11.1, refused)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 5, 11.5)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {retry(5, 11.4)}},
+			want:    []string{"while its VM was alive", "without a destroy its agent accepted"}},
+		{name: "rule 9: stopped before its agent accepted the re-send",
+			claims: claims(11), calls: []agentsim.DestroyRecord{call(13, ok)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 5, 11.3)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {retry(5, 11.2)}},
+			want:    []string{"while its VM was alive", "without a destroy its agent accepted"}},
+		{name: "rule 9: the destroy_retry row outside the stop's transaction",
+			claims: claims(11), calls: []agentsim.DestroyRecord{call(11.1, ok)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 5, 11.3)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {retry(6, 11.2)}},
+			want:    []string{"with 0 destroy audit rows", "not in the transaction of its stopping -> stopped"}},
+		{name: "rule 9: two destroy_retry rows for one stop",
+			claims: claims(11), calls: []agentsim.DestroyRecord{call(11.1, ok)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 5, 11.3)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {retry(5, 11.2), retry(5, 11.2)}},
+			want:    []string{"with 2 destroy audit rows", "two destroy_retry audit rows"}},
+		{name: "rule 9: stopped with destroy_retry after a destroy accepted for an earlier claim, not the last one",
+			claims: claims(11, 21), calls: []agentsim.DestroyRecord{call(11.1, ok), call(21.1, refused)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 5, 21.3)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {retry(5, 21.2)}},
+			want:    []string{"while its VM was alive"}},
+		{name: "rule 6 after an accepted re-send whose commit was lost with its owner",
+			claims: claims(11), calls: []agentsim.DestroyRecord{call(11.1, ok)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 7, 22)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {inferred(7, 21.9)}},
+			check: func(t *testing.T, st rule9Stats) {
+				if st.stoppedRule6 != 1 || st.stoppedRetry != 0 {
+					t.Errorf("figures %+v", st)
+				}
+			}},
+		{name: "rule 6 on a stuck row whose VM no re-send removed",
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 7, 11)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {inferred(7, 10.9)}},
+			want:    []string{"while its VM was alive"}},
+		{name: "rule 1 first: a stuck row moved to missing is not judged",
+			journal: []journalRow{stop(1, sb, "stopping->missing", 7, 5)},
+			check: func(t *testing.T, st rule9Stats) {
+				if st.dissolved != 1 {
+					t.Errorf("figures %+v", st)
+				}
+			}},
+		{name: "rule 9: a deposed owner's late call under its own earlier claim",
+			claims: claims(11, 22), calls: []agentsim.DestroyRecord{call(22.1, ok), call(22.2, stale)},
+			journal: []journalRow{stop(1, sb, "stopping->stopped", 5, 22.4)},
+			audits:  map[uuid.UUID][]destroyAudit{sb: {retry(5, 22.3)}},
+			check: func(t *testing.T, st rule9Stats) {
+				if st.withinGrace != 1 || st.stale != 1 {
+					t.Errorf("figures %+v", st)
+				}
+			}},
+		{name: "rule 9: a destroy_retry row of any sandbox needs an accepted destroy",
+			journal: []journalRow{stop(1, other, "stopping->stopped", 9, 30)},
+			audits:  map[uuid.UUID][]destroyAudit{other: {retry(9, 29.9)}},
+			want:    []string{"without a destroy its agent accepted"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := rule9History{stuck: map[uuid.UUID]stuckRow{sb: {host: hostA, at: t0}}, journal: tc.journal, audits: tc.audits,
+				claims: map[uuid.UUID][]retryClaim{sb: tc.claims}, grace: grace,
+				accepted: map[uuid.UUID][]agentsim.DestroyRecord{}, rejected: map[uuid.UUID][]agentsim.DestroyRecord{}}
+			for _, c := range tc.calls {
+				if destroyAccepted(c) {
+					in.accepted[hostA] = append(in.accepted[hostA], c)
+				} else {
+					in.rejected[hostA] = append(in.rejected[hostA], c)
+				}
+			}
+			bad, st := stuckDestroys(in)
+			all := strings.Join(bad, "\n")
+			if len(bad) != len(tc.want) {
+				t.Fatalf("got %d violations, want %d %v:\n%s", len(bad), len(tc.want), tc.want, all)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(all, w) {
+					t.Errorf("no violation saying %q:\n%s", w, all)
+				}
+			}
+			if tc.check != nil {
+				tc.check(t, st)
+			}
+		})
+	}
+}
+
+// TestVolumeDetaches proves the checker's statement of SPEC §2 rule 11:
+// replayed in commit order, each of vigil's changes to stopped or error
+// detaches, in its own transaction, exactly the sandbox's volumes that were
+// attached or attaching, and vigil touches no other volume.
+func TestVolumeDetaches(t *testing.T) {
+	s1, s2 := uuid.New(), uuid.New()
+	v1, v2, v3, v4 := uuid.New(), uuid.New(), uuid.New(), uuid.New()
+	sbx := func(id uuid.UUID) uuid.NullUUID { return uuid.NullUUID{UUID: id, Valid: true} }
+	// The control plane's setup, committed first (tx 1): s1 has v1
+	// attached, v2 attaching and v3 deleting; s2 has v4 attached.
+	var seq int64
+	ins := func(v, s uuid.UUID, st string) volumeChange {
+		seq++
+		return volumeChange{id: seq, volume: v, op: "insert", newStatus: st, newSandbox: sbx(s), newMount: "/mnt/x", txid: 1, commitSeq: 1, writer: ""}
+	}
+	setup := []volumeChange{ins(v1, s1, "attached"), ins(v2, s1, "attaching"), ins(v3, s1, "deleting"), ins(v4, s2, "attached")}
+	detach := func(v, s uuid.UUID, old string, tx, commit int64) volumeChange {
+		seq++
+		return volumeChange{id: seq, volume: v, op: "update", oldStatus: old, newStatus: "detached", oldSandbox: sbx(s), oldMount: "/mnt/x",
+			txid: tx, commitSeq: commit, writer: "vigil r01"}
+	}
+	change := func(s uuid.UUID, ch string, tx, commit int64) journalRow {
+		r := jr(commit, 0, 10, "r01", hostA)
+		r.sandbox, r.change, r.txid = sbx(s), ch, tx
+		return r
+	}
+	for _, tc := range []struct {
+		name    string
+		changes []volumeChange
+		journal []journalRow
+		want    []string
+	}{
+		{"rule 11: a stop detaches the attached and attaching volumes, not the deleting one",
+			[]volumeChange{detach(v1, s1, "attached", 5, 10), detach(v2, s1, "attaching", 5, 10)},
+			[]journalRow{change(s1, "running->stopped", 5, 10)}, nil},
+		{"rule 11: an error detaches too",
+			[]volumeChange{detach(v4, s2, "attached", 5, 10)},
+			[]journalRow{change(s2, "starting->error", 5, 10)}, nil},
+		{"rule 11: a stop that left a volume attached",
+			[]volumeChange{detach(v1, s1, "attached", 5, 10)},
+			[]journalRow{change(s1, "missing->stopped", 5, 10)}, []string{"not detached in the same transaction"}},
+		{"rule 11: a stop whose volumes were detached in another transaction",
+			[]volumeChange{detach(v4, s2, "attached", 6, 11)},
+			[]journalRow{change(s2, "running->stopped", 5, 10)}, []string{"not detached in the same transaction", "committed no change"}},
+		{"rule 11: a pause touches no volume",
+			[]volumeChange{detach(v4, s2, "attached", 5, 10)},
+			[]journalRow{change(s2, "running->paused", 5, 10)}, []string{"not a volume attached to a sandbox it stopped"}},
+		{"rule 11: a stop touches only its own sandbox's volumes",
+			[]volumeChange{detach(v1, s1, "attached", 5, 10), detach(v2, s1, "attaching", 5, 10), detach(v4, s2, "attached", 5, 10)},
+			[]journalRow{change(s1, "running->stopped", 5, 10)}, []string{"not a volume attached to a sandbox it stopped"}},
+		{"rule 11: a deleting volume is not vigil's to detach",
+			[]volumeChange{detach(v1, s1, "attached", 5, 10), detach(v2, s1, "attaching", 5, 10), detach(v3, s1, "deleting", 5, 10)},
+			[]journalRow{change(s1, "running->stopped", 5, 10)}, []string{"not a volume attached to a sandbox it stopped"}},
+		{"rule 11: detached means no sandbox and no mount path",
+			[]volumeChange{detach(v1, s1, "attached", 5, 10), func() volumeChange {
+				c := detach(v2, s1, "attaching", 5, 10)
+				c.newMount = "/mnt/x"
+				return c
+			}()},
+			[]journalRow{change(s1, "running->stopped", 5, 10)}, []string{"not detached as rule 11 says"}},
+		{"rule 11: volumes the control plane detached before vigil's stop are not expected of it",
+			[]volumeChange{func() volumeChange {
+				c := detach(v4, s2, "attached", 4, 9)
+				c.writer = "harness"
+				return c
+			}()},
+			[]journalRow{change(s2, "missing->stopped", 5, 10)}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad, st := volumeDetaches(append(append([]volumeChange(nil), setup...), tc.changes...), tc.journal)
+			all := strings.Join(bad, "\n")
+			if len(bad) != len(tc.want) {
+				t.Fatalf("got %d violations, want %d %v:\n%s", len(bad), len(tc.want), tc.want, all)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(all, w) {
+					t.Errorf("no violation saying %q:\n%s", w, all)
+				}
+			}
+			if st.volumes != 4 {
+				t.Errorf("figures %+v", st)
+			}
+		})
 	}
 }

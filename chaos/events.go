@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/vigil-sh/vigil/internal/cpconsumer"
 	"github.com/vigil-sh/vigil/internal/ids"
 )
 
@@ -45,6 +46,8 @@ type eventsCheck struct {
 	redis     string // host:port
 	db        int
 	stream    string
+	channel   string        // the mirror channel given to the replicas, "" without a mirror
+	mirror    *mirror       // the harness's subscription to it
 	markerTTL time.Duration // given to every replica: longer than the run, so no dedup marker expires during it
 	keyTTL    time.Duration // the stream key expires after this, should the harness die before dropping it
 
@@ -58,12 +61,19 @@ type eventsCheck struct {
 type streamEntry struct {
 	ID        string // the stream id
 	VigilID   string
+	Payload   string // as published: what the mirror must carry too
 	Event     string
+	Outcome   string
 	Resource  string // resource.id
 	Type      string // resource.type
 	Team      string // team_id
 	Timestamp string
 	Actor     string // actor.type
+	Reason    string // metadata.reason
+	Error     string
+	// Refused is why the control plane would not read or deliver the
+	// payload (cpconsumer.Check), "" when it would.
+	Refused string
 }
 
 // at is when Redis appended the entry (its id's milliseconds).
@@ -80,12 +90,15 @@ func (se streamEntry) at() time.Time {
 type auditEvent struct {
 	auditID  uuid.UUID
 	txid     int64
-	event    string
+	event    string // the event SPEC §6 says it publishes
+	outcome  string // and that event's outcome ("" for none)
 	resType  string
 	resID    string
 	team     uuid.UUID
 	action   string
-	reason   string
+	reason   string    // metadata.reason
+	phase    string    // metadata.phase
+	errText  string    // metadata.error
 	writtenT time.Time // created_at
 }
 
@@ -103,11 +116,16 @@ type outboxRow struct {
 
 // eventsSupported reports whether the vigil binary has events.
 func eventsSupported(ctx context.Context, bin string) (bool, error) {
+	return runFlag(ctx, bin, "-events-redis-url")
+}
+
+// runFlag reports whether `vigil run -h` offers flag.
+func runFlag(ctx context.Context, bin, flag string) (bool, error) {
 	out, _ := exec.CommandContext(ctx, bin, "run", "-h").CombinedOutput()
 	if len(out) == 0 {
 		return false, fmt.Errorf("%s run -h printed nothing", bin)
 	}
-	return strings.Contains(string(out), "-events-redis-url"), nil
+	return strings.Contains(string(out), flag), nil
 }
 
 // detectEvents turns the events checks on when the binary has events:
@@ -129,8 +147,8 @@ func detectEvents(ctx context.Context, e *env) (*eventsCheck, error) {
 		}
 	}
 	life := e.cfg.Duration + e.cfg.Quiet + 30*time.Minute
-	ec := &eventsCheck{redis: u.Host, db: db, lastID: "-",
-		stream:    fmt.Sprintf("vigil-chaos:%d:%d:events", e.cfg.Seed, time.Now().UnixNano()),
+	key := fmt.Sprintf("vigil-chaos:%d:%d", e.cfg.Seed, time.Now().UnixNano())
+	ec := &eventsCheck{redis: u.Host, db: db, lastID: "-", stream: key + ":events",
 		markerTTL: life.Truncate(time.Minute) + time.Minute, keyTTL: life + time.Hour}
 	if _, err := ec.do(ctx, "PING"); err != nil {
 		return nil, fmt.Errorf("events: Redis at %s: %w", u.Host, err)
@@ -138,8 +156,53 @@ func detectEvents(ctx context.Context, e *env) (*eventsCheck, error) {
 	if _, err := e.db.Exec(ctx, eventInstruments); err != nil {
 		return nil, fmt.Errorf("events: install the harness's instruments: %w", err)
 	}
-	e.logf("events: on, stream %s on %s (marker TTL %s), every replica through a Redis proxy of its own", ec.stream, u.Host, ec.markerTTL)
+	if ok, _ := runFlag(ctx, e.vigilBin, "-events-sse-channel"); ok {
+		ec.channel = key + ":sse"
+		if ec.mirror, err = subscribeMirror(ctx, u.Host, ec.channel); err != nil {
+			return nil, fmt.Errorf("events: subscribe to the mirror channel: %w", err)
+		}
+	}
+	e.logf("events: on, stream %s on %s (marker TTL %s), mirror channel %q subscribed, every replica through a Redis proxy of its own",
+		ec.stream, u.Host, ec.markerTTL, ec.channel)
 	return ec, nil
+}
+
+// settledRead reads the stream and, with a mirror, what the mirror carried
+// up to the same point: the stream is read before and after a barrier on
+// the subscription, until no entry was appended between the two reads
+// (every append publishes in the same script, so what the mirror carried
+// at the barrier covers exactly the entries read). mirrorErr says why the
+// mirror cannot be judged (its subscription dropped, or the stream never
+// held still).
+func (ec *eventsCheck) settledRead(ctx context.Context) (stream []streamEntry, readErr error, got carried, mirrorErr error) {
+	read := func() {
+		ec.poll(ctx)
+		ec.mu.Lock()
+		stream, readErr = append([]streamEntry(nil), ec.entries...), ec.readErr
+		ec.mu.Unlock()
+	}
+	read()
+	if ec.mirror == nil {
+		return stream, readErr, got, nil
+	}
+	mirrorErr = errors.New("the stream kept growing across 5 barriers")
+	for i := 0; i < 5; i++ {
+		n := len(stream)
+		c, err := ec.mirror.barrier(ctx)
+		read()
+		if err != nil {
+			mirrorErr = err
+			break
+		}
+		if len(stream) == n {
+			got, mirrorErr = c, nil
+			break
+		}
+	}
+	if mirrorErr != nil {
+		got = ec.mirror.snapshot()
+	}
+	return stream, readErr, got, mirrorErr
 }
 
 // poll reads the entries appended since the last read.
@@ -264,10 +327,15 @@ func parseStreamEntry(v any) (streamEntry, bool) {
 	return se, true
 }
 
-// parsePayload fills the entry's payload fields from the JSON.
+// parsePayload fills the entry's payload fields from the JSON, read
+// leniently, and says in Refused why the control plane's own reading
+// (strict keys, its encoder's bytes, its dispatcher's filters) would not
+// deliver it.
 func (se *streamEntry) parsePayload(val string) {
+	se.Payload = val
 	var p struct {
 		Event     string `json:"event"`
+		Outcome   string `json:"outcome"`
 		Timestamp string `json:"timestamp"`
 		TeamID    string `json:"team_id"`
 		Actor     struct {
@@ -277,27 +345,60 @@ func (se *streamEntry) parsePayload(val string) {
 			ID   string `json:"id"`
 			Type string `json:"type"`
 		} `json:"resource"`
+		Metadata struct {
+			Reason string `json:"reason"`
+		} `json:"metadata"`
+		Error string `json:"error"`
 	}
-	if json.Unmarshal([]byte(val), &p) == nil {
-		se.Event, se.Resource, se.Type = p.Event, p.Resource.ID, p.Resource.Type
-		se.Team, se.Timestamp, se.Actor = p.TeamID, p.Timestamp, p.Actor.Type
+	if err := json.Unmarshal([]byte(val), &p); err != nil {
+		se.Refused = "not JSON: " + err.Error()
+		return
+	}
+	se.Event, se.Outcome, se.Resource, se.Type = p.Event, p.Outcome, p.Resource.ID, p.Resource.Type
+	se.Team, se.Timestamp, se.Actor = p.TeamID, p.Timestamp, p.Actor.Type
+	se.Reason, se.Error = p.Metadata.Reason, p.Error
+	if _, err := cpconsumer.Check(val); err != nil {
+		se.Refused = err.Error()
 	}
 }
 
-// expectedEvent maps an audit row vigil wrote to the event SPEC §6 says it
-// publishes, "" for none.
-func expectedEvent(resourceType, action, reason string) string {
-	switch {
-	case resourceType == "host" && action == "marked_down":
-		return "host.down" // host audit rows exist only for hosts with a team
-	case resourceType == "sandbox" && action == "pause" &&
-		(reason == "restored_after_host_recovery" || reason == "host_state_sync" || reason == "transient_timeout_inferred"):
-		return "capsule.paused"
-	case resourceType == "sandbox" && action == "destroy" &&
-		(reason == "orphaned" || reason == "transient_timeout_inferred" || reason == "paused_zombie_cleanup"):
-		return "capsule.destroyed"
+// transientTimeoutError is the error text SPEC §6 gives the events of the
+// two error changes (and their audit rows' metadata.error).
+const transientTimeoutError = "transient state did not settle within grace period"
+
+// expectedEvent maps an audit row vigil wrote (its resource type, action,
+// metadata.reason and metadata.phase) to the event SPEC §6 says it
+// publishes and that event's outcome; event "" for none.
+func expectedEvent(resourceType, action, reason, phase string) (event, outcome string) {
+	if resourceType == "host" {
+		if action == "marked_down" {
+			return "host.down", "" // host audit rows exist only for hosts with a team
+		}
+		return "", ""
 	}
-	return ""
+	if resourceType != "sandbox" {
+		return "", ""
+	}
+	switch action {
+	case "pause":
+		switch reason {
+		case "restored_after_host_recovery", "host_state_sync", "transient_timeout_inferred":
+			return "capsule.pause", "success"
+		}
+	case "destroy":
+		switch reason {
+		case "orphaned", "transient_timeout_inferred", "paused_zombie_cleanup", "destroy_retry":
+			return "capsule.destroy", "success"
+		}
+	case "error":
+		switch phase {
+		case "create":
+			return "capsule.create", "error"
+		case "resume":
+			return "capsule.resume", "error"
+		}
+	}
+	return "", ""
 }
 
 // eventResult is the events check's verdict.
@@ -393,13 +494,15 @@ func compareEvents(audits []auditEvent, outbox []outboxRow, stream []streamEntry
 			res.Spurious = append(res.Spurious, fmt.Sprintf("%s %s (vigil_id %s, stream id %s) in the stream without a committed event", se.Event, se.Resource, se.VigilID, se.ID))
 			continue
 		}
-		if se.Event != o.payload.Event || se.Resource != o.payload.Resource || se.Type != o.payload.Type || se.Event != o.event {
-			res.BadPayload = append(res.BadPayload, fmt.Sprintf("vigil_id %s: the stream says %s %s/%s, the outbox row %s %s/%s", se.VigilID, se.Event, se.Type, se.Resource, o.event, o.payload.Type, o.payload.Resource))
+		if se.Payload != o.payload.Payload || se.Event != o.event {
+			res.BadPayload = append(res.BadPayload, fmt.Sprintf("vigil_id %s: the stream carries %s, the outbox row (event %s) %s", se.VigilID, se.Payload, o.event, o.payload.Payload))
 		}
 		if a, ok := backed[se.VigilID]; ok {
 			if p := payloadProblem(se, a); p != "" {
 				res.BadPayload = append(res.BadPayload, fmt.Sprintf("%s %s (vigil_id %s): %s", se.Event, se.Resource, se.VigilID, p))
 			}
+		} else if se.Refused != "" {
+			res.BadPayload = append(res.BadPayload, fmt.Sprintf("%s %s (vigil_id %s): the control plane would not deliver it: %s", se.Event, se.Resource, se.VigilID, se.Refused))
 		}
 		if r, ok := rank[se.VigilID]; ok {
 			if last, ok := lastRank[o.shard]; ok && r < last {
@@ -455,8 +558,15 @@ func commitRanks(outbox []outboxRow) map[string]int {
 }
 
 // payloadProblem checks a stream entry's payload against the change it
-// announces (SPEC §6's shape), "" if it is right.
+// announces (SPEC §6's shape and values, and the control plane's reading of
+// it), "" if it is right.
 func payloadProblem(se streamEntry, a auditEvent) string {
+	if se.Refused != "" {
+		return "the control plane would not deliver it: " + se.Refused
+	}
+	if p := valueProblem(se, a); p != "" {
+		return p
+	}
 	switch {
 	case se.Team != ids.Team(a.team):
 		return fmt.Sprintf("team_id %q, the change's team is %s", se.Team, ids.Team(a.team))
@@ -471,6 +581,32 @@ func payloadProblem(se streamEntry, a auditEvent) string {
 		return fmt.Sprintf("timestamp %q is not RFC 3339", se.Timestamp)
 	case !strings.HasSuffix(se.Timestamp, "Z") || ts.Nanosecond() != 0 || strings.Contains(se.Timestamp, "."):
 		return fmt.Sprintf("timestamp %q is not UTC in seconds", se.Timestamp)
+	}
+	return ""
+}
+
+// valueProblem checks the event's name, outcome, metadata.reason and error
+// against the audit row of its change, "" if they agree.
+func valueProblem(se streamEntry, a auditEvent) string {
+	wantReason, wantErr := a.reason, ""
+	if a.event == "host.down" {
+		wantReason = "" // host.down carries no metadata
+	}
+	if a.outcome == "error" {
+		wantErr = transientTimeoutError
+		if a.errText != wantErr {
+			return fmt.Sprintf("the audit row's metadata.error is %q, SPEC §6 says %q", a.errText, wantErr)
+		}
+	}
+	switch {
+	case se.Event != a.event:
+		return fmt.Sprintf("event %q, the audit row %s/%s (phase %q) publishes %q", se.Event, a.action, a.reason, a.phase, a.event)
+	case se.Outcome != a.outcome:
+		return fmt.Sprintf("outcome %q, want %q", se.Outcome, a.outcome)
+	case se.Reason != wantReason:
+		return fmt.Sprintf("metadata.reason %q, the audit row's is %q", se.Reason, wantReason)
+	case se.Error != wantErr:
+		return fmt.Sprintf("error %q, want %q", se.Error, wantErr)
 	}
 	return ""
 }

@@ -36,13 +36,25 @@ type history struct {
 	outbox       []outboxRow
 	stream       []streamEntry
 	streamErr    error
-	streamMissed int64         // entries appended but never read (trimmed first)
-	drainErr     error         // the outbox did not drain within the bound
-	drainTime    time.Duration // the wait for it
-	beyond       int           // stream entries of events committed after the snapshot, left out
+	streamMissed int64          // entries appended but never read (trimmed first)
+	drainErr     error          // the outbox did not drain within the bound
+	drainTime    time.Duration  // the wait for it
+	beyond       int            // stream entries of events committed after the snapshot, left out
+	mirror       *mirrorHistory // nil without a mirror
 
-	// retries are the destroy_retry audit rows (rule 9), by sandbox.
-	retries map[uuid.UUID][]time.Time
+	// Rule 9: the destroy audit rows that finish a stopping row, and the
+	// re-sends vigil claimed, by sandbox.
+	destroyAudits map[uuid.UUID][]destroyAudit
+	claims        map[uuid.UUID][]retryClaim
+	// Rule 11: every write to a volume, in the order recorded.
+	volumes []volumeChange
+}
+
+// mirrorHistory is what the mirror carried against the stream.
+type mirrorHistory struct {
+	appended, received, carried int // stream entries read, messages received, entries the mirror carried
+	problems                    []string
+	err                         error // why the mirror cannot be judged: the harness's subscription dropped
 }
 
 type journalRow struct {
@@ -53,6 +65,7 @@ type journalRow struct {
 	host           uuid.UUID
 	sandbox        uuid.NullUUID
 	change         string
+	txid           int64     // the writing transaction, 0 if its commit was not recorded
 	writtenAt      time.Time // the transaction's start (now())
 	committedAt    time.Time // inside COMMIT (clock_timestamp())
 }
@@ -98,7 +111,7 @@ type sandboxRow struct {
 func (e *env) history(ctx context.Context, quietAt time.Time) (*history, error) {
 	h := &history{destroy: map[uuid.UUID][]agentsim.DestroyRecord{}, reject: map[uuid.UUID][]agentsim.DestroyRecord{}}
 	rows, err := e.db.Query(ctx, `
-		select j.seq, coalesce(c.commit_seq, 0), j.shard, j.token, j.replica, j.host_id, j.sandbox_id, j.change, j.written_at,
+		select j.seq, coalesce(c.commit_seq, 0), j.shard, j.token, j.replica, j.host_id, j.sandbox_id, j.change, coalesce(c.txid, 0), j.written_at,
 		       coalesce(c.committed_at, j.written_at)
 		  from vigil_journal j left join chaos_commits c on c.journal_seq = j.seq
 		 order by coalesce(c.commit_seq, 0), j.seq`)
@@ -107,7 +120,7 @@ func (e *env) history(ctx context.Context, quietAt time.Time) (*history, error) 
 	}
 	for rows.Next() {
 		var r journalRow
-		if err := rows.Scan(&r.seq, &r.commitSeq, &r.shard, &r.token, &r.replica, &r.host, &r.sandbox, &r.change, &r.writtenAt, &r.committedAt); err != nil {
+		if err := rows.Scan(&r.seq, &r.commitSeq, &r.shard, &r.token, &r.replica, &r.host, &r.sandbox, &r.change, &r.txid, &r.writtenAt, &r.committedAt); err != nil {
 			rows.Close()
 			return nil, err
 		}
@@ -154,7 +167,10 @@ func (e *env) history(ctx context.Context, quietAt time.Time) (*history, error) 
 	if err := e.finalState(ctx, &h.final); err != nil {
 		return nil, err
 	}
-	if h.retries, err = e.retryAudits(ctx); err != nil {
+	if err := e.rule9History(ctx, h); err != nil {
+		return nil, err
+	}
+	if h.volumes, err = e.volumeChanges(ctx); err != nil {
 		return nil, err
 	}
 	if e.events != nil {
@@ -166,27 +182,67 @@ func (e *env) history(ctx context.Context, quietAt time.Time) (*history, error) 
 	return h, nil
 }
 
-// retryAudits reads the destroy_retry audit rows (rule 9) by sandbox.
-func (e *env) retryAudits(ctx context.Context) (map[uuid.UUID][]time.Time, error) {
-	rows, err := e.db.Query(ctx, `select resource_id, created_at from audit_logs
-		 where actor_type = 'system' and resource_type = 'sandbox' and action = 'destroy' and metadata->>'reason' = 'destroy_retry'
-		 order by created_at`)
+// rule9History reads the destroy audit rows that finish a stopping row
+// (destroy_retry, transient_timeout_inferred) with their transactions, and
+// the committed re-send claims, by sandbox.
+func (e *env) rule9History(ctx context.Context, h *history) error {
+	rows, err := e.db.Query(ctx, `select a.resource_id, a.metadata->>'reason', coalesce(t.txid, 0), a.created_at
+		  from audit_logs a left join chaos_audit_tx t on t.audit_id = a.id
+		 where a.actor_type = 'system' and a.resource_type = 'sandbox' and a.action = 'destroy'
+		   and a.metadata->>'reason' in ('destroy_retry', 'transient_timeout_inferred')
+		 order by a.created_at`)
 	if err != nil {
-		return nil, fmt.Errorf("read the destroy_retry audit rows: %w", err)
+		return fmt.Errorf("read the destroy audit rows: %w", err)
 	}
-	defer rows.Close()
-	out := map[uuid.UUID][]time.Time{}
+	h.destroyAudits = map[uuid.UUID][]destroyAudit{}
 	for rows.Next() {
 		var rid string
-		var at time.Time
-		if err := rows.Scan(&rid, &at); err != nil {
-			return nil, err
+		var a destroyAudit
+		if err := rows.Scan(&rid, &a.reason, &a.txid, &a.at); err != nil {
+			rows.Close()
+			return err
 		}
 		if id, err := ids.ParseSandbox(rid); err == nil {
-			out[id] = append(out[id], at)
+			h.destroyAudits[id] = append(h.destroyAudits[id], a)
 		}
 	}
-	return out, rows.Err()
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	rows, err = e.db.Query(ctx, `select sandbox_id, retried_at, committed_at from chaos_retry_claims
+		 where commit_seq is not null order by commit_seq`)
+	if err != nil {
+		return fmt.Errorf("read the re-send claims: %w", err)
+	}
+	defer rows.Close()
+	h.claims = map[uuid.UUID][]retryClaim{}
+	for rows.Next() {
+		var id uuid.UUID
+		var c retryClaim
+		if err := rows.Scan(&id, &c.at, &c.committedAt); err != nil {
+			return err
+		}
+		h.claims[id] = append(h.claims[id], c)
+	}
+	return rows.Err()
+}
+
+// volumeChanges reads every recorded write to a volume that committed, in
+// the order recorded.
+func (e *env) volumeChanges(ctx context.Context) ([]volumeChange, error) {
+	rows, err := e.db.Query(ctx, `select id, volume_id, op, coalesce(old_status, ''), coalesce(new_status, ''), old_sandbox, new_sandbox,
+		       coalesce(old_mount, ''), coalesce(new_mount, ''), txid, commit_seq, writer
+		  from chaos_volume_changes where commit_seq is not null order by id`)
+	if err != nil {
+		return nil, fmt.Errorf("read the volume changes: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (volumeChange, error) {
+		var c volumeChange
+		err := r.Scan(&c.id, &c.volume, &c.op, &c.oldStatus, &c.newStatus, &c.oldSandbox, &c.newSandbox,
+			&c.oldMount, &c.newMount, &c.txid, &c.commitSeq, &c.writer)
+		return c, err
+	})
 }
 
 // outboxDrainBound is how long the checks wait, after the quiet period, for
@@ -218,7 +274,8 @@ func (e *env) gatherEvents(ctx context.Context, h *history) error {
 	}
 	defer tx.Rollback(ctx)
 	rows, err := tx.Query(ctx, `
-		select a.id, coalesce(t.txid, 0), a.resource_type, a.resource_id, a.team_id, a.action, coalesce(a.metadata->>'reason', ''), a.created_at
+		select a.id, coalesce(t.txid, 0), a.resource_type, a.resource_id, a.team_id, a.action,
+		       coalesce(a.metadata->>'reason', ''), coalesce(a.metadata->>'phase', ''), coalesce(a.metadata->>'error', ''), a.created_at
 		  from audit_logs a left join chaos_audit_tx t on t.audit_id = a.id
 		 where a.actor_type = 'system'`)
 	if err != nil {
@@ -227,11 +284,11 @@ func (e *env) gatherEvents(ctx context.Context, h *history) error {
 	untied := 0
 	for rows.Next() {
 		var a auditEvent
-		if err := rows.Scan(&a.auditID, &a.txid, &a.resType, &a.resID, &a.team, &a.action, &a.reason, &a.writtenT); err != nil {
+		if err := rows.Scan(&a.auditID, &a.txid, &a.resType, &a.resID, &a.team, &a.action, &a.reason, &a.phase, &a.errText, &a.writtenT); err != nil {
 			rows.Close()
 			return err
 		}
-		if a.event = expectedEvent(a.resType, a.action, a.reason); a.event == "" {
+		if a.event, a.outcome = expectedEvent(a.resType, a.action, a.reason, a.phase); a.event == "" {
 			continue
 		}
 		if a.txid == 0 {
@@ -281,11 +338,12 @@ func (e *env) gatherEvents(ctx context.Context, h *history) error {
 		h.drainErr = err
 		e.note("events: %v", err)
 	}
-	ec.poll(ctx)
-	ec.mu.Lock()
-	stream, readErr := append([]streamEntry(nil), ec.entries...), ec.readErr
-	ec.mu.Unlock()
+	stream, readErr, got, mirrorErr := ec.settledRead(ctx)
 	h.streamErr = readErr
+	if ec.mirror != nil {
+		h.mirror = &mirrorHistory{appended: len(stream), received: got.received, err: mirrorErr}
+		h.mirror.problems, h.mirror.carried = compareMirror(stream, got.counts)
+	}
 	if added, err := ec.entriesAdded(ctx); err == nil && added > int64(len(stream)) {
 		h.streamMissed = added - int64(len(stream))
 	}
@@ -403,10 +461,10 @@ func (e *env) saveHistory(h *history) {
 		if r.sandbox.Valid {
 			sb = ids.Sandbox(r.sandbox.UUID)
 		}
-		fmt.Fprintf(&b, "%d\t%d\t%04d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", r.commitSeq, r.seq, r.shard, r.token, r.replica,
-			ids.Host(r.host), sb, r.change, r.writtenAt.Format("15:04:05.000000"), r.committedAt.Format("15:04:05.000000"))
+		fmt.Fprintf(&b, "%d\t%d\t%04d\t%d\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.commitSeq, r.seq, r.shard, r.token, r.replica,
+			ids.Host(r.host), sb, r.change, r.txid, r.writtenAt.Format("15:04:05.000000"), r.committedAt.Format("15:04:05.000000"))
 	}
-	_ = os.WriteFile(e.dir+"/journal.tsv", []byte("commit_seq\tseq\tshard\ttoken\treplica\thost\tsandbox\tchange\twritten_at\tcommitted_at\n"+b.String()), 0o644)
+	_ = os.WriteFile(e.dir+"/journal.tsv", []byte("commit_seq\tseq\tshard\ttoken\treplica\thost\tsandbox\tchange\ttxid\twritten_at\tcommitted_at\n"+b.String()), 0o644)
 	_ = os.WriteFile(e.dir+"/etcd-events.txt", []byte(e.rec.Dump(1<<30)), 0o644)
 	b.Reset()
 	e.mu.Lock()
@@ -415,6 +473,12 @@ func (e *env) saveHistory(h *history) {
 	}
 	e.mu.Unlock()
 	_ = os.WriteFile(e.dir+"/etcd-leaders.txt", []byte(e.leaders.dump()), 0o644)
+	b.Reset()
+	for _, c := range h.volumes {
+		fmt.Fprintf(&b, "%d\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%q\t%q\t%s\n", c.commitSeq, c.id, c.txid, c.volume, c.op,
+			c.oldStatus, sandboxOrNone(c.oldSandbox), c.newStatus, sandboxOrNone(c.newSandbox), c.oldMount, c.newMount, c.writer)
+	}
+	_ = os.WriteFile(e.dir+"/volumes.tsv", []byte("commit_seq\tid\ttxid\tvolume\top\told_status\told_sandbox\tnew_status\tnew_sandbox\told_mount\tnew_mount\twriter\n"+b.String()), 0o644)
 	_ = os.WriteFile(e.dir+"/faults.tsv", []byte("start\tlost\thealed\tkind\ttarget\tdetail\terror\n"+b.String()), 0o644)
 	if e.events != nil {
 		b.Reset()

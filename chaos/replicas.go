@@ -55,8 +55,10 @@ var countedSeries = []string{
 	`vigil_agent_report_problems_total{kind="duplicate_id"}`,
 	"vigil_destroys_resent_total",
 	`vigil_events_published_total{event="host.down"}`,
-	`vigil_events_published_total{event="capsule.paused"}`,
-	`vigil_events_published_total{event="capsule.destroyed"}`,
+	`vigil_events_published_total{event="capsule.pause"}`,
+	`vigil_events_published_total{event="capsule.destroy"}`,
+	`vigil_events_published_total{event="capsule.create"}`,
+	`vigil_events_published_total{event="capsule.resume"}`,
 	"vigil_event_publish_errors_total",
 }
 
@@ -235,6 +237,10 @@ func (e *env) startMember(ctx context.Context) (*member, error) {
 		ru.Host = m.redisPx.Addr()
 		args = append(args, "--events-redis-url", ru.String(), "--events-stream", e.events.stream,
 			"--events-marker-ttl", e.events.markerTTL.String())
+		if e.events.channel != "" {
+			// The run's own mirror channel, never the machine's wrenn:sse.
+			args = append(args, "--events-sse-channel", e.events.channel)
+		}
 	}
 	m.logPath = filepath.Join(e.dir, "logs", id+".log")
 	if m.logFile, err = os.Create(m.logPath); err != nil {

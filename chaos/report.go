@@ -27,7 +27,9 @@ const (
 	vEventsSpur  = "events in the stream without a committed change"
 	vEventsBad   = "events whose payload does not say what their change was"
 	vEventsOrder = "events out of commit order in their shard's stream"
+	vMirror      = "stream entries the mirror did not carry exactly once"
 	vRetry       = "stuck destroys mishandled (SPEC §2 rule 9)"
+	vVolumes     = "volumes not detached as SPEC §2 rule 11 says"
 	vForbidden   = "writes to rows vigil must not write"
 	vCrash       = "replica crashes"
 	vEtcd        = "etcd record impossibilities"
@@ -36,8 +38,8 @@ const (
 	vBite        = "the test does not bite"
 )
 
-var categories = []string{vStale, vDouble, vShared, vOwner, vLost, vRetry, vAgent, vEventsLost, vEventsDup, vEventsSpur,
-	vEventsBad, vEventsOrder, vForbidden, vCrash, vEtcd, vCutOff, vRecover, vBite}
+var categories = []string{vStale, vDouble, vShared, vOwner, vLost, vRetry, vVolumes, vAgent, vEventsLost, vEventsDup, vEventsSpur,
+	vEventsBad, vEventsOrder, vMirror, vForbidden, vCrash, vEtcd, vCutOff, vRecover, vBite}
 
 // Report is a run's figures and verdict.
 type Report struct {
@@ -80,6 +82,7 @@ type Report struct {
 	Vigil    map[string]float64 // counters summed over the replicas
 	Events   string             // why the event checks are off
 	Rule9    string             // the stuck destroys' figures
+	Volumes  string             // the volumes' figures (rule 11)
 	Notes    []string
 
 	// Events (SPEC §6), when vigil has them.
@@ -98,6 +101,7 @@ type Report struct {
 	EventDelaysOutage []time.Duration // those that waited through a Redis outage
 	EventDelaysCalm   []time.Duration // the others
 	EventsOldestMax   float64         // max of vigil_events_oldest_pending_age_seconds over the run's scrapes
+	Mirror            string          // what the mirror carried, "" without one
 
 	Failed    bool
 	CheckTime time.Duration
@@ -172,11 +176,19 @@ func (e *env) check(h *history) *Report {
 	// past the grace is a lost transition (rule 9: the destroy was never
 	// re-sent), one gone from it a lost rule 6.
 	add(vLost, model.lostTransitions(onlyHosts(h.final, stuckHosts), nil)...)
-	bad9, st9 := stuckDestroys(stuck, h.journal, h.destroy, h.retries, e.cfg.TransientGrace)
+	bad9, st9 := stuckDestroys(rule9History{stuck: stuck, journal: h.journal, audits: h.destroyAudits, claims: h.claims,
+		accepted: h.destroy, rejected: h.reject, grace: e.cfg.TransientGrace})
 	add(vRetry, bad9...)
-	rep.Rule9 = fmt.Sprintf("%d rows with a lost destroy: %d re-sent and destroyed on their agent, %d then stopped (rule 6), %d moved to missing by the passive rule first; "+
-		"%d destroy_retry audit rows; %d re-sends within a grace of the previous one",
-		st9.stuck, st9.resent, st9.stopped, st9.dissolved, st9.audits, st9.withinGrace)
+	rep.Rule9 = fmt.Sprintf("%d rows with a lost destroy (%d on an agent refusing destroys for a while), %d moved to missing by the passive rule first; "+
+		"%d re-sends claimed, reaching their agents as %d accepted, %d refused, %d stale-token rejections (%d within a grace of the previous call); "+
+		"%d stopped with destroy_retry, %d by rule 6 after an accepted re-send; %d destroy_retry audit rows",
+		st9.stuck, st9.refusing, st9.dissolved, st9.claims, st9.accepted, st9.refused, st9.stale, st9.withinGrace,
+		st9.stoppedRetry, st9.stoppedRule6, st9.audits)
+	badV, stV := volumeDetaches(h.volumes, h.journal)
+	add(vVolumes, badV...)
+	rep.Volumes = fmt.Sprintf("%d volumes; %d of vigil's changes to stopped or error, %d of them of a sandbox with volumes attached or attaching, "+
+		"%d volumes detached by vigil, %d by the control plane (the harness)",
+		stV.volumes, stV.stops, stV.stopsWithVolumes, stV.detached, stV.byOthers)
 
 	// Events.
 	switch {
@@ -199,6 +211,7 @@ func (e *env) check(h *history) *Report {
 		add(vEventsSpur, r.Spurious...)
 		add(vEventsBad, r.BadPayload...)
 		add(vEventsOrder, r.OutOfOrder...)
+		rep.Mirror = e.judgeMirror(h.mirror, add)
 		var outages [][2]time.Time
 		e.mu.Lock()
 		for _, f := range e.faults {
@@ -288,6 +301,22 @@ func (e *env) check(h *history) *Report {
 		}
 	}
 	return rep
+}
+
+// judgeMirror turns what the mirror carried into figures and, while the
+// harness's subscription held, violations.
+func (e *env) judgeMirror(m *mirrorHistory, add func(string, ...string)) string {
+	if m == nil {
+		return "off: vigil has no --events-sse-channel"
+	}
+	fig := fmt.Sprintf("%d stream entries, %d messages on the run's channel, %d entries carried, %d disagreements",
+		m.appended, m.received, m.carried, len(m.problems))
+	if m.err != nil {
+		e.note("mirror not judged (%v): %d disagreements between the stream and the mirror left as figures", m.err, len(m.problems))
+		return fig + " (not judged: " + m.err.Error() + ")"
+	}
+	add(vMirror, m.problems...)
+	return fig
 }
 
 func onlyHosts(fs finalState, keep map[uuid.UUID]bool) finalState {
@@ -528,10 +557,12 @@ func (r *Report) print(w io.Writer) {
 		p("  backlog age (commit -> XADD): all %s; through a Redis outage %s; otherwise %s", dist(r.EventDelays), dist(r.EventDelaysOutage), dist(r.EventDelaysCalm))
 		p("  max backlog age %s; vigil's own vigil_events_oldest_pending_age_seconds max %.1fs; outbox %s; %d entries of later events left out",
 			ms(pct(r.EventDelays, 1)), r.EventsOldestMax, drained, r.EventsBeyond)
+		p("  mirror: %s", r.Mirror)
 	} else {
 		p("events: %s", r.Events)
 	}
 	p("stuck destroys (rule 9): %s", r.Rule9)
+	p("volumes (rule 11): %s", r.Volumes)
 	for _, n := range r.Notes {
 		p("note: %s", n)
 	}

@@ -5,9 +5,11 @@
 // beside them, a history the system writes itself (vigil_journal with its
 // commit order, etcd's record of claims, the agents' record of
 // DestroySandbox calls), and a checker that fails the run on any stale
-// write, double-acted host, lost transition, agent disagreement, lost or
-// duplicated event, or a run whose fences never bit. `make chaos` runs it
-// (cmd/chaos); TestSmoke runs two minutes of it in `make test`.
+// write, double-acted host, lost transition, mishandled stuck destroy,
+// volume not detached as rule 11 says, agent disagreement, lost, duplicated
+// or misshapen event, mirror message missing or doubled, or a run whose
+// fences never bit. `make chaos` runs it (cmd/chaos); TestSmoke runs two
+// minutes of it in `make test`.
 package chaos
 
 import (
@@ -292,6 +294,9 @@ func (e *env) teardown() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		e.events.drop(ctx)
 		cancel()
+		if e.events.mirror != nil {
+			e.events.mirror.close()
+		}
 	}
 	if e.rec != nil {
 		e.rec.Close()

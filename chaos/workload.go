@@ -89,6 +89,10 @@ func startWorkload(ctx context.Context, e *env) (*workload, error) {
 		w.stop()
 		return nil, err
 	}
+	if err := w.seedVolumes(ctx); err != nil {
+		w.stop()
+		return nil, err
+	}
 	lctx, lcancel := context.WithCancel(context.Background())
 	w.loopCtx, w.loopCancel = lctx, lcancel
 	w.loops.Add(2)
@@ -100,9 +104,11 @@ func startWorkload(ctx context.Context, e *env) (*workload, error) {
 	return w, nil
 }
 
-func (w *workload) count(kind string) {
+func (w *workload) count(kind string) { w.countN(kind, 1) }
+
+func (w *workload) countN(kind string, n int) {
 	w.mu.Lock()
-	w.counts[kind]++
+	w.counts[kind] += n
 	w.mu.Unlock()
 }
 
@@ -245,8 +251,7 @@ func (w *workload) churnOnce(ctx context.Context) {
 const stepDelay = 10 * time.Millisecond
 
 func (w *workload) create(ctx context.Context, h, id, team uuid.UUID) error {
-	if _, err := w.e.db.Exec(ctx, `insert into sandboxes (id, team_id, host_id, status, last_updated, created_at)
-		values ($1, $2, $3, 'starting', now(), now())`, id, team, h); err != nil {
+	if err := w.insertSandbox(ctx, h, id, team); err != nil {
 		return err
 	}
 	if err := w.sim.AddVM(h, id, status.Starting, team); err != nil {
@@ -258,12 +263,16 @@ func (w *workload) create(ctx context.Context, h, id, team uuid.UUID) error {
 	if err := w.sim.SetVMStatus(h, id, status.Running); err != nil {
 		return err
 	}
-	return w.cas(ctx, id, status.Starting, status.Running)
+	if err := w.cas(ctx, id, status.Starting, status.Running); err != nil {
+		return err
+	}
+	return w.attachVolumes(ctx, id)
 }
 
 // step: the row goes from -> via, the agent shows agentVia, then agentTo
-// ("" removes the VM), then the row goes via -> to. The agent finishes its
-// part even when the row was changed meanwhile (by vigil), as an agent does.
+// ("" removes the VM), then the row goes via -> to (its volumes detached
+// when to is stopped). The agent finishes its part even when the row was
+// changed meanwhile (by vigil), as an agent does.
 func (w *workload) step(ctx context.Context, h, id uuid.UUID, from, via, to, agentVia, agentTo string) error {
 	if err := w.cas(ctx, id, from, via); err != nil {
 		return err
@@ -282,6 +291,9 @@ func (w *workload) step(ctx context.Context, h, id uuid.UUID, from, via, to, age
 	}
 	if err != nil {
 		return err
+	}
+	if to == status.Stopped {
+		return w.casDetach(ctx, id, via, to)
 	}
 	return w.cas(ctx, id, via, to)
 }
@@ -346,6 +358,7 @@ var faultKinds = []struct {
 	{agentsim.ModeUnknownStatus, 4 * time.Second},
 	{agentsim.ModeDuplicateIDs, 4 * time.Second},
 	{agentsim.ModeMalformed, 3 * time.Second},
+	{agentsim.ModeRefuseDestroy, 6 * time.Second}, // zombies' destroys refused (stuck rows get it as bad input)
 	{"restart", 0},
 }
 
