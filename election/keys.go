@@ -80,8 +80,8 @@ func parseConfig(b []byte) (ClusterConfig, error) {
 	if err := json.Unmarshal(b, &c); err != nil {
 		return c, fmt.Errorf("config is not JSON: %w", err)
 	}
-	if c.Shards < 1 || c.Shards > 9999 {
-		return c, fmt.Errorf("config shard count %d out of range 1..9999", c.Shards)
+	if err := shard.ValidCount(c.Shards); err != nil {
+		return c, fmt.Errorf("config: %w", err)
 	}
 	return c, nil
 }

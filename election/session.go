@@ -25,20 +25,26 @@ var ErrSessionExpired = errors.New("election: session expired")
 // Once Done is closed the session is finished for good: the replica must
 // open a new Session (a new lease, so new fencing tokens) to act again.
 type Session struct {
-	client *clientv3.Client
+	client lessor
 	lease  clientv3.LeaseID
 	ttl    time.Duration
 	margin time.Duration
 	log    hclog.Logger
-	now    func() time.Time
 
-	mu       sync.Mutex
+	mu       sync.Mutex // guards deadline and err
 	deadline time.Time
 	err      error
 
 	ctx    context.Context // ends when the session ends
 	cancel context.CancelCauseFunc
 	done   chan struct{} // closed after the loop exits
+}
+
+// lessor is what a Session needs of etcd (clientv3.Client has it).
+type lessor interface {
+	Grant(ctx context.Context, ttl int64) (*clientv3.LeaseGrantResponse, error)
+	KeepAliveOnce(ctx context.Context, id clientv3.LeaseID) (*clientv3.LeaseKeepAliveResponse, error)
+	Revoke(ctx context.Context, id clientv3.LeaseID) (*clientv3.LeaseRevokeResponse, error)
 }
 
 // SessionConfig configures a Session.
@@ -52,8 +58,12 @@ type SessionConfig struct {
 // when ctx ends, when Close is called, or when the lease can no longer be
 // proven alive.
 func NewSession(ctx context.Context, client *clientv3.Client, cfg SessionConfig) (*Session, error) {
-	if cfg.TTL < time.Second || cfg.TTL%time.Second != 0 {
-		return nil, fmt.Errorf("election: lease TTL %s must be a whole number of seconds, at least 1s", cfg.TTL)
+	return newSession(ctx, client, cfg)
+}
+
+func newSession(ctx context.Context, client lessor, cfg SessionConfig) (*Session, error) {
+	if err := ValidLeaseTTL(cfg.TTL); err != nil {
+		return nil, fmt.Errorf("election: %w", err)
 	}
 	if cfg.Margin == 0 {
 		cfg.Margin = max(cfg.TTL/5, 100*time.Millisecond)
@@ -77,7 +87,6 @@ func NewSession(ctx context.Context, client *clientv3.Client, cfg SessionConfig)
 		ttl:    time.Duration(resp.TTL) * time.Second,
 		margin: cfg.Margin,
 		log:    cfg.Logger,
-		now:    time.Now,
 		done:   make(chan struct{}),
 	}
 	s.deadline = sent.Add(s.ttl - s.margin)
@@ -103,7 +112,7 @@ func (s *Session) Done() <-chan struct{} { return s.done }
 func (s *Session) Valid() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.err == nil && s.now().Before(s.deadline)
+	return s.err == nil && time.Now().Before(s.deadline)
 }
 
 // Deadline is the current local lease deadline.
@@ -132,81 +141,100 @@ func (s *Session) end(err error) {
 // keepAlive renews the lease every TTL/3. Each renewal's send time moves the
 // deadline; a timer ends the session the moment the deadline passes. An
 // attempt gets half that period; a failed one is retried a tenth of a period
-// later, so one
-// etcd member that swallows requests (the client spreads them over every
-// endpoint) costs half a period, not the session.
+// later, so one etcd member that swallows requests (the client spreads them
+// over every endpoint) costs half a period, not the session. It returns
+// once the session has ended and no renewal is in flight.
 func (s *Session) keepAlive(parent context.Context) {
 	defer close(s.done)
-	interval := s.ttl / 3
-	timer := time.NewTimer(time.Until(s.Deadline()))
-	defer timer.Stop()
-	tick := time.NewTicker(interval)
+	k := &keeper{s: s, interval: s.ttl / 3, results: make(chan renewal, 1)}
+	deadline := time.NewTimer(time.Until(s.Deadline()))
+	defer deadline.Stop()
+	tick := time.NewTicker(k.interval)
 	defer tick.Stop()
-	type result struct {
-		sent time.Time
-		ttl  time.Duration
-		err  error
-	}
-	results := make(chan result, 1)
-	inflight := false
-	retry := time.NewTimer(time.Hour)
-	retry.Stop()
-	defer retry.Stop()
-	send := func() {
-		inflight = true
-		sent := s.now()
-		go func() {
-			ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(s.ctx), interval/2)
-			defer cancel()
-			resp, err := s.client.KeepAliveOnce(ctx, s.lease)
-			r := result{sent: sent, err: err}
-			if err == nil {
-				r.ttl = time.Duration(resp.TTL) * time.Second
-			}
-			results <- r
-		}()
-	}
-	send()
+	k.retry = time.NewTimer(time.Hour)
+	k.retry.Stop()
+	defer k.retry.Stop()
+	k.send()
 	for {
 		select {
 		case <-parent.Done():
 			s.end(context.Cause(parent))
 		case <-s.ctx.Done():
-			if inflight {
-				<-results
+			if k.inflight {
+				<-k.results
 			}
 			return
-		case <-timer.C:
+		case <-deadline.C:
 			s.log.Warn("lease deadline passed without a renewal; stepping down", "lease", fmt.Sprintf("%x", s.lease))
 			s.end(fmt.Errorf("%w: no keep-alive acknowledged within %s", ErrSessionExpired, s.ttl-s.margin))
 		case <-tick.C:
-			if !inflight {
-				send()
+			k.send()
+		case <-k.retry.C:
+			k.send()
+		case r := <-k.results:
+			if d, ok := k.received(r); ok {
+				deadline.Reset(time.Until(d))
 			}
-		case <-retry.C:
-			if !inflight {
-				send()
-			}
-		case r := <-results:
-			inflight = false
-			if r.err != nil {
-				if isLeaseGone(r.err) {
-					s.end(fmt.Errorf("%w: %w", ErrSessionExpired, r.err))
-					continue
-				}
-				s.log.Debug("keep-alive failed; retrying", "error", r.err)
-				retry.Reset(interval / 10) // not a spin when etcd refuses at once
-				continue
-			}
-			s.mu.Lock()
-			if d := r.sent.Add(r.ttl - s.margin); d.After(s.deadline) && s.err == nil {
-				s.deadline = d
-			}
-			d := s.deadline
-			s.mu.Unlock()
-			timer.Reset(time.Until(d))
 		}
 	}
+}
+
+// keeper is keepAlive's state; only its goroutine uses it.
+type keeper struct {
+	s        *Session
+	interval time.Duration
+	inflight bool
+	results  chan renewal // capacity 1: at most one renewal is in flight
+	retry    *time.Timer
+}
+
+// renewal is one keep-alive's answer, with when it was sent.
+type renewal struct {
+	sent time.Time
+	ttl  time.Duration
+	err  error
+}
+
+// send starts a renewal unless one is in flight.
+func (k *keeper) send() {
+	if k.inflight {
+		return
+	}
+	k.inflight = true
+	s, sent := k.s, time.Now()
+	go func() {
+		ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(s.ctx), k.interval/2)
+		defer cancel()
+		resp, err := s.client.KeepAliveOnce(ctx, s.lease)
+		r := renewal{sent: sent, err: err}
+		if err == nil {
+			r.ttl = time.Duration(resp.TTL) * time.Second
+		}
+		k.results <- r
+	}()
+}
+
+// received folds in a renewal's answer: a lease gone ends the session, any
+// other failure is retried a tenth of a period later (not a spin when etcd
+// refuses at once), a success moves the deadline, which it returns.
+func (k *keeper) received(r renewal) (time.Time, bool) {
+	k.inflight = false
+	s := k.s
+	if r.err != nil {
+		if isLeaseGone(r.err) {
+			s.end(fmt.Errorf("%w: %w", ErrSessionExpired, r.err))
+			return time.Time{}, false
+		}
+		s.log.Debug("keep-alive failed; retrying", "error", r.err)
+		k.retry.Reset(k.interval / 10)
+		return time.Time{}, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if d := r.sent.Add(r.ttl - s.margin); d.After(s.deadline) && s.err == nil {
+		s.deadline = d
+	}
+	return s.deadline, true
 }
 
 // Close ends the session and revokes its lease so every key bound to it

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/vigil-sh/vigil/internal/trigger"
 )
 
 // watcher keeps a view of the cluster's keys current with one watch on the
@@ -38,14 +40,8 @@ func (w *watcher) report(v *view) {
 	v.anomalies = nil
 }
 
-// run reads and watches until ctx ends, poking trig after every change.
-func (w *watcher) run(ctx context.Context, trig chan<- struct{}) {
-	poke := func() {
-		select {
-		case trig <- struct{}{}:
-		default:
-		}
-	}
+// run reads and watches until ctx ends, firing trig after every change.
+func (w *watcher) run(ctx context.Context, trig *trigger.T) {
 	cli := w.n.cfg.Client
 	root := w.layout.Root + "/"
 	for ctx.Err() == nil {
@@ -68,7 +64,7 @@ func (w *watcher) run(ctx context.Context, trig chan<- struct{}) {
 		w.mu.Lock()
 		w.view = v
 		w.mu.Unlock()
-		poke()
+		trig.Fire()
 
 		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		wch := cli.Watch(wctx, root, clientv3.WithPrefix(), clientv3.WithRev(v.rev+1))
@@ -87,7 +83,7 @@ func (w *watcher) run(ctx context.Context, trig chan<- struct{}) {
 			w.view.rev = wr.Header.Revision
 			w.report(w.view)
 			w.mu.Unlock()
-			poke()
+			trig.Fire()
 		}
 		wcancel()
 		// Drain so the watcher goroutines end before we re-read.

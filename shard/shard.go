@@ -39,6 +39,17 @@ import (
 // DefaultCount is the default number of shards of a cluster.
 const DefaultCount = 256
 
+// MaxCount is the largest shard count: shard keys have 4 digits.
+const MaxCount = 9999
+
+// ValidCount checks a cluster's shard count.
+func ValidCount(n int) error {
+	if n < 1 || n > MaxCount {
+		return fmt.Errorf("shard count %d out of range 1..%d", n, MaxCount)
+	}
+	return nil
+}
+
 const (
 	fnvOffset64 = 14695981039346656037
 	fnvPrime64  = 1099511628211
