@@ -80,8 +80,6 @@ type cachedTarget struct {
 	lastUsed time.Time
 }
 
-type targetKey struct{}
-
 // New validates cfg (see Config.Validate), loads the TLS files when set, and
 // registers the metrics with cfg.Registerer when it is non-nil:
 //
@@ -125,7 +123,8 @@ func New(cfg Config) (*Pool, error) {
 		// saves. Agents compress only when the client accepts it.
 		connect.WithAcceptCompression("gzip", nil, nil),
 	}
-	// The base URL is a placeholder: doer sends each call to its agent.
+	// The base URL is a placeholder: doer sends each call to the agent its
+	// request names.
 	d := doer{p.tr}
 	p.list = connect.NewClient[hostagentv1.ListSandboxesRequest, hostagentv1.ListSandboxesResponse](
 		d, "http://agent"+hostagentv1connect.HostAgentServiceListSandboxesProcedure,
@@ -141,15 +140,38 @@ func New(cfg Config) (*Pool, error) {
 	return p, nil
 }
 
-// doer sends a request to the agent its context names.
+// targetHeader carries a call's agent from the call to the doer: every call
+// names its target on its own request (never in its context), and the doer
+// takes the header off before the request leaves.
+const targetHeader = "Vigil-Agent-Target"
+
+// header is the target as targetHeader carries it: "scheme://host" and the
+// path prefix.
+func (tg target) header() string { return tg.scheme + "://" + tg.host + tg.prefix }
+
+// parseTarget reverses header.
+func parseTarget(h string) (target, bool) {
+	scheme, rest, ok := strings.Cut(h, "://")
+	if !ok || rest == "" {
+		return target{}, false
+	}
+	host, prefix := rest, ""
+	if i := strings.IndexByte(rest, '/'); i >= 0 {
+		host, prefix = rest[:i], rest[i:]
+	}
+	return target{scheme: scheme, host: host, prefix: prefix}, host != ""
+}
+
+// doer sends each request to the agent its targetHeader names.
 type doer struct{ t *transport }
 
 func (d doer) Do(req *http.Request) (*http.Response, error) {
-	tg, ok := req.Context().Value(targetKey{}).(target)
+	tg, ok := parseTarget(req.Header.Get(targetHeader))
 	if !ok {
 		closeBody(req)
 		return nil, errors.New("agentpool: call without an agent")
 	}
+	req.Header.Del(targetHeader)
 	req.URL.Scheme, req.URL.Host, req.Host = tg.scheme, tg.host, tg.host
 	req.URL.Path = tg.prefix + req.URL.Path
 	return d.t.Do(req)
@@ -194,10 +216,12 @@ func (p *Pool) ListSandboxes(ctx context.Context, hostID uuid.UUID, address stri
 	if err != nil {
 		return nil, fmt.Errorf("agent %s %s: %w", hostID, procListSandboxes, err)
 	}
-	ctx, cancel := context.WithTimeout(context.WithValue(ctx, targetKey{}, tg), p.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
+	req := connect.NewRequest(&hostagentv1.ListSandboxesRequest{})
+	req.Header().Set(targetHeader, tg.header())
 	start := time.Now()
-	resp, err := p.list.CallUnary(ctx, connect.NewRequest(&hostagentv1.ListSandboxesRequest{}))
+	resp, err := p.list.CallUnary(ctx, req)
 	p.done(hostID, procListSandboxes, err, false, time.Since(start))
 	if err != nil {
 		return nil, fmt.Errorf("agent %s %s: %w", hostID, procListSandboxes, err)
@@ -216,9 +240,10 @@ func (p *Pool) DestroySandbox(ctx context.Context, hostID uuid.UUID, address, sa
 	if err != nil {
 		return fmt.Errorf("agent %s %s: %w", hostID, procDestroySandbox, err)
 	}
-	ctx, cancel := context.WithTimeout(context.WithValue(ctx, targetKey{}, tg), p.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
 	req := connect.NewRequest(&hostagentv1.DestroySandboxRequest{SandboxId: sandboxID})
+	req.Header().Set(targetHeader, tg.header())
 	if fence != "" {
 		req.Header().Set(FenceHeader, fence)
 	}

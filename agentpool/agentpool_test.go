@@ -31,6 +31,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/goleak"
 
+	"github.com/vigil-sh/vigil/internal/testwait"
 	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/proto/hostagent/v1/hostagentv1connect"
 )
@@ -729,19 +730,11 @@ func TestIdleConnectionsAreCapped(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	testwait.For(t, 5*time.Second, "at most MaxIdleConns=2 connections open to 6 agents", func() bool {
 		mu.Lock()
-		n := open
-		mu.Unlock()
-		if n <= 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d connections still open to 6 agents, want at most MaxIdleConns=2", n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		defer mu.Unlock()
+		return open <= 2
+	})
 }
 
 func TestConcurrentCallsAndLen(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
 
+	"github.com/vigil-sh/vigil/internal/testwait"
 	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/proto/hostagent/v1/hostagentv1connect"
 )
@@ -109,16 +110,10 @@ func ctxTimeout(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+// eventually is testwait.For.
+var eventually = func(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testwait.For(t, d, what, cond)
 }
 
 func statusesByID(infos []*hostagentv1.SandboxInfo) map[string][]string {

@@ -9,6 +9,8 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/vigil-sh/vigil/internal/testwait"
 )
 
 // redisURL is the machine's Redis (no auth, nothing on disk).
@@ -116,13 +118,7 @@ func TestMarkerTTLBoundsDeduplication(t *testing.T) {
 	if n, _ := p.Publish(ctx, []Event{e}); n != 0 {
 		t.Fatal("republished within the marker TTL")
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for rdb.Exists(ctx, p.markerKey(e.ID)).Val() == 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("marker never expired")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testwait.For(t, 10*time.Second, "the marker to expire", func() bool { return rdb.Exists(ctx, p.markerKey(e.ID)).Val() == 0 })
 	if n, _ := p.Publish(ctx, []Event{e}); n != 1 {
 		t.Fatal("after the marker expired the event was not appended again")
 	}

@@ -23,7 +23,7 @@ func BenchmarkDecide1000Rows(b *testing.B) {
 	statuses := []string{"running", "missing", "starting", "pausing", "snapshotting", "stopping"}
 	for i := range rows {
 		id := uuid.New()
-		rows[i] = monitor.Row{ID: id, TeamID: uuid.NullUUID{UUID: id, Valid: true}, Status: statuses[i%len(statuses)], LastUpdated: now.Add(-time.Duration(i) * time.Second)}
+		rows[i] = monitor.Row{ID: id, TeamID: id, Status: statuses[i%len(statuses)], LastUpdated: now.Add(-time.Duration(i) * time.Second)}
 		if i%3 != 0 {
 			rep[id] = monitor.Observed{Presence: monitor.PresentKnown, Status: "running"}
 		}

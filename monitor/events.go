@@ -54,7 +54,7 @@ func notification(resourceType, resourceID string, team uuid.UUID, au Audit, at 
 
 // auditRow is the audit_logs row of au about resource (its type and prefixed
 // id) of team, with its outbox event when events are on.
-func auditRow(resourceType, resourceID string, team uuid.UUID, au Audit, withEvent bool, at time.Time) *store.Audit {
+func auditRow(resourceType, resourceID string, team uuid.UUID, au Audit, withEvent bool, at time.Time) *store.AuditRow {
 	meta := map[string]any{"reason": au.Reason}
 	if au.Phase != "" {
 		meta["phase"] = au.Phase
@@ -62,7 +62,7 @@ func auditRow(resourceType, resourceID string, team uuid.UUID, au Audit, withEve
 	if au.Status == "error" && au.Error != "" {
 		meta["error"] = au.Error
 	}
-	row := &store.Audit{TeamID: team, ResourceType: resourceType, ResourceID: resourceID,
+	row := &store.AuditRow{TeamID: team, ResourceType: resourceType, ResourceID: resourceID,
 		Action: au.Action, Status: au.Status, Metadata: meta}
 	if !withEvent {
 		return row
@@ -75,7 +75,7 @@ func auditRow(resourceType, resourceID string, team uuid.UUID, au Audit, withEve
 
 // sandboxAudit is the audit row of a sandbox action (with its event when
 // withEvent), nil for a silent one.
-func sandboxAudit(a Action, withEvent bool, at time.Time) *store.Audit {
+func sandboxAudit(a Action, withEvent bool, at time.Time) *store.AuditRow {
 	if a.Audit == nil {
 		return nil
 	}

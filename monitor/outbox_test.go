@@ -70,7 +70,7 @@ func newEventsEnv(t *testing.T, hosts int, batch int) *eventsEnv {
 		rdb.Close()
 	})
 	e.reg = prometheus.NewRegistry()
-	e.rec, err = monitor.New(monitor.Config{Registerer: e.reg, Publisher: pub, RelayBatch: batch}, e.st, e.hook)
+	e.rec, err = monitor.New(monitor.Config{Registerer: e.reg, Publisher: pub, Outbox: e.st, RelayBatch: batch}, e.st, e.hook)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -238,7 +238,7 @@ func TestEventsForEachChange(t *testing.T) {
 	e.setHeartbeat(shared, time.Hour, false)
 	start := time.Now().Truncate(time.Second)
 	e.reconcile(h)
-	if _, err := e.rec.MarkStale(e.ctx, e.fence, []uuid.UUID{down, shared}); err != nil {
+	if _, err := e.rec.Passive(e.ctx, e.fence, []uuid.UUID{down, shared}); err != nil {
 		t.Fatal(err)
 	}
 	if e.hostStatus(shared) != "unreachable" {

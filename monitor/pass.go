@@ -1,37 +1,34 @@
 package monitor
 
 import (
-	"cmp"
 	"context"
 	"errors"
-	"fmt"
-	"sync"
 	"time"
 
 	"github.com/google/uuid"
 
-	"github.com/vigil-sh/vigil/internal/ids"
 	"github.com/vigil-sh/vigil/internal/status"
-	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/store"
 )
 
 // A Pass reconciles a set of hosts of one shard in phases you can see:
 //
-//	read    one statement: the hosts, their active rows, the database clock
-//	passive the stale ones (by that read) in one fenced transaction
-//	ask     ListSandboxes on the online ones, through the replica's call queue
-//	decide  Decide per host, as answers arrive
-//	apply   the decisions of the answers in hand in one fenced transaction
-//	        (after ApplyLinger, or when every answer is in)
-//	effects zombies destroyed on their agents after that fenced check, then
-//	        their audit rows in one more fenced transaction
-//	record  metrics from the outcomes, once everything committed or failed
+//	read     one statement: the hosts, their active rows, the database clock (Reconciler.Read)
+//	passive  the stale ones (by that read) in one fenced transaction
+//	ask      ListSandboxes on the online ones, through the replica's call queue;
+//	         the answers in hand go on together (ask.go), after ApplyLinger or
+//	         when every answer is in, through:
+//	decide   the zombie candidates read, Decide per host (pure)
+//	apply    the decisions as one batch (batchOf, pure) in one fenced transaction;
+//	         in shadow mode recorded instead (shadow.go)
+//	effects  zombies destroyed and stuck destroys re-sent on their agents after
+//	         that fenced check, then what they did in one more fenced transaction
+//	record   metrics from the outcomes, once everything committed or failed
 //
 // A steady pass (nothing to change) sends one statement for the whole set.
 type Pass struct {
 	// Urgent puts the pass's agent calls ahead of full passes' in the
-	// replica's call queue (reconnects).
+	// replica's call queue (reconnects, a new owner's first pass).
 	Urgent bool
 	// Settled, when set, is called from Run each time some hosts reached
 	// their final outcome (reconciled or failed), with those outcomes.
@@ -58,30 +55,36 @@ func (r *Reconciler) Read(ctx context.Context, f store.Fence, hosts []uuid.UUID)
 	found := make(map[uuid.UUID]bool, len(rd.Hosts))
 	for _, h := range rd.Hosts {
 		found[h.ID] = true
-		o := Outcome{Host: h.ID, Counted: h.Status == status.HostOnline && h.Address != ""}
-		switch {
-		case h.Status == "":
-			o.Skipped = errNullStatus
-			r.m.badRows.WithLabelValues("host_null_status").Inc()
-		case h.Stale && h.Status != status.HostUnreachable:
-			o.Skipped = errHostStale
-			p.stale = append(p.stale, len(p.out))
-		case h.Status != status.HostOnline:
-			o.Skipped = "host " + h.Status
-		case h.Address == "":
-			o.Skipped = errNoAddress
-		default:
-			p.targets = append(p.targets, len(p.out))
-			p.addr[h.ID] = h.Address
-		}
-		p.out = append(p.out, o)
+		p.classify(h)
 	}
 	for _, h := range hosts {
 		if !found[h] {
-			p.out = append(p.out, Outcome{Host: h, Skipped: errHostGone})
+			p.out = append(p.out, Outcome{Host: h, Skipped: skipHostGone})
 		}
 	}
 	return p, nil
+}
+
+// classify settles a host the read found, or makes it a candidate of the
+// passive rule, or a target to ask.
+func (p *Pass) classify(h store.HostState) {
+	o := Outcome{Host: h.ID, Counted: h.Status == status.HostOnline && h.Address != ""}
+	switch {
+	case h.Status == "":
+		o.Skipped = skipNullStatus
+		p.r.m.badRows.WithLabelValues("host_null_status").Inc()
+	case h.Stale && h.Status != status.HostUnreachable:
+		o.Skipped = skipHostStale
+		p.stale = append(p.stale, len(p.out))
+	case h.Status != status.HostOnline:
+		o.Skipped = "host " + h.Status
+	case h.Address == "":
+		o.Skipped = skipNoAddress
+	default:
+		p.targets = append(p.targets, len(p.out))
+		p.addr[h.ID] = h.Address
+	}
+	p.out = append(p.out, o)
 }
 
 // Now is the database clock at the pass's read.
@@ -115,423 +118,97 @@ func (p *Pass) NotAsked() []uuid.UUID {
 // Outcomes are the pass's per-host results, final once Run returned.
 func (p *Pass) Outcomes() []Outcome { return p.out }
 
-// Run does the rest of the pass: passive, ask, decide, apply, effects,
-// record. A host whose agent fails, hangs or lies fails alone; the others
-// are applied without waiting for it longer than ApplyLinger. It returns
-// once every call and write of the pass has ended: ErrFenced (wrapped) when
-// a newer owner holds the shard — nothing more is written or sent — and
-// ctx's error when ctx ended first.
+// Run does the pass's phases after Read: passive, then ask, whose batches of
+// answers each go through decide, apply and effects (settle), then record.
+// A host whose agent fails, hangs or lies fails alone; the others are
+// applied without waiting for it longer than ApplyLinger. It returns once
+// every call and write of the pass has ended: ErrFenced (wrapped) when a
+// newer owner holds the shard — nothing more is written or sent — and ctx's
+// error when ctx ended first.
 func (p *Pass) Run(ctx context.Context) error {
-	defer func() {
-		p.r.record(p.f, "active", p.targetOutcomes())
-		if len(p.stale) > 0 {
-			p.r.record(p.f, "passive", p.staleOutcomes())
-		}
-	}()
-	var replays []store.ShadowChange
-	if p.r.cfg.Shadow {
-		decided := make(map[uuid.UUID]bool, len(p.stale))
-		for _, s := range p.stale {
-			decided[p.out[s].Host] = true
-		}
-		replays = p.r.shadowMem.hostsRead(p.read, decided, hostDownAudit(p.r.cfg.UnreachableAfter).Reason)
-	}
-	if len(p.stale) > 0 || len(replays) > 0 {
-		so := make([]Outcome, len(p.stale))
-		for i, s := range p.stale {
-			so[i] = p.out[s]
-			so[i].start = time.Now()
-		}
-		err := p.r.markStale(ctx, p.f, so, replays)
-		for i, s := range p.stale {
-			p.out[s] = so[i]
-		}
-		if errors.Is(err, ErrFenced) {
-			p.failTargets(err)
-			return p.r.fenced(err)
-		}
+	defer p.record()
+	if err := p.passive(ctx); err != nil {
+		return err
 	}
 	return p.ask(ctx)
 }
 
-func (p *Pass) targetOutcomes() []Outcome {
-	out := make([]Outcome, 0, len(p.out)-len(p.stale))
-	stale := make(map[int]bool, len(p.stale))
-	for _, s := range p.stale {
-		stale[s] = true
+// passive runs the passive rule on the hosts the read found stale (and in
+// shadow mode records the hosts another writer marked since the last read).
+// A fence rejection fails every target: the pass is over.
+func (p *Pass) passive(ctx context.Context) error {
+	var replays []store.ShadowChange
+	if p.r.cfg.Shadow {
+		replays = p.r.shadowMem.hostsRead(p.read, p.staleHosts(), hostDownAudit(p.r.cfg.UnreachableAfter).Reason)
 	}
-	for i, o := range p.out {
-		if !stale[i] {
-			out = append(out, o)
-		}
+	if len(p.stale) == 0 && len(replays) == 0 {
+		return nil
 	}
-	return out
-}
-
-func (p *Pass) staleOutcomes() []Outcome {
-	out := make([]Outcome, len(p.stale))
+	so := make([]Outcome, len(p.stale))
 	for i, s := range p.stale {
-		out[i] = p.out[s]
+		so[i] = p.out[s]
+		so[i].start = time.Now()
 	}
-	return out
-}
-
-func (p *Pass) failTargets(err error) {
-	for _, t := range p.targets {
-		if p.out[t].Err == nil && p.out[t].Done.IsZero() {
+	err := p.r.passive(ctx, p.f, so, replays)
+	for i, s := range p.stale {
+		p.out[s] = so[i]
+	}
+	if errors.Is(err, ErrFenced) { // counted by p.r.passive
+		for _, t := range p.targets {
 			p.out[t].fail(err)
 		}
-	}
-}
-
-// answer is one agent's reply to ListSandboxes.
-type answer struct {
-	t     int // index into out
-	resp  *hostagentv1.ListSandboxesResponse
-	err   error
-	start time.Time
-}
-
-// ask queues every target's call at once and applies the decisions in
-// batches as the answers arrive.
-func (p *Pass) ask(ctx context.Context) error {
-	n := len(p.targets)
-	if n == 0 {
-		return nil
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	// One buffered slot per target: every call finds room for its answer,
-	// so no worker ever blocks on a pass that stopped listening.
-	answers := make(chan answer, n)
-	lane := laneNormal
-	if p.Urgent {
-		lane = laneUrgent
-	}
-	queued := make([]*queuedCall, n)
-	for i, t := range p.targets {
-		h := p.out[t].Host
-		queued[i] = p.r.calls.submit(lane, func() {
-			if err := ctx.Err(); err != nil {
-				answers <- answer{t: t, err: err}
-				return
-			}
-			start := time.Now()
-			resp, err := p.r.agents.ListSandboxes(ctx, h, p.addr[h])
-			answers <- answer{t: t, resp: resp, err: err, start: start}
-		})
-	}
-
-	var (
-		batch   []answer
-		linger  *time.Timer
-		lingerC <-chan time.Time
-		done    = ctx.Done()
-		lost    error // fence lost: stop applying
-		stopped bool  // ctx ended: queued calls abandoned
-	)
-	defer func() {
-		if linger != nil {
-			linger.Stop()
-		}
-	}()
-	flush := func() {
-		if lingerC != nil {
-			linger.Stop()
-			lingerC = nil
-		}
-		if len(batch) == 0 {
-			return
-		}
-		if lost == nil && !stopped {
-			if err := p.apply(ctx, batch); errors.Is(err, ErrFenced) {
-				lost = err
-				cancel()
-			}
-		} else {
-			for _, a := range batch {
-				p.out[a.t].fail(cmp.Or(lost, ctx.Err()))
-			}
-		}
-		p.settled(batch)
-		batch = batch[:0]
-	}
-	for got := 0; got < n; {
-		select {
-		case a := <-answers:
-			got++
-			o := &p.out[a.t]
-			o.start = a.start
-			switch {
-			case a.err != nil && ctx.Err() != nil:
-				// The pass is ending (shutdown, handover, fence): not the
-				// agent's fault.
-				o.fail(cmp.Or(lost, ctx.Err()))
-				p.settled([]answer{a})
-			case a.err != nil:
-				o.fail(fmt.Errorf("%w: %w", errAgent, a.err))
-				p.settled([]answer{a})
-			default:
-				batch = append(batch, a)
-				if lingerC == nil {
-					linger = time.NewTimer(p.r.cfg.ApplyLinger)
-					lingerC = linger.C
-				}
-			}
-		case <-lingerC:
-			lingerC = nil
-			flush()
-		case <-done:
-			// Calls not started yet never will be; wait only for the
-			// ones in flight, which the cancellation aborts.
-			done, stopped = nil, true
-			flush()
-			var gave []answer
-			for i, c := range queued {
-				if c.abandon() {
-					got++
-					p.out[p.targets[i]].fail(cmp.Or(lost, ctx.Err()))
-					gave = append(gave, answer{t: p.targets[i]})
-				}
-			}
-			p.settled(gave)
-		}
-	}
-	flush()
-	if lost != nil {
-		return lost
-	}
-	return ctx.Err()
-}
-
-// settled hands the final outcomes of some hosts to the Settled hook.
-func (p *Pass) settled(as []answer) {
-	if p.Settled == nil || len(as) == 0 {
-		return
-	}
-	out := make([]Outcome, len(as))
-	for i, a := range as {
-		out[i] = p.out[a.t]
-	}
-	p.Settled(out)
-}
-
-// actionRef names one action of one plan.
-type actionRef struct{ plan, action int }
-
-// hostPlan is what decide made of one answered host.
-type hostPlan struct {
-	t       int
-	report  Report
-	actions []Action
-}
-
-// apply decides for a batch of answered hosts and applies the decisions in
-// one fenced transaction, then destroys confirmed zombies and records them;
-// in shadow mode it records the decisions instead (shadow.go). Every host of
-// the batch ends up Done or failed. It returns the error that failed them.
-func (p *Pass) apply(ctx context.Context, batch []answer) error {
-	plans, err := p.decide(ctx, batch)
-	if err != nil {
-		p.failBatch(plans, err)
 		return err
-	}
-	if p.r.cfg.Shadow {
-		return p.shadow(ctx, plans)
-	}
-	return p.commit(ctx, plans)
-}
-
-// decide parses the batch's reports, reads the zombie candidates (one
-// statement) and runs Decide for each host.
-func (p *Pass) decide(ctx context.Context, batch []answer) ([]hostPlan, error) {
-	plans := make([]hostPlan, len(batch))
-	var cands []store.Candidate
-	for i, a := range batch {
-		o := &p.out[a.t]
-		rep, problems := ParseReport(a.resp)
-		o.Problems = problems
-		for _, pr := range problems {
-			p.r.log.Warn("agent report entry not trusted", "host", o.Host, "problem", pr.Kind, "sandbox", pr.SandboxID, "detail", pr.Detail)
-		}
-		plans[i] = hostPlan{t: a.t, report: rep}
-		for _, id := range rep.PausedIDs() {
-			cands = append(cands, store.Candidate{ID: id, HostID: o.Host})
-		}
-	}
-	// Zombie candidates: stopped rows among the sandboxes the agents report
-	// paused, stopped before the pass's read (a row stopped after it may be
-	// a destroy the control plane is finishing right now).
-	zombies, err := p.r.store.StoppedAmong(ctx, cands, p.read.Now)
-	if err != nil {
-		return plans, err
-	}
-	byHost := map[uuid.UUID][]Row{}
-	for _, z := range p.valid(zombies) {
-		byHost[z.HostID] = append(byHost[z.HostID], z)
-	}
-	for i := range plans {
-		pl := &plans[i]
-		rows := p.valid(p.read.Hosts[pl.t].Sandboxes)
-		if z := byHost[p.out[pl.t].Host]; len(z) > 0 {
-			rows = append(rows[:len(rows):len(rows)], z...)
-		}
-		pl.actions = Decide(p.r.cfg.Rules, rows, pl.report, p.read.Now)
-	}
-	return plans, nil
-}
-
-// commit applies the plans' decisions in one fenced transaction, then
-// destroys the zombies and re-sends the stuck destroys the transaction
-// confirmed (destroyOnAgents).
-func (p *Pass) commit(ctx context.Context, plans []hostPlan) error {
-	b := store.Batch{RetryGrace: p.r.cfg.Rules.TransientGrace}
-	var changeRef, heldRef, retryRef []actionRef
-	now := time.Now()
-	for i := range plans {
-		pl := &plans[i]
-		h := p.out[pl.t].Host
-		for j, a := range pl.actions {
-			row := store.Sandbox{ID: a.Sandbox, TeamID: uuid.NullUUID{UUID: a.TeamID, Valid: true}, HostID: h, Status: a.From, LastUpdated: a.Seen}
-			switch a.Kind {
-			case DestroyOnAgent:
-				b.Held = append(b.Held, row)
-				heldRef = append(heldRef, actionRef{i, j})
-			case RetryDestroy:
-				b.HeldRetry = append(b.HeldRetry, row)
-				retryRef = append(retryRef, actionRef{i, j})
-			default:
-				b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: sandboxAudit(a, p.r.pub != nil, now)})
-				changeRef = append(changeRef, actionRef{i, j})
-			}
-		}
-	}
-	res, err := p.r.store.Apply(ctx, p.f, b)
-	if err != nil {
-		p.failBatch(plans, p.r.fenced(err))
-		return err
-	}
-	for k, rf := range changeRef {
-		o := &p.out[plans[rf.plan].t]
-		if res.Applied[k] {
-			o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
-		} else {
-			o.Missed++
-		}
-	}
-	var held []actionRef
-	for k, rf := range heldRef {
-		if res.Held[k] {
-			held = append(held, rf)
-		} else {
-			p.out[plans[rf.plan].t].Missed++
-		}
-	}
-	for k, rf := range retryRef {
-		// A miss here is no conflict: the destroy was re-sent within
-		// the grace (or the row moved on).
-		if res.HeldRetry[k] {
-			held = append(held, rf)
-		}
-	}
-	now = time.Now()
-	for _, pl := range plans {
-		p.out[pl.t].Done = now
-	}
-	for _, pl := range plans {
-		for _, a := range p.out[pl.t].Applied {
-			p.r.log.Debug("sandbox transition", "host", p.out[pl.t].Host, "sandbox", a.Sandbox, "from", a.From, "to", a.To)
-		}
-	}
-	if len(held) == 0 {
-		return nil
-	}
-	return p.destroyOnAgents(ctx, plans, held)
-}
-
-// destroyOnAgents sends DestroySandbox for the zombies and stuck destroys the
-// fenced check confirmed, with the fence token in the Vigil-Fence header,
-// then, in one fenced transaction, writes what the accepted ones did: a
-// zombie's audit row (and event), a stuck destroy's change stopping ->
-// stopped by compare-and-set with its audit row, event and volumes (rule 9).
-// A host counts as reconciled only once that commits.
-func (p *Pass) destroyOnAgents(ctx context.Context, plans []hostPlan, held []actionRef) error {
-	ok := p.sendDestroys(ctx, plans, held)
-	var b store.Batch
-	var zombieRef, retryRef []actionRef
-	now := time.Now()
-	for k, rf := range held {
-		if !ok[k] {
-			continue
-		}
-		a := plans[rf.plan].actions[rf.action]
-		h := p.out[plans[rf.plan].t].Host
-		au := sandboxAudit(a, p.r.pub != nil, now)
-		if a.Kind == RetryDestroy {
-			row := store.Sandbox{ID: a.Sandbox, TeamID: uuid.NullUUID{UUID: a.TeamID, Valid: true}, HostID: h, Status: a.From, LastUpdated: a.Seen}
-			b.Changes = append(b.Changes, store.Change{Row: row, To: a.To, Audit: au})
-			retryRef = append(retryRef, rf)
-			continue
-		}
-		b.Records = append(b.Records, store.Record{Host: h, Sandbox: a.Sandbox, Change: "destroyed_on_agent", Audit: *au})
-		zombieRef = append(zombieRef, rf)
-	}
-	res, err := p.r.store.Apply(ctx, p.f, b)
-	if err != nil {
-		p.failBatch(plans, p.r.fenced(err))
-		return err
-	}
-	now = time.Now()
-	for _, rf := range zombieRef {
-		o := &p.out[plans[rf.plan].t]
-		o.Destroyed++
-		o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
-		o.Done = now
-	}
-	for k, rf := range retryRef {
-		o := &p.out[plans[rf.plan].t]
-		o.Resent++
-		if res.Applied[k] {
-			o.Applied = append(o.Applied, plans[rf.plan].actions[rf.action])
-		} else {
-			o.Missed++ // the control plane finished (or moved) the row first
-		}
-		o.Done = now
 	}
 	return nil
 }
 
-// sendDestroys sends the held actions' DestroySandbox calls through the
-// urgent lane and waits for them (or for ctx); ok[k] says held[k]'s agent
-// accepted it (not_found counts as accepted).
-func (p *Pass) sendDestroys(ctx context.Context, plans []hostPlan, held []actionRef) []bool {
-	ok := make([]bool, len(held))
-	var wg sync.WaitGroup
-	for k, rf := range held {
-		pl := plans[rf.plan]
-		h := p.out[pl.t].Host
-		a := pl.actions[rf.action]
-		wg.Add(1)
-		c := p.r.calls.submit(laneUrgent, func() {
-			defer wg.Done()
-			if ctx.Err() != nil {
-				return
-			}
-			err := p.r.agents.DestroySandbox(ctx, h, p.addr[h], ids.Sandbox(a.Sandbox), p.f.Header())
-			if err != nil {
-				p.r.log.Warn("destroy on agent failed", "host", h, "sandbox", a.Sandbox, "kind", a.Kind, "error", err)
-				return
-			}
-			ok[k] = true
-		})
-		context.AfterFunc(ctx, func() {
-			if c.abandon() {
-				wg.Done()
-			}
-		})
+func (p *Pass) staleHosts() map[uuid.UUID]bool {
+	out := make(map[uuid.UUID]bool, len(p.stale))
+	for _, s := range p.stale {
+		out[p.out[s].Host] = true
 	}
-	wg.Wait()
-	return ok
+	return out
+}
+
+// settle takes a batch of answered hosts through decide, apply and effects.
+// Every host of the batch ends up Done or failed; it returns the error that
+// failed them.
+func (p *Pass) settle(ctx context.Context, batch []answer) error {
+	plans, err := p.decide(ctx, batch)
+	if err == nil && p.r.cfg.Shadow {
+		err = p.shadow(ctx, plans)
+	} else if err == nil {
+		var held []actionRef
+		held, err = p.apply(ctx, plans)
+		if err == nil && len(held) > 0 {
+			err = p.effects(ctx, plans, held)
+		}
+	}
+	if err != nil {
+		p.failBatch(plans, p.r.fenced(err))
+	}
+	return err
+}
+
+// record turns the pass's outcomes into metrics, once every write of the
+// pass has committed or failed.
+func (p *Pass) record() {
+	stale := make(map[int]bool, len(p.stale))
+	passive := make([]Outcome, 0, len(p.stale))
+	for _, s := range p.stale {
+		stale[s] = true
+		passive = append(passive, p.out[s])
+	}
+	active := make([]Outcome, 0, len(p.out)-len(p.stale))
+	for i, o := range p.out {
+		if !stale[i] {
+			active = append(active, o)
+		}
+	}
+	p.r.record(p.f, "active", active)
+	if len(passive) > 0 {
+		p.r.record(p.f, "passive", passive)
+	}
 }
 
 func (p *Pass) failBatch(plans []hostPlan, err error) {
@@ -540,26 +217,20 @@ func (p *Pass) failBatch(plans []hostPlan, err error) {
 	}
 }
 
-// valid leaves out damaged rows (no team: their audit row could not be
-// written), which are counted; without any it returns rows itself.
-func (p *Pass) valid(rows []Row) []Row {
+// rows are the rules' rows of a host's sandboxes: damaged ones (no team:
+// their audit row could not be written) are left out and counted.
+func (p *Pass) rows(sbs []store.Sandbox) []Row {
+	out := make([]Row, 0, len(sbs))
 	bad := 0
-	for _, r := range rows {
-		if !r.TeamID.Valid {
+	for _, s := range sbs {
+		if !s.TeamID.Valid {
 			bad++
+			continue
 		}
+		out = append(out, Row{ID: s.ID, TeamID: s.TeamID.UUID, Status: s.Status, LastUpdated: s.LastUpdated})
 	}
-	if bad == 0 {
-		return rows
-	}
-	p.r.m.badRows.WithLabelValues("sandbox_null_team").Add(float64(bad))
-	out := make([]Row, 0, len(rows)-bad)
-	for _, r := range rows {
-		if r.TeamID.Valid {
-			out = append(out, r)
-		}
+	if bad > 0 {
+		p.r.m.badRows.WithLabelValues("sandbox_null_team").Add(float64(bad))
 	}
 	return out
 }
-
-func hostResourceID(h uuid.UUID) string { return ids.Host(h) }

@@ -17,8 +17,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/vigil-sh/vigil/internal/ids"
 	"github.com/vigil-sh/vigil/internal/status"
-	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/store"
 )
 
@@ -26,31 +26,26 @@ import (
 // holds the shard. Callers treat it as a sticky loss of the shard.
 var ErrFenced = store.ErrFenced
 
-// Agents is what the reconcile needs from host agents. agentpool.Pool
-// implements it. DestroySandbox treats an agent's not_found as success.
-type Agents interface {
-	ListSandboxes(ctx context.Context, hostID uuid.UUID, address string) (*hostagentv1.ListSandboxesResponse, error)
-	DestroySandbox(ctx context.Context, hostID uuid.UUID, address, sandboxID, fence string) error
-}
-
 // Config configures a Reconciler.
 type Config struct {
 	Rules            Rules
-	UnreachableAfter time.Duration // heartbeat staleness threshold, default 90s
+	UnreachableAfter time.Duration // heartbeat staleness threshold, default DefaultUnreachableAfter
 	// AgentConcurrency bounds the agent calls in flight across the whole
-	// replica, default 128. Calls wait in one queue (reconnects first), so
+	// replica, default DefaultAgentConcurrency. Calls wait in one queue (reconnects first), so
 	// every owned host waits the same, whatever its shard.
 	AgentConcurrency int
 	// ApplyLinger is how long answers that arrived wait for the rest of
 	// their pass before their changes are applied anyway, default 100ms: a
 	// slow agent delays the others' writes by at most this much.
 	ApplyLinger time.Duration
-	// Publisher, when set, turns the events on (SPEC §6): each change's
-	// notification event is written to the outbox beside its audit row,
-	// and shard owners relay their outbox to it. Nil: no event state is
-	// kept.
+	// Publisher and Outbox, both set, turn the events on (SPEC §6): each
+	// change's notification event is written to the outbox beside its
+	// audit row, and shard owners relay their outbox to the publisher.
+	// Neither: no event state is kept.
 	Publisher Publisher
-	// RelayBatch is how many events one publish carries, default 100.
+	Outbox    Outbox
+	// RelayBatch is how many events one publish carries, default
+	// DefaultRelayBatch.
 	RelayBatch int
 	// Shadow records every change a pass would commit in
 	// vigil_shadow_changes instead of making it (shadow.go): no
@@ -61,6 +56,13 @@ type Config struct {
 	Registerer prometheus.Registerer
 }
 
+// Defaults of Config's zero fields (the flags of `vigil run` use them too).
+const (
+	DefaultAgentConcurrency = 128
+	DefaultApplyLinger      = 100 * time.Millisecond
+	DefaultRelayBatch       = 100
+)
+
 // Validate fills defaults and checks values.
 func (c *Config) Validate() error {
 	if c.Rules.TransientGrace == 0 {
@@ -70,16 +72,16 @@ func (c *Config) Validate() error {
 		c.Rules.SnapshotGrace = DefaultRules.SnapshotGrace
 	}
 	if c.UnreachableAfter == 0 {
-		c.UnreachableAfter = 90 * time.Second
+		c.UnreachableAfter = DefaultUnreachableAfter
 	}
 	if c.AgentConcurrency == 0 {
-		c.AgentConcurrency = 128
+		c.AgentConcurrency = DefaultAgentConcurrency
 	}
 	if c.ApplyLinger == 0 {
-		c.ApplyLinger = 100 * time.Millisecond
+		c.ApplyLinger = DefaultApplyLinger
 	}
 	if c.RelayBatch == 0 {
-		c.RelayBatch = 100
+		c.RelayBatch = DefaultRelayBatch
 	}
 	switch {
 	case c.Rules.TransientGrace < 0:
@@ -94,6 +96,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("monitor: apply linger %s must not be negative", c.ApplyLinger)
 	case c.RelayBatch < 1 || c.RelayBatch > 10000:
 		return fmt.Errorf("monitor: events batch %d must be between 1 and 10000", c.RelayBatch)
+	case (c.Publisher == nil) != (c.Outbox == nil):
+		return errors.New("monitor: events need both a publisher and an outbox")
 	case c.Shadow && c.Publisher != nil:
 		return errors.New("monitor: shadow mode publishes no events: no publisher may be set")
 	}
@@ -106,7 +110,8 @@ func (c *Config) Validate() error {
 // Reconciler applies SPEC §2 to hosts of shards its caller owns.
 type Reconciler struct {
 	cfg    Config
-	store  *store.Store
+	store  PassStore
+	outbox Outbox // nil: events off
 	agents Agents
 	log    hclog.Logger
 	m      *metrics
@@ -117,12 +122,13 @@ type Reconciler struct {
 	shadowMem *shadowMemory
 }
 
-// New builds a Reconciler.
-func New(cfg Config, st *store.Store, agents Agents) (*Reconciler, error) {
+// New builds a Reconciler on the store its passes read and write and the
+// agents they ask.
+func New(cfg Config, st PassStore, agents Agents) (*Reconciler, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	r := &Reconciler{cfg: cfg, store: st, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer),
+	r := &Reconciler{cfg: cfg, store: st, outbox: cfg.Outbox, agents: agents, log: cfg.Logger, m: newMetrics(cfg.Registerer),
 		calls: newCallQueue(cfg.AgentConcurrency), pub: cfg.Publisher}
 	if cfg.Shadow {
 		r.shadowMem = newShadowMemory()
@@ -141,7 +147,7 @@ type Outcome struct {
 	MadeMissing int    // its sandboxes that became missing then
 	Applied     []Action
 	Missed      int // compare-and-set misses: a concurrent transition won
-	Destroyed   int // zombies destroyed on the agent
+	Zombies     int // zombies destroyed on the agent
 	Resent      int // stuck destroys re-sent to the agent (rule 9)
 	Problems    []Problem
 	// Err: the host could not be reconciled (agent, database or fence).
@@ -154,18 +160,29 @@ type Outcome struct {
 }
 
 func (o *Outcome) fail(err error) {
-	o.Err, o.Applied, o.Destroyed, o.Done = err, nil, 0, time.Time{}
+	o.Err, o.Applied, o.Zombies, o.Done = err, nil, 0, time.Time{}
 }
 
 var errAgent = errors.New("agent call failed")
 
 // Why a host was not reconciled actively (Outcome.Skipped).
 const (
-	errHostStale  = "heartbeat stale"
-	errHostGone   = "host gone"
-	errNoAddress  = "host has no address"
-	errNullStatus = "host status is NULL"
+	skipHostStale  = "heartbeat stale"
+	skipHostGone   = "host gone"
+	skipNoAddress  = "host has no address"
+	skipNullStatus = "host status is NULL"
 )
+
+// raiseFence records a claim of f's shard in Postgres (store.RaiseFence).
+func (r *Reconciler) raiseFence(ctx context.Context, f store.Fence) error {
+	return r.store.RaiseFence(ctx, f)
+}
+
+// trimJournal deletes the shard's journal rows and shadow records past keep.
+func (r *Reconciler) trimJournal(ctx context.Context, f store.Fence, keep time.Duration) (int64, error) {
+	n, err := r.store.TrimJournal(ctx, f, keep)
+	return n, r.fenced(err)
+}
 
 // Reconcile is one whole pass over hosts: Read, then Run.
 func (r *Reconciler) Reconcile(ctx context.Context, f store.Fence, hosts []uuid.UUID) ([]Outcome, error) {
@@ -177,42 +194,42 @@ func (r *Reconciler) Reconcile(ctx context.Context, f store.Fence, hosts []uuid.
 	return p.Outcomes(), err
 }
 
-// MarkStale is the passive rule (SPEC §2 item 1) for a set of hosts, in one
+// Passive is the passive rule (SPEC §2 item 1) for a set of hosts, in one
 // fenced transaction: each host whose heartbeat is older than the threshold
 // by the database's clock (or absent) and which is not already unreachable
 // becomes unreachable and its live sandboxes missing, with the host's audit
 // row when it has a team, all conditional on the row really changing. It
 // returns one outcome per host; errors.Is(err, ErrFenced) is a loss of the
 // shard.
-func (r *Reconciler) MarkStale(ctx context.Context, f store.Fence, hosts []uuid.UUID) ([]Outcome, error) {
+func (r *Reconciler) Passive(ctx context.Context, f store.Fence, hosts []uuid.UUID) ([]Outcome, error) {
 	out := make([]Outcome, len(hosts))
 	for i, h := range hosts {
-		out[i] = Outcome{Host: h, Skipped: errHostStale, start: time.Now()}
+		out[i] = Outcome{Host: h, Skipped: skipHostStale, start: time.Now()}
 	}
-	err := r.markStale(ctx, f, out, nil)
+	err := r.passive(ctx, f, out, nil)
 	r.record(f, "passive", out)
 	return out, err
 }
 
-// markStale runs the passive rule on the hosts of out; in shadow mode it
+// passive runs the passive rule on the hosts of out; in shadow mode it
 // records instead, with replays (the hosts another writer marked since the
 // last read).
-func (r *Reconciler) markStale(ctx context.Context, f store.Fence, out []Outcome, replays []store.ShadowChange) error {
+func (r *Reconciler) passive(ctx context.Context, f store.Fence, out []Outcome, replays []store.ShadowChange) error {
 	if len(out) == 0 && len(replays) == 0 {
 		return nil
 	}
-	ids, rids := make([]uuid.UUID, len(out)), make([]string, len(out))
+	hosts, rids := make([]uuid.UUID, len(out)), make([]string, len(out))
 	at := make(map[uuid.UUID]int, len(out))
 	for i, o := range out {
-		ids[i], rids[i], at[o.Host] = o.Host, hostResourceID(o.Host), i
+		hosts[i], rids[i], at[o.Host] = o.Host, ids.Host(o.Host), i
 	}
 	au := hostDownAudit(r.cfg.UnreachableAfter)
-	md := store.MarkDown{
-		Hosts: ids, ResourceIDs: rids, StaleAfter: r.cfg.UnreachableAfter, Live: MissingOnHostDown,
+	md := store.PassiveInput{
+		Hosts: hosts, ResourceIDs: rids, StaleAfter: r.cfg.UnreachableAfter, Live: MissingOnHostDown,
 		Audit: *auditRow("host", "", uuid.Nil, au, false, time.Time{}),
 	}
 	if r.cfg.Shadow {
-		if err := r.shadowMarkDown(ctx, f, md, replays); err != nil {
+		if err := r.shadowPassive(ctx, f, md, replays); err != nil {
 			for i := range out {
 				out[i].fail(err)
 			}
@@ -226,7 +243,7 @@ func (r *Reconciler) markStale(ctx context.Context, f store.Fence, out []Outcome
 	if r.pub != nil {
 		md.Event = hostDownEvent(au)
 	}
-	marked, err := r.store.MarkUnreachable(ctx, f, md)
+	marked, err := r.store.Passive(ctx, f, md)
 	if err != nil {
 		for i := range out {
 			out[i].fail(err)
@@ -283,8 +300,8 @@ func (r *Reconciler) record(f store.Fence, kind string, out []Outcome) {
 			}
 			r.m.transitions.WithLabelValues(a.From, a.To).Inc()
 		}
-		if o.Destroyed > 0 {
-			r.m.zombies.Add(float64(o.Destroyed))
+		if o.Zombies > 0 {
+			r.m.zombies.Add(float64(o.Zombies))
 		}
 		if o.Resent > 0 {
 			r.m.resent.Add(float64(o.Resent))

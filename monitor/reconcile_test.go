@@ -252,7 +252,7 @@ func (e *env) reconcile(host uuid.UUID) monitor.Outcome {
 
 // markStale runs the passive rule on one host and returns its outcome.
 func (e *env) markStale(host uuid.UUID) (monitor.Outcome, error) {
-	out, err := e.rec.MarkStale(e.ctx, e.fence, []uuid.UUID{host})
+	out, err := e.rec.Passive(e.ctx, e.fence, []uuid.UUID{host})
 	if len(out) != 1 {
 		e.t.Fatalf("MarkStale: %d outcomes", len(out))
 	}
@@ -455,8 +455,8 @@ func TestZombieDestroyedWithFenceToken(t *testing.T) {
 	zombie := e.sandbox(h, "stopped", young, "paused")
 	alive := e.sandbox(h, "stopped", young, "running")
 	res := e.reconcile(h)
-	if res.Destroyed != 1 {
-		t.Fatalf("destroyed %d, want 1", res.Destroyed)
+	if res.Zombies != 1 {
+		t.Fatalf("destroyed %d, want 1", res.Zombies)
 	}
 	if e.status(zombie) != "stopped" {
 		t.Error("zombie row changed; the database wins")
@@ -591,14 +591,8 @@ func TestHungAgentDelaysOnlyItself(t *testing.T) {
 		defer close(done)
 		out, err = e.rec.Reconcile(ctx, e.fence, e.hosts)
 	}()
-	deadline := time.Now().Add(10 * time.Second)
 	for _, o := range orphans {
-		for e.status(o) != "stopped" {
-			if time.Now().After(deadline) {
-				t.Fatal("healthy hosts not reconciled while one agent hangs")
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		poll(t, 10*time.Second, "healthy hosts reconciled while one agent hangs", func() bool { return e.status(o) == "stopped" })
 	}
 	select {
 	case <-done:

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vigil-sh/vigil/events"
+	"github.com/vigil-sh/vigil/internal/trigger"
 	"github.com/vigil-sh/vigil/store"
 )
 
@@ -37,7 +38,7 @@ const (
 func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) error {
 	total := -1 // counted on the first read only: a count scans the whole backlog
 	for {
-		pend, n, err := r.store.PendingEvents(ctx, f.Shard, r.cfg.RelayBatch, total < 0, events.LegacyNames)
+		pend, n, err := r.outbox.PendingEvents(ctx, f.Shard, r.cfg.RelayBatch, total < 0, events.LegacyNames)
 		if err != nil {
 			return err
 		}
@@ -72,7 +73,7 @@ func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) err
 		if afterPublish != nil {
 			afterPublish()
 		}
-		if err := r.store.DeleteEvents(ctx, f, seqs); err != nil {
+		if err := r.outbox.DeleteEvents(ctx, f, seqs); err != nil {
 			return r.fenced(err)
 		}
 		total -= len(pend)
@@ -84,29 +85,24 @@ func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) err
 	}
 }
 
-// relayer is a shard's relay schedule: run when poked (writes that may have
-// made events, a new ownership's backlog) and, while Redis fails, again after
-// a growing delay. Only the shard's scheduler goroutine uses it.
+// relayer is a shard's relay schedule: run when triggered (writes that may
+// have made events, a new ownership's backlog) and, while Redis fails, again
+// after a growing delay. Only the shard's scheduler goroutine uses it.
 type relayer struct {
-	poke    chan struct{} // capacity 1: one pending run stands for any number of pokes
+	trig    *trigger.T
 	retry   *time.Timer
 	backoff time.Duration
 	failing bool
 }
 
+// newRelayer returns a relayer whose first run is due: the previous owner
+// may have left a backlog.
 func newRelayer() *relayer {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
-	rl := &relayer{poke: make(chan struct{}, 1), retry: t}
-	rl.wake()
+	rl := &relayer{trig: trigger.New(), retry: t}
+	rl.trig.Fire()
 	return rl
-}
-
-func (rl *relayer) wake() {
-	select {
-	case rl.poke <- struct{}{}:
-	default:
-	}
 }
 
 // done schedules the next run after one ended with err.

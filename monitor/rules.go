@@ -8,7 +8,6 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vigil-sh/vigil/internal/status"
-	"github.com/vigil-sh/vigil/store"
 )
 
 // KnownStatus reports whether s is in the control plane's sandbox vocabulary.
@@ -95,10 +94,14 @@ func Merge(a, b Observed) Observed {
 	return Observed{Presence: PresentUnknown}
 }
 
-// Row is a sandbox row as read from the database: store.Sandbox (Decide
-// reads ID, TeamID, Status and LastUpdated). Rows without a team are never
-// given to Decide.
-type Row = store.Sandbox
+// Row is a sandbox row as the rules see it. Rows without a team (damaged:
+// their audit row could not be written) never reach the rules.
+type Row struct {
+	ID          uuid.UUID
+	TeamID      uuid.UUID
+	Status      string
+	LastUpdated time.Time // the grace period's clock
+}
 
 // Rules holds the grace periods of SPEC §2.
 type Rules struct {
@@ -109,6 +112,10 @@ type Rules struct {
 // DefaultRules are the control plane's constants.
 var DefaultRules = Rules{TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute}
 
+// DefaultUnreachableAfter is the control plane's heartbeat threshold: a
+// host without a heartbeat for this long becomes unreachable.
+const DefaultUnreachableAfter = 90 * time.Second
+
 // Kind says what an Action does.
 type Kind int
 
@@ -116,23 +123,23 @@ const (
 	// Transition sets a sandbox row's status, compare-and-set on From and
 	// the LastUpdated the decision saw.
 	Transition Kind = iota
-	// DestroyOnAgent destroys a sandbox on the agent because the database
+	// DestroyZombie destroys a sandbox on the agent because the database
 	// says stopped but the agent still holds it paused.
-	DestroyOnAgent
-	// RetryDestroy re-sends DestroySandbox for a row stopping past the
+	DestroyZombie
+	// ResendDestroy re-sends DestroySandbox for a row stopping past the
 	// transient grace whose VM the agent still reports: the control
 	// plane's destroy was lost (rule 9). When the agent accepts it, the row
 	// goes From -> To (stopping -> stopped) by compare-and-set on From and
 	// Seen; while it refuses or does not answer, the row stays stopping.
-	RetryDestroy
+	ResendDestroy
 )
 
 func (k Kind) String() string {
 	switch k {
-	case DestroyOnAgent:
-		return "destroy_on_agent"
-	case RetryDestroy:
-		return "retry_destroy"
+	case DestroyZombie:
+		return "destroy_zombie"
+	case ResendDestroy:
+		return "resend_destroy"
 	}
 	return "transition"
 }
@@ -152,7 +159,7 @@ type Action struct {
 	Sandbox uuid.UUID
 	TeamID  uuid.UUID
 	From    string    // status the decision was based on
-	To      string    // new status (Transition); status.Stopped stays for DestroyOnAgent
+	To      string    // new status (Transition, ResendDestroy); status.Stopped stays for DestroyZombie
 	Seen    time.Time // LastUpdated the decision was based on
 	Audit   *Audit    // nil: the change is silent
 }
@@ -172,7 +179,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 		obs := report[r.ID]
 		age := now.Sub(r.LastUpdated)
 		act := func(to string, audit *Audit) {
-			out = append(out, Action{Kind: Transition, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: r.Status, To: to, Seen: r.LastUpdated, Audit: audit})
+			out = append(out, Action{Kind: Transition, Sandbox: r.ID, TeamID: r.TeamID, From: r.Status, To: to, Seen: r.LastUpdated, Audit: audit})
 		}
 		switch r.Status {
 		case status.Missing:
@@ -199,7 +206,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 			}
 		case status.Stopped:
 			if hasPaused && obs.Presence == PresentKnown && obs.Status == status.Paused {
-				out = append(out, Action{Kind: DestroyOnAgent, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: status.Stopped, To: status.Stopped, Seen: r.LastUpdated,
+				out = append(out, Action{Kind: DestroyZombie, Sandbox: r.ID, TeamID: r.TeamID, From: status.Stopped, To: status.Stopped, Seen: r.LastUpdated,
 					Audit: &Audit{Action: "destroy", Status: "warning", Reason: "paused_zombie_cleanup"}})
 			}
 		case status.Starting, status.Resuming:
@@ -238,7 +245,7 @@ func Decide(rules Rules, rows []Row, report Report, now time.Time) []Action {
 			default:
 				// Rule 9: the destroy was lost. Re-sent; once the agent
 				// accepts it, the row goes stopping -> stopped.
-				out = append(out, Action{Kind: RetryDestroy, Sandbox: r.ID, TeamID: r.TeamID.UUID, From: status.Stopping, To: status.Stopped, Seen: r.LastUpdated,
+				out = append(out, Action{Kind: ResendDestroy, Sandbox: r.ID, TeamID: r.TeamID, From: status.Stopping, To: status.Stopped, Seen: r.LastUpdated,
 					Audit: &Audit{Action: "destroy", Status: "warning", Reason: "destroy_retry"}})
 			}
 		}

@@ -19,7 +19,7 @@ var (
 )
 
 func row(id uuid.UUID, status string, age time.Duration) Row {
-	return Row{ID: id, TeamID: uuid.NullUUID{UUID: teamID, Valid: true}, Status: status, LastUpdated: now.Add(-age)}
+	return Row{ID: id, TeamID: teamID, Status: status, LastUpdated: now.Add(-age)}
 }
 
 func agent(pairs ...any) Report {
@@ -75,7 +75,7 @@ func TestDecide(t *testing.T) {
 
 		// Rule 5: zombies, gated on the agent reporting something paused.
 		{"stopped in db paused on agent is destroyed on agent", []Row{row(sbA, "stopped", young)}, agent(sbA, "paused"),
-			[]want{{DestroyOnAgent, "stopped", "destroy", "warning", "paused_zombie_cleanup", ""}}},
+			[]want{{DestroyZombie, "stopped", "destroy", "warning", "paused_zombie_cleanup", ""}}},
 		{"stopped in db running on agent is left alone", []Row{row(sbA, "stopped", young)}, agent(sbA, "running"), nil},
 		{"stopped in db absent on agent is left alone", []Row{row(sbA, "stopped", young)}, agent(), nil},
 		{"stopped in db unknown on agent is left alone even when another is paused", []Row{row(sbA, "stopped", young)},
@@ -113,9 +113,9 @@ func TestDecide(t *testing.T) {
 			[]want{{Transition, "stopped", "destroy", "warning", "transient_timeout_inferred", ""}}},
 		// Rule 9: a stuck destroy.
 		{"stopping alive past grace re-sends the destroy, destroy_retry", []Row{row(sbA, "stopping", old)}, agent(sbA, "running"),
-			[]want{{RetryDestroy, "stopped", "destroy", "warning", "destroy_retry", ""}}},
+			[]want{{ResendDestroy, "stopped", "destroy", "warning", "destroy_retry", ""}}},
 		{"stopping reported mid-transition past grace re-sends the destroy", []Row{row(sbA, "stopping", ancient)}, agent(sbA, "stopping"),
-			[]want{{RetryDestroy, "stopped", "destroy", "warning", "destroy_retry", ""}}},
+			[]want{{ResendDestroy, "stopped", "destroy", "warning", "destroy_retry", ""}}},
 		{"stopping alive within grace waits", []Row{row(sbA, "stopping", young)}, agent(sbA, "running"), nil},
 		{"grace boundary is exclusive", []Row{row(sbA, "starting", 2*time.Minute)}, agent(), nil},
 

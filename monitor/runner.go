@@ -20,29 +20,38 @@ type RunnerConfig struct {
 	Shards  int
 	// Interval is the active reconcile period: every host of an owned shard
 	// is reconciled once per Interval, shards spread evenly across it.
-	Interval time.Duration // default 30s
+	Interval time.Duration // default DefaultInterval
 	// StaleScan is how often the replica looks for hosts with stale
 	// heartbeats; a host is marked unreachable within UnreachableAfter +
 	// StaleScan of its last heartbeat.
-	StaleScan time.Duration // default 2s
+	StaleScan time.Duration // default DefaultStaleScan
 	// HostRefresh is how often the host list (which hosts exist, hence
 	// which belong to each shard) is re-read.
-	HostRefresh time.Duration // default 5s
+	HostRefresh time.Duration // default DefaultHostRefresh
 	// JournalRetention is how long an owner keeps its shards' journal rows;
 	// older ones are trimmed about once an hour. Zero keeps them forever.
 	JournalRetention time.Duration
 	Logger           hclog.Logger
 }
 
+// Defaults of RunnerConfig's zero fields (the flags of `vigil run` use them
+// too).
+const (
+	DefaultInterval         = 30 * time.Second
+	DefaultStaleScan        = 2 * time.Second
+	DefaultHostRefresh      = 5 * time.Second
+	DefaultJournalRetention = 24 * time.Hour
+)
+
 func (c *RunnerConfig) validate() error {
 	if c.Interval == 0 {
-		c.Interval = 30 * time.Second
+		c.Interval = DefaultInterval
 	}
 	if c.StaleScan == 0 {
-		c.StaleScan = 2 * time.Second
+		c.StaleScan = DefaultStaleScan
 	}
 	if c.HostRefresh == 0 {
-		c.HostRefresh = 5 * time.Second
+		c.HostRefresh = DefaultHostRefresh
 	}
 	switch {
 	case c.Replica == "":
@@ -67,9 +76,10 @@ func (c *RunnerConfig) validate() error {
 // notifications); Own is called once per shard ownership with its fencing
 // token and schedules that shard's passes until its context ends.
 type Runner struct {
-	cfg RunnerConfig
-	rec *Reconciler
-	log hclog.Logger
+	cfg    RunnerConfig
+	rec    *Reconciler
+	source HostSource
+	log    hclog.Logger
 
 	listed     chan struct{} // closed once the host list was read
 	listedOnce sync.Once
@@ -79,12 +89,12 @@ type Runner struct {
 	hosts map[int][]uuid.UUID // shard -> hosts, from the last refresh
 }
 
-// NewRunner builds a Runner on a Reconciler.
-func NewRunner(cfg RunnerConfig, rec *Reconciler) (*Runner, error) {
+// NewRunner builds a Runner on a Reconciler, learning the hosts from source.
+func NewRunner(cfg RunnerConfig, rec *Reconciler, source HostSource) (*Runner, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	return &Runner{cfg: cfg, rec: rec, log: cfg.Logger, listed: make(chan struct{}),
+	return &Runner{cfg: cfg, rec: rec, source: source, log: cfg.Logger, listed: make(chan struct{}),
 		owned: map[int]*shardWork{}, hosts: map[int][]uuid.UUID{}}, nil
 }
 
@@ -115,7 +125,7 @@ func (r *Runner) refreshLoop(ctx context.Context) {
 
 // refreshHosts re-reads the host ids and groups them by shard.
 func (r *Runner) refreshHosts(ctx context.Context) error {
-	hosts, err := r.rec.store.HostIDs(ctx)
+	hosts, err := r.source.HostIDs(ctx)
 	if err != nil {
 		return err
 	}
@@ -146,7 +156,7 @@ func (r *Runner) staleLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		ids, err := r.rec.store.StaleHosts(ctx, r.rec.cfg.UnreachableAfter)
+		ids, err := r.source.StaleHosts(ctx, r.rec.cfg.UnreachableAfter)
 		if err != nil {
 			if ctx.Err() == nil {
 				r.log.Warn("stale-heartbeat scan failed", "error", err)
@@ -165,13 +175,13 @@ func (r *Runner) staleLoop(ctx context.Context) {
 // reconciles on the owning shard.
 func (r *Runner) listenLoop(ctx context.Context) {
 	for ctx.Err() == nil {
-		err := r.rec.store.ListenHostOnline(ctx, func(id uuid.UUID, err error) {
+		err := r.source.ListenHostOnline(ctx, func(id uuid.UUID, err error) {
 			if err != nil {
 				r.log.Warn("ignoring reconnect notification", "error", err)
 				return
 			}
 			if w := r.work(id); w != nil {
-				w.wake.add(id)
+				w.reconnects.add(id)
 			}
 		})
 		if ctx.Err() != nil {
@@ -235,7 +245,7 @@ func (r *Runner) Own(ctx context.Context, s int, token int64) error {
 func (r *Runner) raise(ctx context.Context, f store.Fence) error {
 	delay := 100 * time.Millisecond
 	for {
-		err := r.rec.store.RaiseFence(ctx, f)
+		err := r.rec.raiseFence(ctx, f)
 		if err == nil || errors.Is(err, ErrFenced) || ctx.Err() != nil {
 			return r.rec.fenced(err)
 		}

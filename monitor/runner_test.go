@@ -16,6 +16,7 @@ import (
 	"github.com/vigil-sh/vigil/agentpool"
 	"github.com/vigil-sh/vigil/agentsim"
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/testwait"
 	"github.com/vigil-sh/vigil/monitor"
 	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/shard"
@@ -25,7 +26,7 @@ import (
 func newRunner(t *testing.T, e *env, shards int, interval time.Duration) *monitor.Runner {
 	t.Helper()
 	r, err := monitor.NewRunner(monitor.RunnerConfig{Replica: e.fence.Replica, Shards: shards, Interval: interval,
-		StaleScan: 100 * time.Millisecond, HostRefresh: 100 * time.Millisecond, Logger: hclog.NewNullLogger()}, e.rec)
+		StaleScan: 100 * time.Millisecond, HostRefresh: 100 * time.Millisecond, Logger: hclog.NewNullLogger()}, e.rec, e.st)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,16 +45,10 @@ func runOwned(t *testing.T, e *env, r *monitor.Runner, s int, token int64) <-cha
 	return own
 }
 
+// poll is testwait.For.
 func poll(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > timeout {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return time.Since(start)
+	return testwait.For(t, timeout, what, cond)
 }
 
 // Rule 8: a host coming back online is reconciled by its owner within a
@@ -106,7 +101,7 @@ func TestStaleHostMarkedWithinThresholdPlusScan(t *testing.T) {
 	}
 	h := e.hosts[0]
 	r, err := monitor.NewRunner(monitor.RunnerConfig{Replica: e.fence.Replica, Shards: 1, Interval: time.Hour,
-		StaleScan: 100 * time.Millisecond}, rec)
+		StaleScan: 100 * time.Millisecond}, rec, e.st)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +342,7 @@ func TestAgentCallsAreBoundedAcrossShards(t *testing.T) {
 		t.Fatal(err)
 	}
 	const shards = 4
-	r, err := monitor.NewRunner(monitor.RunnerConfig{Replica: "a", Shards: shards, Interval: 100 * time.Millisecond}, rec)
+	r, err := monitor.NewRunner(monitor.RunnerConfig{Replica: "a", Shards: shards, Interval: 100 * time.Millisecond}, rec, e.st)
 	if err != nil {
 		t.Fatal(err)
 	}

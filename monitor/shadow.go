@@ -121,7 +121,7 @@ func (m *shadowMemory) rowsDecided(rules Rules, h uuid.UUID, rows []Row, acts []
 				c := shadowChange(h, a)
 				c.Replayed = true
 				// A silent change is never compared: no replay of one.
-				if a.Kind != DestroyOnAgent && a.Audit != nil && !seen[c] {
+				if a.Kind != DestroyZombie && a.Audit != nil && !seen[c] {
 					seen[c] = true
 					out = append(out, c)
 				}
@@ -146,11 +146,11 @@ func shadowChange(h uuid.UUID, a Action) store.ShadowChange {
 func (p *Pass) shadow(ctx context.Context, plans []hostPlan) error {
 	var cs []store.ShadowChange
 	for _, pl := range plans {
-		h := p.out[pl.t].Host
+		h := pl.host
 		for _, a := range pl.actions {
 			cs = append(cs, shadowChange(h, a))
 		}
-		cs = append(cs, p.r.shadowMem.rowsDecided(p.r.cfg.Rules, h, p.valid(p.read.Hosts[pl.t].Sandboxes), pl.actions, pl.report, p.read.Now)...)
+		cs = append(cs, p.r.shadowMem.rowsDecided(p.r.cfg.Rules, h, p.rows(p.read.Hosts[pl.t].Sandboxes), pl.actions, pl.report, p.read.Now)...)
 	}
 	rec, err := p.r.store.RecordShadow(ctx, p.f, cs)
 	if err != nil {
@@ -165,11 +165,11 @@ func (p *Pass) shadow(ctx context.Context, plans []hostPlan) error {
 	return nil
 }
 
-// shadowMarkDown is the passive rule in shadow mode: what it would change
+// shadowPassive is the passive rule in shadow mode: what it would change
 // is recorded, with the replays of hosts another writer marked since the
 // last read. Nothing is marked.
-func (r *Reconciler) shadowMarkDown(ctx context.Context, f store.Fence, md store.MarkDown, replays []store.ShadowChange) error {
-	rec, err := r.store.ShadowMarkDown(ctx, f, md)
+func (r *Reconciler) shadowPassive(ctx context.Context, f store.Fence, md store.PassiveInput, replays []store.ShadowChange) error {
+	rec, err := r.store.ShadowPassive(ctx, f, md)
 	if err != nil {
 		return err
 	}

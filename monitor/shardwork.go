@@ -11,40 +11,52 @@ import (
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/vigil-sh/vigil/internal/trigger"
 	"github.com/vigil-sh/vigil/store"
 )
 
 // shardWork is one owned shard's scheduler. One goroutine (run) decides
 // what runs when; passes run beside it, at most one of each kind:
 //
-//	full     every Interval, over every host of the shard
-//	wake     at once, over hosts that just came back online (rule 8)
-//	passive  at once, over hosts the stale scan found (rule 1)
-//	trim     about hourly, the shard's old journal rows
-//	relay    with events on: after writes, at the claim (a backlog left by
-//	         the previous owner) and, while Redis fails, with backoff
+//	full       every Interval, over every host of the shard
+//	reconnect  at once, over hosts that just came back online (rule 8)
+//	passive    at once, over hosts the stale scan found (rule 1)
+//	trim       about hourly, the shard's old journal rows
+//	relay      with events on: after writes, at the claim (a backlog left by
+//	           the previous owner) and, while Redis fails, with backoff
 //
-// A host is in at most one active pass (full or wake) at a time (claims).
-// The passive rule may run beside an active pass on the same host: every
-// write of both is a compare-and-set, so the later one simply misses.
+// A host is in at most one active pass (full or reconnect) at a time
+// (claims). The passive rule may run beside an active pass on the same
+// host: every write of both is a compare-and-set, so the later one simply
+// misses.
 type shardWork struct {
 	r   *Runner
 	f   store.Fence
 	log hclog.Logger
 
-	stale     hostSet // from the stale scan
-	wake      hostSet // from reconnect notifications, and hosts woken while busy
-	claims    claims
-	lag       *lagClock
-	rl        *relayer    // nil: events off
-	firstDone atomic.Bool // a full pass completed under this ownership
+	stale      hostSet // from the stale scan
+	reconnects hostSet // from reconnect notifications, and hosts asked for while busy
+	claims     claims
+	lag        *lagClock
+	rl         *relayer    // nil: events off
+	firstDone  atomic.Bool // a full pass completed under this ownership
+
+	// The scheduler's state: run's goroutine only.
+	running [passKinds]bool
+	due     [passKinds]bool // full, trim and relay: their time has come
+	// done receives each pass's end. At most one pass of each kind is in
+	// flight, so its passKinds slots mean a pass never blocks on sending.
+	done    chan passDone
+	failing bool          // the previous full pass had failures: log recovery
+	full    *time.Timer   // the next full pass's time
+	phase   time.Duration // the shard's place within the interval
 }
 
 type passKind int
 
 const (
 	fullPass passKind = iota
-	wakePass
+	reconnectPass
 	passivePass
 	trimPass
 	relayPass
@@ -52,7 +64,7 @@ const (
 )
 
 func (k passKind) String() string {
-	return [...]string{"full", "wake", "passive", "trim", "relay"}[k]
+	return [...]string{"full", "reconnect", "passive", "trim", "relay"}[k]
 }
 
 // passDone is a finished pass as the scheduler sees it.
@@ -65,9 +77,9 @@ type passDone struct {
 }
 
 func newShardWork(r *Runner, f store.Fence) *shardWork {
-	w := &shardWork{r: r, f: f, log: r.log.With("shard", f.Shard, "token", f.Token)}
+	w := &shardWork{r: r, f: f, log: r.log.With("shard", f.Shard, "token", f.Token), done: make(chan passDone, passKinds)}
 	w.stale.init()
-	w.wake.init()
+	w.reconnects.init()
 	w.claims.busy, w.claims.again = map[uuid.UUID]bool{}, map[uuid.UUID]bool{}
 	w.lag = newLagClock(r.rec.m, strconv.Itoa(f.Shard), 2*r.cfg.Interval, time.Now())
 	if r.rec.pub != nil {
@@ -77,113 +89,108 @@ func newShardWork(r *Runner, f store.Fence) *shardWork {
 }
 
 // run schedules the shard's passes until ctx ends or the fence is lost, and
-// returns once every pass it started has returned.
+// returns once every pass it started has returned: nil when ctx ended,
+// ErrFenced (wrapped) when a newer owner holds the shard.
 func (w *shardWork) run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	// At most one pass of each kind is in flight, so sends never block.
-	done := make(chan passDone, passKinds)
-	var running [passKinds]bool
-	inFlight := func() int {
-		n := 0
-		for _, r := range running {
-			if r {
-				n++
-			}
-		}
-		return n
-	}
-	start := func(k passKind, fn func() passDone) {
-		running[k] = true
-		go func() { done <- fn() }()
-	}
-
 	cfg := w.r.cfg
 	// The first pass at once: the shard's hosts went unwatched through the
 	// handover. Later ones at the shard's phase within the interval (its
 	// share of it, counted from the Unix epoch, so every replica spreads
 	// the same way), so a cold start does not keep all shards in step.
-	phase := time.Duration(int64(cfg.Interval) * int64(w.f.Shard) / int64(cfg.Shards))
-	full := time.NewTimer(0)
-	defer full.Stop()
+	w.phase = time.Duration(int64(cfg.Interval) * int64(w.f.Shard) / int64(cfg.Shards))
+	w.full = time.NewTimer(0)
+	defer w.full.Stop()
 	trim := time.NewTicker(time.Hour)
 	defer trim.Stop()
-	fullDue, trimDue, relayDue := false, false, false
-	var relayRetry <-chan time.Time
-	var relayWake <-chan struct{}
-	if w.rl != nil {
-		relayWake, relayRetry = w.rl.poke, w.rl.retry.C
-		defer w.rl.retry.Stop()
-	}
-	failing := false // the previous full pass had failures: log recovery
+	relayWake, relayRetry := w.relayChannels()
 	for {
 		select {
 		case <-ctx.Done():
-			for n := inFlight(); n > 0; n-- {
-				<-done
-			}
-			if cause := context.Cause(ctx); errors.Is(cause, ErrFenced) {
-				w.log.Warn("shard fenced by a newer owner", "error", cause)
-				return cause
-			}
-			return nil
-		case <-full.C:
-			fullDue = true
+			return w.drain(ctx)
+		case <-w.full.C:
+			w.due[fullPass] = true
 		case <-trim.C:
-			trimDue = cfg.JournalRetention > 0
-		case <-w.stale.notify:
-		case <-w.wake.notify:
+			w.due[trimPass] = cfg.JournalRetention > 0
+		case <-w.stale.trig.C():
+		case <-w.reconnects.trig.C():
 		case <-relayWake:
-			relayDue = true
+			w.due[relayPass] = true
 		case <-relayRetry:
-			relayDue = true
-		case d := <-done:
-			running[d.kind] = false
+			w.due[relayPass] = true
+		case d := <-w.done:
+			w.running[d.kind] = false
 			if errors.Is(d.err, ErrFenced) {
 				cancel(d.err)
 				continue
 			}
-			failing = w.finished(d, failing)
+			w.finished(d)
 		}
-		if ctx.Err() != nil {
-			continue
-		}
-		if fullDue && !running[fullPass] {
-			fullDue = false
-			full.Reset(untilPhase(time.Now(), cfg.Interval, phase))
-			hosts := w.claims.take(w.r.shardHosts(w.f.Shard), false)
-			start(fullPass, func() passDone { return w.active(ctx, fullPass, hosts) })
-		}
-		if !running[wakePass] {
-			if hosts := w.claims.take(w.wake.takeAll(), true); len(hosts) > 0 {
-				start(wakePass, func() passDone { return w.active(ctx, wakePass, hosts) })
-			}
-		}
-		if !running[passivePass] {
-			if hosts := w.stale.takeAll(); len(hosts) > 0 {
-				start(passivePass, func() passDone {
-					out, err := w.r.rec.MarkStale(ctx, w.f, hosts)
-					return passDone{kind: passivePass, out: out, err: err}
-				})
-			}
-		}
-		if relayDue && !running[relayPass] {
-			relayDue = false
-			start(relayPass, func() passDone {
-				return passDone{kind: relayPass, err: w.r.rec.relay(ctx, w.f, w.lag.label)}
-			})
-		}
-		if trimDue && !running[trimPass] {
-			trimDue = false
-			start(trimPass, func() passDone {
-				n, err := w.r.rec.store.TrimJournal(ctx, w.f, cfg.JournalRetention)
-				if err == nil && n > 0 {
-					w.log.Debug("journal trimmed", "rows", n)
-				}
-				return passDone{kind: trimPass, err: w.r.rec.fenced(err)}
-			})
+		if ctx.Err() == nil {
+			w.startDue(ctx)
 		}
 	}
+}
+
+// relayChannels are the relay's wake-ups; nil (never ready) with events off.
+func (w *shardWork) relayChannels() (<-chan struct{}, <-chan time.Time) {
+	if w.rl == nil {
+		return nil, nil
+	}
+	return w.rl.trig.C(), w.rl.retry.C
+}
+
+// drain waits for the passes in flight after ctx ended.
+func (w *shardWork) drain(ctx context.Context) error {
+	for _, running := range w.running {
+		if running {
+			<-w.done
+		}
+	}
+	if w.rl != nil {
+		w.rl.retry.Stop()
+	}
+	if cause := context.Cause(ctx); errors.Is(cause, ErrFenced) {
+		w.log.Warn("shard fenced by a newer owner", "error", cause)
+		return cause
+	}
+	return nil
+}
+
+// startDue starts every pass whose time has come and whose kind is not
+// running.
+func (w *shardWork) startDue(ctx context.Context) {
+	if w.due[fullPass] && !w.running[fullPass] {
+		w.due[fullPass] = false
+		w.full.Reset(untilPhase(time.Now(), w.r.cfg.Interval, w.phase))
+		hosts := w.claims.take(w.r.shardHosts(w.f.Shard), false)
+		w.start(fullPass, func() passDone { return w.active(ctx, fullPass, hosts) })
+	}
+	if !w.running[reconnectPass] {
+		if hosts := w.claims.take(w.reconnects.takeAll(), true); len(hosts) > 0 {
+			w.start(reconnectPass, func() passDone { return w.active(ctx, reconnectPass, hosts) })
+		}
+	}
+	if !w.running[passivePass] {
+		if hosts := w.stale.takeAll(); len(hosts) > 0 {
+			w.start(passivePass, func() passDone { return w.passive(ctx, hosts) })
+		}
+	}
+	if w.due[relayPass] && !w.running[relayPass] {
+		w.due[relayPass] = false
+		w.start(relayPass, func() passDone { return passDone{kind: relayPass, err: w.r.rec.relay(ctx, w.f, w.lag.label)} })
+	}
+	if w.due[trimPass] && !w.running[trimPass] {
+		w.due[trimPass] = false
+		w.start(trimPass, func() passDone { return w.trim(ctx) })
+	}
+}
+
+// start runs a pass beside the scheduler.
+func (w *shardWork) start(k passKind, pass func() passDone) {
+	w.running[k] = true
+	go func() { w.done <- pass() }()
 }
 
 // untilPhase is the time from now to the next instant t with t ≡ phase
@@ -197,7 +204,22 @@ func untilPhase(now time.Time, interval, phase time.Duration) time.Duration {
 	return interval - time.Duration(since)
 }
 
-// active runs a full or wake pass over the claimed hosts, releasing each
+// passive runs the passive rule over the hosts the stale scan found.
+func (w *shardWork) passive(ctx context.Context, hosts []uuid.UUID) passDone {
+	out, err := w.r.rec.Passive(ctx, w.f, hosts)
+	return passDone{kind: passivePass, out: out, err: err}
+}
+
+// trim deletes the shard's journal rows past the retention.
+func (w *shardWork) trim(ctx context.Context) passDone {
+	n, err := w.r.rec.trimJournal(ctx, w.f, w.r.cfg.JournalRetention)
+	if err == nil && n > 0 {
+		w.log.Debug("journal trimmed", "rows", n)
+	}
+	return passDone{kind: trimPass, err: err}
+}
+
+// active runs a full or reconnect pass over the claimed hosts, releasing each
 // host as soon as the pass is done with it. The lag clock learns which
 // hosts count from the read and each success as soon as it committed.
 func (w *shardWork) active(ctx context.Context, k passKind, hosts []uuid.UUID) passDone {
@@ -212,7 +234,7 @@ func (w *shardWork) active(ctx context.Context, k passKind, hosts []uuid.UUID) p
 	w.lag.counting(p.Outcomes(), d.started)
 	// Reconnects, and a new owner's first pass (its hosts went unwatched
 	// through the handover), go ahead of the steady passes' queue.
-	p.Urgent = k == wakePass || !w.firstDone.Load()
+	p.Urgent = k == reconnectPass || !w.firstDone.Load()
 	p.Settled = w.lag.settled
 	d.err = p.Run(ctx)
 	w.release(p.Asked())
@@ -224,41 +246,53 @@ func (w *shardWork) active(ctx context.Context, k passKind, hosts []uuid.UUID) p
 // wake pass.
 func (w *shardWork) release(hosts []uuid.UUID) {
 	if again := w.claims.release(hosts); len(again) > 0 {
-		w.wake.add(again...)
+		w.reconnects.add(again...)
 	}
 }
 
-// finished folds a pass's outcomes into the lag clock and logs what went
-// wrong, once per change from healthy to failing and back.
-func (w *shardWork) finished(d passDone, failing bool) bool {
-	if d.kind == relayPass {
-		was := w.rl.failing
-		w.rl.done(d.err)
-		switch {
-		case w.rl.failing && !was:
-			w.log.Warn("publishing events failed; they wait in the outbox, retrying", "error", d.err)
-		case !w.rl.failing && was:
-			w.log.Info("publishing events again")
-		}
-		return failing
-	}
-	if w.rl != nil && changed(d.out) {
-		w.rl.wake()
+// finished folds a pass's outcomes into the lag clock and the relay's
+// schedule, and logs what went wrong, once per change from healthy to
+// failing and back.
+func (w *shardWork) finished(d passDone) {
+	switch {
+	case d.kind == relayPass:
+		w.relayed(d.err)
+		return
+	case w.rl != nil && changed(d.out):
+		w.rl.trig.Fire()
 	}
 	if d.kind == trimPass {
 		if d.err != nil && !errors.Is(d.err, context.Canceled) {
 			w.log.Warn("journal trim failed", "error", d.err)
 		}
-		return failing
+		return
 	}
 	now := time.Now()
 	w.lag.observe(d, now)
 	if d.kind != fullPass {
-		return failing
+		return
 	}
 	if d.err == nil && !w.firstDone.Swap(true) {
 		w.log.Debug("first full pass done", "after", now.Sub(w.lag.claimed).Round(time.Millisecond), "hosts", len(d.hosts))
 	}
+	w.logHealth(d)
+}
+
+// relayed schedules the relay's next run after one ended with err.
+func (w *shardWork) relayed(err error) {
+	was := w.rl.failing
+	w.rl.done(err)
+	switch {
+	case w.rl.failing && !was:
+		w.log.Warn("publishing events failed; they wait in the outbox, retrying", "error", err)
+	case !w.rl.failing && was:
+		w.log.Info("publishing events again")
+	}
+}
+
+// logHealth logs a full pass's failures when they begin (later ones at
+// debug) and its recovery.
+func (w *shardWork) logHealth(d passDone) {
 	failed := 0
 	var first error
 	for _, o := range d.out {
@@ -273,14 +307,14 @@ func (w *shardWork) finished(d passDone, failing bool) bool {
 		first, failed = d.err, len(d.hosts)
 	}
 	switch {
-	case failed > 0 && !failing:
+	case failed > 0 && !w.failing:
 		w.log.Warn("shard pass failed for some hosts", "failed", failed, "hosts", len(d.hosts), "error", first)
 	case failed > 0:
 		w.log.Debug("shard pass failed for some hosts", "failed", failed, "hosts", len(d.hosts), "error", first)
-	case failing:
+	case w.failing:
 		w.log.Info("shard pass healthy again", "hosts", len(d.hosts))
 	}
-	return failed > 0
+	w.failing = failed > 0
 }
 
 // changed reports whether any outcome wrote something (and so may have
@@ -294,17 +328,17 @@ func changed(out []Outcome) bool {
 	return false
 }
 
-// hostSet is a set of hosts with a coalescing notification: adds never
-// block, bursts become one wake-up of the scheduler.
+// hostSet is a set of hosts with a coalescing trigger: adds never block,
+// bursts become one wake-up of the scheduler. Its mutex guards the set.
 type hostSet struct {
-	mu     sync.Mutex
-	set    map[uuid.UUID]bool
-	notify chan struct{} // capacity 1: one pending wake-up stands for any number of adds
+	mu   sync.Mutex
+	set  map[uuid.UUID]bool
+	trig *trigger.T
 }
 
 func (q *hostSet) init() {
 	q.set = map[uuid.UUID]bool{}
-	q.notify = make(chan struct{}, 1)
+	q.trig = trigger.New()
 }
 
 func (q *hostSet) add(ids ...uuid.UUID) {
@@ -313,10 +347,7 @@ func (q *hostSet) add(ids ...uuid.UUID) {
 		q.set[id] = true
 	}
 	q.mu.Unlock()
-	select {
-	case q.notify <- struct{}{}:
-	default:
-	}
+	q.trig.Fire()
 }
 
 func (q *hostSet) takeAll() []uuid.UUID {

@@ -8,33 +8,27 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/vigil-sh/vigil/internal/testwait"
 	"github.com/vigil-sh/vigil/store"
 )
 
 // waitAdvisory waits until some backend waits on an advisory lock.
 func waitAdvisory(t *testing.T, s *store.Store, done <-chan error) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	testwait.For(t, 10*time.Second, "the event writer to wait for the shard's events lock", func() bool {
 		var n int
 		if err := db(s).QueryRow(context.Background(), `
 			select count(*) from pg_stat_activity
 			 where datname = current_database() and wait_event_type = 'Lock' and wait_event = 'advisory'`).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
-		if n > 0 {
-			return
-		}
 		select {
 		case err := <-done:
 			t.Fatalf("the event writer finished (%v) while another transaction held the shard's events: commit order is not seq order", err)
 		default:
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("the event writer never waited for the shard's events lock")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return n > 0
+	})
 }
 
 // Writers of one shard's events are serialised, so seq order is commit
@@ -70,7 +64,7 @@ func TestEventWritersWaitForTheShardsEventsLock(t *testing.T) {
 	release := hold()
 	done := make(chan error, 1)
 	go func() {
-		_, err := s.Apply(ctx, f, store.Batch{Changes: []store.Change{{Row: sb, To: "stopped", Audit: &store.Audit{
+		_, err := s.Apply(ctx, f, store.Batch{Changes: []store.Change{{Row: sb, To: "stopped", Audit: &store.AuditRow{
 			TeamID: team, ResourceType: "sandbox", ResourceID: "cl-x", Action: "destroy", Status: "warning",
 			Metadata: map[string]any{"reason": "orphaned"},
 			Event:    &store.Event{ID: uuid.New(), Name: "capsule.destroy", Payload: "{}"}}}}})
@@ -84,9 +78,9 @@ func TestEventWritersWaitForTheShardsEventsLock(t *testing.T) {
 
 	release = hold()
 	go func() {
-		_, err := s.MarkUnreachable(ctx, f, store.MarkDown{Hosts: []uuid.UUID{host}, ResourceIDs: []string{"host-x"},
+		_, err := s.Passive(ctx, f, store.PassiveInput{Hosts: []uuid.UUID{host}, ResourceIDs: []string{"host-x"},
 			StaleAfter: 90 * time.Second, Live: []string{"running"},
-			Audit: store.Audit{ResourceType: "host", Action: "marked_down", Status: "error"},
+			Audit: store.AuditRow{ResourceType: "host", Action: "marked_down", Status: "error"},
 			Event: func(store.MarkedHost) store.Event {
 				return store.Event{ID: uuid.New(), Name: "host.down", Payload: "{}"}
 			}})
@@ -121,20 +115,20 @@ func TestRetrySlotIsClaimedAtTheCheck(t *testing.T) {
 	}
 	host := addHost(t, s, "online", nil, 0)
 	sb := addSandbox(t, s, host, "stopping")
-	b := store.Batch{HeldRetry: []store.Sandbox{sb}, RetryGrace: time.Hour}
+	b := store.Batch{Resends: []store.Sandbox{sb}, ResendGrace: time.Hour}
 	out, err := s.Apply(ctx, f, b)
-	if err != nil || !out.HeldRetry[0] {
+	if err != nil || !out.Resends[0] {
 		t.Fatalf("first check: %+v, %v; want held", out, err)
 	}
 	out, err = s.Apply(ctx, f, b)
-	if err != nil || out.HeldRetry[0] {
+	if err != nil || out.Resends[0] {
 		t.Fatalf("second check within the grace: %+v, %v; want refused", out, err)
 	}
 	// Past the grace it is let through again.
 	if _, err := db(s).Exec(ctx, `update vigil_destroy_retries set retried_at = now() - interval '2 hours'`); err != nil {
 		t.Fatal(err)
 	}
-	if out, err = s.Apply(ctx, f, b); err != nil || !out.HeldRetry[0] {
+	if out, err = s.Apply(ctx, f, b); err != nil || !out.Resends[0] {
 		t.Fatalf("check past the grace: %+v, %v; want held", out, err)
 	}
 	// The journal trim forgets re-send times older than its retention.

@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/testwait"
 	"github.com/vigil-sh/vigil/store"
 )
 
@@ -129,8 +131,7 @@ func TestOlderTokenRejectedAfterNewerClaim(t *testing.T) {
 // application waits on a lock.
 func waitBlocked(t *testing.T, s *store.Store, query string) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
+	testwait.For(t, 10*time.Second, fmt.Sprintf("a backend blocked on a lock running %q", query), func() bool {
 		var n int
 		err := db(s).QueryRow(context.Background(), `
 			select count(*) from pg_stat_activity
@@ -138,12 +139,8 @@ func waitBlocked(t *testing.T, s *store.Store, query string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if n > 0 {
-			return
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	t.Fatalf("no backend blocked on a lock running %q", query)
+		return n > 0
+	})
 }
 
 // A claim that is in flight (the new owner's raise holds the fence row but

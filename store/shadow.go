@@ -84,14 +84,14 @@ func (s *Store) RecordShadow(ctx context.Context, f Fence, cs []ShadowChange) ([
 	return out, nil
 }
 
-// ShadowMarkDown is MarkUnreachable in shadow: it changes nothing and
+// ShadowPassive is MarkUnreachable in shadow: it changes nothing and
 // records, under the fence and in one statement, what MarkUnreachable would
 // change now (judged by the database clock): each candidate host that would
 // become unreachable (with the audit action and reason of m.Audit when it
 // has a team, silent otherwise) and its sandboxes in m.Live that would
 // become missing. It returns the changes it recorded (not those recorded
 // before).
-func (s *Store) ShadowMarkDown(ctx context.Context, f Fence, m MarkDown) ([]ShadowChange, error) {
+func (s *Store) ShadowPassive(ctx context.Context, f Fence, m PassiveInput) ([]ShadowChange, error) {
 	if len(m.Hosts) == 0 {
 		return nil, nil
 	}

@@ -171,10 +171,10 @@ func (s *Store) StoppedAmong(ctx context.Context, cands []Candidate, before time
 	return out, nil
 }
 
-// Audit is an audit_logs row. Write adds the writer's replica, fence token and
+// AuditRow is an audit_logs row. Write adds the writer's replica, fence token and
 // shard to Metadata. Event, when set, is the notification event the change
 // publishes: written to the outbox exactly when the audit row is.
-type Audit struct {
+type AuditRow struct {
 	TeamID       uuid.UUID
 	ResourceType string // host, sandbox
 	ResourceID   string // the prefixed wire id
@@ -198,7 +198,7 @@ type Event struct {
 type Change struct {
 	Row   Sandbox
 	To    string
-	Audit *Audit
+	Audit *AuditRow
 }
 
 // Record is a side effect that already happened (a sandbox destroyed on its
@@ -206,25 +206,25 @@ type Change struct {
 type Record struct {
 	Host, Sandbox uuid.UUID
 	Change        string // journal text, e.g. "destroyed_on_agent"
-	Audit         Audit
+	Audit         AuditRow
 }
 
 // Batch is everything one fenced transaction writes or checks.
 type Batch struct {
 	Changes []Change
-	// Held checks, under the fence and FOR SHARE, that each row is still as
+	// Zombies checks, under the fence and FOR SHARE, that each row is still as
 	// read (host, status, last_updated): the gate before a side effect on an
 	// agent.
-	Held []Sandbox
-	// HeldRetry is Held for re-sent destroys: the row must also not have
+	Zombies []Sandbox
+	// Resends is Held for re-sent destroys: the row must also not have
 	// had its destroy re-sent within RetryGrace.
-	HeldRetry  []Sandbox
-	RetryGrace time.Duration
-	Records    []Record
+	Resends     []Sandbox
+	ResendGrace time.Duration
+	Records     []Record
 }
 
 func (b Batch) empty() bool {
-	return len(b.Changes) == 0 && len(b.Held) == 0 && len(b.HeldRetry) == 0 && len(b.Records) == 0
+	return len(b.Changes) == 0 && len(b.Zombies) == 0 && len(b.Resends) == 0 && len(b.Records) == 0
 }
 
 func (b Batch) events() bool {
@@ -241,11 +241,11 @@ func (b Batch) events() bool {
 	return false
 }
 
-// Outcome says, per Batch entry in order, what happened.
-type Outcome struct {
-	Applied   []bool // Changes: the compare-and-set matched and the row changed
-	Held      []bool // Held: the row is still as read
-	HeldRetry []bool // HeldRetry: as Held, and not re-sent within the grace
+// Result says, per Batch entry in order, what happened.
+type Result struct {
+	Applied []bool // Changes: the compare-and-set matched and the row changed
+	Zombies []bool // Held: the row is still as read
+	Resends []bool // HeldRetry: as Held, and not re-sent within the grace
 }
 
 // Apply runs b in one fenced transaction (see WithFence): the changes as one
@@ -256,9 +256,9 @@ type Outcome struct {
 // error: Applied is false and nothing of it is written. An empty batch opens
 // no transaction. On error nothing was written; errors.Is(err, ErrFenced)
 // means the shard is lost.
-func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Outcome, error) {
-	fresh := func() Outcome {
-		return Outcome{Applied: make([]bool, len(b.Changes)), Held: make([]bool, len(b.Held)), HeldRetry: make([]bool, len(b.HeldRetry))}
+func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Result, error) {
+	fresh := func() Result {
+		return Result{Applied: make([]bool, len(b.Changes)), Zombies: make([]bool, len(b.Zombies)), Resends: make([]bool, len(b.Resends))}
 	}
 	out := fresh()
 	if b.empty() {
@@ -279,7 +279,7 @@ func (s *Store) Apply(ctx context.Context, f Fence, b Batch) (Outcome, error) {
 }
 
 // apply is Apply's one fenced transaction; out is reset at each attempt.
-func (s *Store) apply(ctx context.Context, f Fence, b Batch, vol bool, out *Outcome, fresh func() Outcome) error {
+func (s *Store) apply(ctx context.Context, f Fence, b Batch, vol bool, out *Result, fresh func() Result) error {
 	return s.WithFence(ctx, f, func(tx pgx.Tx) error {
 		*out = fresh()
 		if b.events() {
@@ -290,13 +290,13 @@ func (s *Store) apply(ctx context.Context, f Fence, b Batch, vol bool, out *Outc
 		if err := applyChanges(ctx, tx, f, b.Changes, out.Applied, vol); err != nil {
 			return err
 		}
-		if err := checkHeld(ctx, tx, b.Held, 0, out.Held); err != nil {
+		if err := checkHeld(ctx, tx, b.Zombies, 0, out.Zombies); err != nil {
 			return err
 		}
-		if err := checkHeld(ctx, tx, b.HeldRetry, b.RetryGrace, out.HeldRetry); err != nil {
+		if err := checkHeld(ctx, tx, b.Resends, b.ResendGrace, out.Resends); err != nil {
 			return err
 		}
-		if err := claimRetries(ctx, tx, b.HeldRetry, out.HeldRetry); err != nil {
+		if err := claimResends(ctx, tx, b.Resends, out.Resends); err != nil {
 			return err
 		}
 		return writeRecords(ctx, tx, f, b.Records)
@@ -473,11 +473,11 @@ func checkHeld(ctx context.Context, tx pgx.Tx, hs []Sandbox, grace time.Duration
 	return nil
 }
 
-// claimRetries records, in the transaction whose check let them through,
+// claimResends records, in the transaction whose check let them through,
 // that the held rows' destroys are re-sent now: the once-per-grace bound of
 // rule 9 then holds whatever the agent answers (accepted, refused, timed
 // out) and whoever owns the shard next.
-func claimRetries(ctx context.Context, tx pgx.Tx, hs []Sandbox, held []bool) error {
+func claimResends(ctx context.Context, tx pgx.Tx, hs []Sandbox, held []bool) error {
 	var ids []uuid.UUID
 	for i, h := range hs {
 		if held[i] {
@@ -570,23 +570,23 @@ type MovedSandbox struct {
 	From string
 }
 
-// MarkDown is the passive rule's input: the candidate hosts (with the prefixed
+// PassiveInput is the passive rule's input: the candidate hosts (with the prefixed
 // id each one's audit row names), the threshold, the statuses that become
 // missing, and the audit row for hosts that have a team (TeamID and
 // ResourceID are filled per host).
-type MarkDown struct {
+type PassiveInput struct {
 	Hosts       []uuid.UUID
 	ResourceIDs []string
 	StaleAfter  time.Duration
 	Live        []string // sandbox statuses that become missing
-	Audit       Audit
+	Audit       AuditRow
 	// Event, when set, gives the notification event of a marked host that
 	// has a team (the one its audit row announces), written in the same
 	// transaction.
 	Event func(MarkedHost) Event
 }
 
-// MarkUnreachable is the passive rule (SPEC §2 item 1) for a set of hosts, in
+// Passive is the passive rule (SPEC §2 item 1) for a set of hosts, in
 // one fenced transaction and one statement: every candidate whose heartbeat
 // is older than the threshold by the database clock (or absent) and whose
 // status is not unreachable (nor NULL) becomes unreachable with updated_at =
@@ -595,7 +595,7 @@ type MarkDown struct {
 // host with a team gets its audit row; every change gets a journal row. All
 // conditional, row by row, on the host really changing: a heartbeat that
 // commits first wins.
-func (s *Store) MarkUnreachable(ctx context.Context, f Fence, m MarkDown) ([]MarkedHost, error) {
+func (s *Store) Passive(ctx context.Context, f Fence, m PassiveInput) ([]MarkedHost, error) {
 	if len(m.Hosts) == 0 {
 		return nil, nil
 	}

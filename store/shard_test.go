@@ -238,8 +238,8 @@ func TestApplyBatchCompareAndSet(t *testing.T) {
 	if n := statements(t, reg) - before; n != 0 {
 		t.Errorf("empty batch sent %d statements", n)
 	}
-	audit := func(sb store.Sandbox) *store.Audit {
-		return &store.Audit{TeamID: sb.TeamID.UUID, ResourceType: "sandbox", ResourceID: "cl-" + sb.ID.String()[:8],
+	audit := func(sb store.Sandbox) *store.AuditRow {
+		return &store.AuditRow{TeamID: sb.TeamID.UUID, ResourceType: "sandbox", ResourceID: "cl-" + sb.ID.String()[:8],
 			Action: "destroy", Status: "warning", Metadata: map[string]any{"reason": "orphaned"}}
 	}
 	before = statements(t, reg)
@@ -250,7 +250,7 @@ func TestApplyBatchCompareAndSet(t *testing.T) {
 			{Row: moved, To: "stopped", Audit: audit(moved)},
 			{Row: touched, To: "stopped", Audit: audit(touched)},
 		},
-		Held: []store.Sandbox{zombie, touched},
+		Zombies: []store.Sandbox{zombie, touched},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -258,7 +258,7 @@ func TestApplyBatchCompareAndSet(t *testing.T) {
 	if n := statements(t, reg) - before; n != 5 {
 		t.Errorf("batch sent %d statements, want 5 (begin, fence, changes, checks, commit)", n)
 	}
-	if !slices.Equal(out.Applied, []bool{true, true, false, false}) || !slices.Equal(out.Held, []bool{true, false}) {
+	if !slices.Equal(out.Applied, []bool{true, true, false, false}) || !slices.Equal(out.Zombies, []bool{true, false}) {
 		t.Fatalf("outcome %+v", out)
 	}
 	for id, want := range map[uuid.UUID]string{hit.ID: "stopped", silent.ID: "running", moved.ID: "running", touched.ID: "running", zombie.ID: "stopped"} {
@@ -288,7 +288,7 @@ func TestApplyBatchCompareAndSet(t *testing.T) {
 	// Records: side effects already done.
 	err = func() error {
 		_, err := s.Apply(ctx, f, store.Batch{Records: []store.Record{{Host: h, Sandbox: zombie.ID, Change: "destroyed_on_agent",
-			Audit: store.Audit{TeamID: zombie.TeamID.UUID, ResourceType: "sandbox", ResourceID: "cl-z", Action: "destroy", Status: "warning",
+			Audit: store.AuditRow{TeamID: zombie.TeamID.UUID, ResourceType: "sandbox", ResourceID: "cl-z", Action: "destroy", Status: "warning",
 				Metadata: map[string]any{"reason": "paused_zombie_cleanup"}}}}})
 		return err
 	}()
@@ -346,8 +346,8 @@ func TestMarkUnreachableIsSetBased(t *testing.T) {
 	hosts := []uuid.UUID{teamHost, shared, fresh, down, uuid.New()}
 	rids := []string{"host-a", "host-b", "host-c", "host-d", "host-e"}
 	before := statements(t, reg)
-	marked, err := s.MarkUnreachable(ctx, f, store.MarkDown{Hosts: hosts, ResourceIDs: rids, StaleAfter: 90 * time.Second,
-		Live: []string{"running", "starting"}, Audit: store.Audit{ResourceType: "host", Action: "marked_down", Status: "error",
+	marked, err := s.Passive(ctx, f, store.PassiveInput{Hosts: hosts, ResourceIDs: rids, StaleAfter: 90 * time.Second,
+		Live: []string{"running", "starting"}, Audit: store.AuditRow{ResourceType: "host", Action: "marked_down", Status: "error",
 			Metadata: map[string]any{"reason": "heartbeat_timeout"}}})
 	if err != nil {
 		t.Fatal(err)
@@ -381,8 +381,8 @@ func TestMarkUnreachableIsSetBased(t *testing.T) {
 		t.Fatalf("journal %+v, want 2 hosts and 2 sandboxes", j)
 	}
 	// Again: nothing left to change, nothing written.
-	marked, err = s.MarkUnreachable(ctx, f, store.MarkDown{Hosts: hosts, ResourceIDs: rids, StaleAfter: 90 * time.Second,
-		Live: []string{"running"}, Audit: store.Audit{ResourceType: "host", Action: "marked_down", Status: "error"}})
+	marked, err = s.Passive(ctx, f, store.PassiveInput{Hosts: hosts, ResourceIDs: rids, StaleAfter: 90 * time.Second,
+		Live: []string{"running"}, Audit: store.AuditRow{ResourceType: "host", Action: "marked_down", Status: "error"}})
 	if err != nil || len(marked) != 0 || len(audits(t, s)) != 1 {
 		t.Fatalf("second mark: %+v, %v", marked, err)
 	}

@@ -25,7 +25,7 @@ var ErrFenced = errors.New("store: fenced: shard owned under a newer token")
 // Config configures the pool.
 type Config struct {
 	URL      string
-	MaxConns int32 // default 8
+	MaxConns int32 // default DefaultMaxConns
 	MinConns int32 // default 0
 	// Session timeouts set on every connection; all must stay well under
 	// the etcd lease TTL so a paused owner cannot hold a fence row.
@@ -47,7 +47,7 @@ func (c *Config) Validate() error {
 		return errors.New("store: database URL is empty")
 	}
 	if c.MaxConns == 0 {
-		c.MaxConns = 8
+		c.MaxConns = DefaultMaxConns
 	}
 	if c.MaxConns < 0 || c.MinConns < 0 || c.MinConns > c.MaxConns {
 		return fmt.Errorf("store: pool limits min=%d max=%d are invalid", c.MinConns, c.MaxConns)
@@ -80,6 +80,9 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
+
+// DefaultMaxConns is the pool's default size.
+const DefaultMaxConns = 8
 
 // DefaultVolumesRecheck is how often the schema is read again for the
 // volumes table.

@@ -31,6 +31,7 @@ import (
 	"time"
 
 	"github.com/vigil-sh/vigil/agentsim"
+	"github.com/vigil-sh/vigil/internal/testwait"
 )
 
 // shippedRules is the rule file Prometheus loads, unmodified.
@@ -371,18 +372,13 @@ scrape_configs:
 // test fails at timeout with cond's last detail.
 func (p *promServer) waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) time.Time {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
+	var at time.Time
+	testwait.Until(t, timeout, 100*time.Millisecond, what, func() (bool, string) {
 		ok, detail := cond()
-		now := time.Now()
-		if ok {
-			return now
-		}
-		if now.After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s: %s", timeout, what, detail)
-		}
-		time.Sleep(100 * time.Millisecond) // the poll period, not a guess at timing
-	}
+		at = time.Now()
+		return ok, detail
+	}, nil)
+	return at
 }
 
 // apiGet fetches one Prometheus API endpoint into data.

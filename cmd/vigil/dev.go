@@ -20,6 +20,7 @@ import (
 	"github.com/vigil-sh/vigil/internal/cli"
 	"github.com/vigil-sh/vigil/internal/devcerts"
 	"github.com/vigil-sh/vigil/internal/embedetcd"
+	"github.com/vigil-sh/vigil/monitor"
 	"github.com/vigil-sh/vigil/store"
 )
 
@@ -88,10 +89,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		ChurnStepDelay: 500 * time.Millisecond, SharedFraction: 0.2, HeartbeatInterval: 5 * time.Second,
 		MishapsPerSecond: *mishaps, Logger: log.Named("agentsim"), Seed: 1, // the same hosts on every run
 	}
-	unreachableAfter := 30 * time.Second // quick, for a demo
+	unreachableAfter := devUnreachableAfter
 	if *shadow {
 		// Beside the control plane's monitor both must judge staleness alike.
-		simCfg.MonitorInterval, unreachableAfter = *interval, 90*time.Second
+		simCfg.MonitorInterval, unreachableAfter = *interval, monitor.DefaultUnreachableAfter
 	}
 	var pki devcerts.Files
 	if *agentTLS {
@@ -151,16 +152,12 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	var addrs []string
 	for i := 0; i < *replicas; i++ {
-		c := replicaConfig{
-			EtcdEndpoints: endpoint, EtcdPrefix: "/vigil", DatabaseURL: *dbURL, DBMaxConns: 8,
-			Cluster: *cluster, ReplicaID: fmt.Sprintf("dev-%d-%s", i+1, randSuffix()), Shards: *shards,
-			LeaseTTL: *ttl, Interval: *interval, StaleScan: 2 * time.Second, UnreachableAfter: unreachableAfter,
-			TransientGrace: 2 * time.Minute, SnapshotGrace: 15 * time.Minute, AgentConcurrency: 128,
-			JournalRetention: 24 * time.Hour, HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i)),
-			AgentMaxBytes: 4 << 20, AgentMaxIdle: 3500, AgentTLSSessions: 16384, // AgentTimeout 0: derived from the TTL
-			EventsRedisURL: redisURL, EventsStream: *eventsStream, EventsMirror: events.DefaultMirror, EventsMarkerTTL: 24 * time.Hour, EventsBatch: 100,
-			Shadow: *shadow,
-		}
+		c := defaultReplicaConfig() // `vigil run`'s defaults, but for:
+		c.EtcdEndpoints, c.DatabaseURL, c.Cluster, c.Shards = endpoint, *dbURL, *cluster, *shards
+		c.ReplicaID = fmt.Sprintf("dev-%d-%s", i+1, randSuffix())
+		c.LeaseTTL, c.Interval, c.UnreachableAfter = *ttl, *interval, unreachableAfter
+		c.HTTPAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i))
+		c.EventsRedisURL, c.EventsStream, c.Shadow = redisURL, *eventsStream, *shadow
 		if *agentTLS {
 			c.AgentCAFile, c.AgentCertFile, c.AgentKeyFile = pki.CA, pki.ClientCert, pki.ClientKey
 		}
@@ -200,6 +197,10 @@ Ctrl-C stops everything.
 	log.Info("dev cluster stopped")
 	return first
 }
+
+// devUnreachableAfter is the dev cluster's heartbeat threshold: shorter than
+// the control plane's 90 s, so a host killed in a demo goes down soon.
+const devUnreachableAfter = 30 * time.Second
 
 func shadowLine(shadow bool, dbURL string) string {
 	if !shadow {

@@ -21,6 +21,7 @@ import (
 
 	"github.com/vigil-sh/vigil/internal/etcdtest"
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/testwait"
 )
 
 func TestEtcdPasswordFile(t *testing.T) {
@@ -338,17 +339,5 @@ func runVigilEnv(t *testing.T, bin string, env []string, args ...string) (stdout
 // with cond's last detail.
 func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		ok, detail := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s: %s", timeout, what, detail)
-		}
-		<-tick.C
-	}
+	testwait.Until(t, timeout, 50*time.Millisecond, what, cond, nil)
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/vigil-sh/vigil/election"
 	"github.com/vigil-sh/vigil/internal/etcdtest"
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/testwait"
 	"github.com/vigil-sh/vigil/internal/vigiltest"
 )
 
@@ -303,27 +304,16 @@ var httpClient = &http.Client{Timeout: 2 * time.Second}
 // fails with what and cond's last detail.
 func (h *harness) poll(timeout time.Duration, what string, cond func() (bool, string)) time.Time {
 	h.t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(25 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		ch := h.rec.Changed()
+	var at time.Time
+	testwait.Until(h.t, timeout, 25*time.Millisecond, what, func() (bool, string) {
 		if err := h.rec.Err(); err != nil {
 			h.t.Fatalf("etcd watch failed: %v", err)
 		}
 		ok, detail := cond()
-		now := time.Now()
-		if ok {
-			return now
-		}
-		if now.After(deadline) {
-			h.t.Fatalf("timed out after %v waiting for %s: %s", timeout, what, detail)
-		}
-		select {
-		case <-ch:
-		case <-tick.C:
-		}
-	}
+		at = time.Now()
+		return ok, detail
+	}, h.rec.Changed)
+	return at
 }
 
 // settled reports whether the cluster's members are exactly ids, every shard

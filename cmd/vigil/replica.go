@@ -88,6 +88,14 @@ func defaultReplicaID() string {
 	return fmt.Sprintf("%s-%x", h, b)
 }
 
+// defaultReplicaConfig is `vigil run`'s configuration with every flag at its
+// default: the one place they are declared is the flag set.
+func defaultReplicaConfig() replicaConfig {
+	var c replicaConfig
+	c.flags(flag.NewFlagSet("defaults", flag.ContinueOnError))
+	return c
+}
+
 func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.EtcdEndpoints, "etcd-endpoints", "127.0.0.1:2379", "comma-separated etcd endpoints; all are used")
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", "/vigil", "etcd key prefix")
@@ -96,24 +104,24 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.EtcdKeyFile, "etcd-key-file", "", "client key for etcd TLS")
 	c.etcdAuthFlags(fs)
 	fs.StringVar(&c.DatabaseURL, "database-url", "", "Postgres URL of the control plane's database (required)")
-	fs.IntVar(&c.DBMaxConns, "db-max-conns", 8, "Postgres pool size")
+	fs.IntVar(&c.DBMaxConns, "db-max-conns", store.DefaultMaxConns, "Postgres pool size")
 	fs.StringVar(&c.Cluster, "cluster", "default", "cluster name: replicas with the same prefix and cluster share the hosts")
 	fs.StringVar(&c.ReplicaID, "replica-id", defaultReplicaID(), "this replica's id (default: hostname plus a random suffix, new on every start)")
 	fs.IntVar(&c.Shards, "shards", shard.DefaultCount, "shard count; fixed when the cluster is created")
-	fs.DurationVar(&c.LeaseTTL, "lease-ttl", 10*time.Second, "etcd lease TTL (whole seconds): a lost replica's shards move within it")
-	fs.DurationVar(&c.Interval, "interval", 30*time.Second, "active reconcile period per host")
-	fs.DurationVar(&c.StaleScan, "stale-scan", 2*time.Second, "how often to look for hosts with stale heartbeats")
-	fs.DurationVar(&c.UnreachableAfter, "unreachable-after", 90*time.Second, "a host without heartbeat for this long becomes unreachable")
-	fs.DurationVar(&c.TransientGrace, "transient-grace", 2*time.Minute, "grace for starting/resuming/pausing/stopping/snapshotting sandboxes missing on their agent")
-	fs.DurationVar(&c.SnapshotGrace, "snapshot-grace", 15*time.Minute, "grace for a snapshotting sandbox still alive on its agent")
-	fs.IntVar(&c.AgentConcurrency, "agent-concurrency", 128, "agent calls in flight across the replica (bounds goroutines, connections and file descriptors); calls wait in one queue, reconnects first, so every owned host waits the same")
-	fs.DurationVar(&c.JournalRetention, "journal-retention", 24*time.Hour, "how long the vigil_journal rows of owned shards (and stuck destroys' re-send times) are kept (0: forever; else at least --transient-grace)")
+	fs.DurationVar(&c.LeaseTTL, "lease-ttl", election.DefaultLeaseTTL, "etcd lease TTL (whole seconds): a lost replica's shards move within it")
+	fs.DurationVar(&c.Interval, "interval", monitor.DefaultInterval, "active reconcile period per host")
+	fs.DurationVar(&c.StaleScan, "stale-scan", monitor.DefaultStaleScan, "how often to look for hosts with stale heartbeats")
+	fs.DurationVar(&c.UnreachableAfter, "unreachable-after", monitor.DefaultUnreachableAfter, "a host without heartbeat for this long becomes unreachable")
+	fs.DurationVar(&c.TransientGrace, "transient-grace", monitor.DefaultRules.TransientGrace, "grace for starting/resuming/pausing/stopping/snapshotting sandboxes missing on their agent")
+	fs.DurationVar(&c.SnapshotGrace, "snapshot-grace", monitor.DefaultRules.SnapshotGrace, "grace for a snapshotting sandbox still alive on its agent")
+	fs.IntVar(&c.AgentConcurrency, "agent-concurrency", monitor.DefaultAgentConcurrency, "agent calls in flight across the replica (bounds goroutines, connections and file descriptors); calls wait in one queue, reconnects first, so every owned host waits the same")
+	fs.DurationVar(&c.JournalRetention, "journal-retention", monitor.DefaultJournalRetention, "how long the vigil_journal rows of owned shards (and stuck destroys' re-send times) are kept (0: forever; else at least --transient-grace)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9090", "admin HTTP listener: /metrics, /healthz, /readyz")
 	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go profiles under /debug/pprof/ on the admin listener")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 0, "deadline of every agent RPC (default: 5s, or half of --lease-ttl when that is shorter)")
-	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", 4<<20, "largest agent answer accepted")
+	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", agentpool.DefaultMaxResponseBytes, "largest agent answer accepted")
 	fs.IntVar(&c.AgentTLSSessions, "agent-tls-sessions", agentpool.DefaultTLSSessions, "agents' TLS sessions kept for resumption, about 4 KiB each (bounds memory); keep it above the hosts a replica owns, or dials beyond the idle connections handshake in full")
-	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", 3500, "idle keep-alive connections to agents kept across the replica, one file descriptor each and no goroutine (bounds file descriptors); agents beyond it are dialled anew on each call, resuming TLS sessions")
+	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", agentpool.DefaultMaxIdleConns, "idle keep-alive connections to agents kept across the replica, one file descriptor each and no goroutine (bounds file descriptors); agents beyond it are dialled anew on each call, resuming TLS sessions")
 	fs.DurationVar(&c.AgentIdleTimeout, "agent-idle-timeout", 0, "an agent not called for this long has its idle connection closed and its client dropped (default: 1.5 × --interval, at least 10s)")
 	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
 	fs.StringVar(&c.AgentCertFile, "agent-cert-file", "", "client certificate for agent mutual TLS")
@@ -122,7 +130,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.EventsStream, "events-stream", events.DefaultStream, "stream key the control plane's dispatcher reads")
 	fs.StringVar(&c.EventsMirror, "events-sse-channel", events.DefaultMirror, "Pub/Sub channel the control plane's dashboard listens on: each event appended to the stream is PUBLISHed there too; empty turns the mirror off")
 	fs.DurationVar(&c.EventsMarkerTTL, "events-marker-ttl", events.DefaultMarkerTTL, "how long a published event's id is remembered in Redis: a republish within it is dropped (it must outlast a crash and the failover after it)")
-	fs.IntVar(&c.EventsBatch, "events-batch", 100, "events published per Redis round trip")
+	fs.IntVar(&c.EventsBatch, "events-batch", monitor.DefaultRelayBatch, "events published per Redis round trip")
 	fs.BoolVar(&c.Shadow, "shadow", false, "shadow mode, for a cutover beside the control plane's own monitor: own shards, read, ask the agents and decide as usual, but record each change in vigil_shadow_changes instead of making it (no control-plane row, audit row, DestroySandbox, event or volume is touched); compare with `vigil shadow-report`")
 }
 
@@ -139,11 +147,11 @@ func (c *replicaConfig) validate() error {
 	if c.Cluster == "" || strings.Contains(c.Cluster, "/") {
 		return fmt.Errorf("--cluster %q must be non-empty without '/'", c.Cluster)
 	}
-	if c.Shards < 1 || c.Shards > 9999 {
-		return fmt.Errorf("--shards %d out of range 1..9999", c.Shards)
+	if err := shard.ValidCount(c.Shards); err != nil {
+		return fmt.Errorf("--shards: %w", err)
 	}
-	if c.LeaseTTL < time.Second || c.LeaseTTL%time.Second != 0 {
-		return fmt.Errorf("--lease-ttl %s must be whole seconds, at least 1s", c.LeaseTTL)
+	if err := election.ValidLeaseTTL(c.LeaseTTL); err != nil {
+		return fmt.Errorf("--lease-ttl: %w", err)
 	}
 	if c.Interval < 100*time.Millisecond {
 		return fmt.Errorf("--interval %s is too short", c.Interval)
@@ -424,7 +432,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 			return usageErr(fmt.Errorf("--events-redis-url: %w", err))
 		}
 		defer pub.Close()
-		mcfg.Publisher = pub
+		mcfg.Publisher, mcfg.Outbox = pub, st
 		log.Info("events on", "stream", c.EventsStream, "mirror", c.EventsMirror)
 	}
 	rec, err := monitor.New(mcfg, st, pool)
@@ -434,7 +442,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	runner, err := monitor.NewRunner(monitor.RunnerConfig{
 		Replica: c.ReplicaID, Shards: c.Shards, Interval: c.Interval, StaleScan: c.StaleScan,
 		JournalRetention: c.JournalRetention, Logger: log.Named("monitor"),
-	}, rec)
+	}, rec, st)
 	if err != nil {
 		return usageErr(err)
 	}
