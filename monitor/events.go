@@ -68,7 +68,7 @@ func auditRow(resourceType, resourceID string, team uuid.UUID, au Audit, withEve
 		return row
 	}
 	if p, ok := notification(resourceType, resourceID, team, au, at); ok {
-		row.Event = &store.Event{ID: uuid.New(), Name: p.Event, Payload: p.Encode()}
+		row.Event = &events.Event{ID: uuid.New(), Name: p.Event, Payload: p.Encode()}
 	}
 	return row
 }
@@ -90,9 +90,9 @@ func hostDownAudit(unreachableAfter time.Duration) Audit {
 
 // hostDownEvent is the outbox row of a host marked unreachable (it has a
 // team: shared hosts publish nothing, as they write no audit row).
-func hostDownEvent(au Audit) func(store.MarkedHost) store.Event {
-	return func(h store.MarkedHost) store.Event {
+func hostDownEvent(au Audit) func(store.MarkedHost) events.Event {
+	return func(h store.MarkedHost) events.Event {
 		p, _ := notification("host", ids.Host(h.ID), h.TeamID.UUID, au, time.Now())
-		return store.Event{ID: uuid.New(), Name: p.Event, Payload: p.Encode()}
+		return events.Event{ID: uuid.New(), Name: p.Event, Payload: p.Encode()}
 	}
 }

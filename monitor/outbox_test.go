@@ -349,8 +349,8 @@ func TestFencedChangesWriteNoEvents(t *testing.T) {
 		t.Fatalf("Reconcile = %v, want ErrFenced", err)
 	}
 	e.setHeartbeat(h, time.Hour, false)
-	if _, err := e.markStale(h); !errors.Is(err, monitor.ErrFenced) {
-		t.Fatalf("MarkStale = %v, want ErrFenced", err)
+	if _, err := e.passive(h); !errors.Is(err, monitor.ErrFenced) {
+		t.Fatalf("Passive = %v, want ErrFenced", err)
 	}
 	if n := len(e.outbox()); n != 0 {
 		t.Fatalf("%d events left by fenced transactions", n)

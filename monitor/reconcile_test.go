@@ -250,11 +250,11 @@ func (e *env) reconcile(host uuid.UUID) monitor.Outcome {
 	return out[0]
 }
 
-// markStale runs the passive rule on one host and returns its outcome.
-func (e *env) markStale(host uuid.UUID) (monitor.Outcome, error) {
+// passive runs the passive rule on one host and returns its outcome.
+func (e *env) passive(host uuid.UUID) (monitor.Outcome, error) {
 	out, err := e.rec.Passive(e.ctx, e.fence, []uuid.UUID{host})
 	if len(out) != 1 {
-		e.t.Fatalf("MarkStale: %d outcomes", len(out))
+		e.t.Fatalf("Passive: %d outcomes", len(out))
 	}
 	return out[0], err
 }
@@ -294,9 +294,9 @@ func TestPassiveMarksStaleHostUnreachable(t *testing.T) {
 	e.setHeartbeat(fresh, 85*time.Second, false) // stale by 85 s: under the threshold
 	e.setHeartbeat(shared, 0, true)              // never heartbeated
 
-	res, err := e.markStale(h)
+	res, err := e.passive(h)
 	if err != nil || !res.MarkedDown || res.MadeMissing != len(live) {
-		t.Fatalf("MarkStale = %+v, %v", res, err)
+		t.Fatalf("Passive = %+v, %v", res, err)
 	}
 	if got := e.hostStatus(h); got != "unreachable" {
 		t.Fatalf("host status %s", got)
@@ -312,22 +312,22 @@ func TestPassiveMarksStaleHostUnreachable(t *testing.T) {
 	e.wantAudit(h, "host", "marked_down", "error", "heartbeat_timeout")
 
 	// Already unreachable: no change, no second audit row.
-	if res, err := e.markStale(h); err != nil || res.MarkedDown {
-		t.Fatalf("second MarkStale = %+v, %v", res, err)
+	if res, err := e.passive(h); err != nil || res.MarkedDown {
+		t.Fatalf("second Passive = %+v, %v", res, err)
 	}
 	e.wantAudit(h, "host", "marked_down", "error", "heartbeat_timeout")
 
 	// Fresh enough by the database clock: nothing.
-	if res, err := e.markStale(fresh); err != nil || res.MarkedDown {
-		t.Fatalf("fresh host MarkStale = %+v, %v", res, err)
+	if res, err := e.passive(fresh); err != nil || res.MarkedDown {
+		t.Fatalf("fresh host Passive = %+v, %v", res, err)
 	}
 	if e.hostStatus(fresh) != "online" {
 		t.Fatal("fresh host changed")
 	}
 
 	// Absent heartbeat on a shared host: marked down, no audit row.
-	if res, err := e.markStale(shared); err != nil || !res.MarkedDown {
-		t.Fatalf("shared host MarkStale = %+v, %v", res, err)
+	if res, err := e.passive(shared); err != nil || !res.MarkedDown {
+		t.Fatalf("shared host Passive = %+v, %v", res, err)
 	}
 	e.wantAudit(shared, "host", "", "", "")
 
@@ -514,8 +514,8 @@ func TestFencedReconcileChangesNothing(t *testing.T) {
 	if !errors.Is(err, monitor.ErrFenced) {
 		t.Fatalf("err = %v, want ErrFenced", err)
 	}
-	if _, err := e.markStale(h); !errors.Is(err, monitor.ErrFenced) {
-		t.Fatalf("MarkStale err = %v, want ErrFenced", err)
+	if _, err := e.passive(h); !errors.Is(err, monitor.ErrFenced) {
+		t.Fatalf("Passive err = %v, want ErrFenced", err)
 	}
 	if e.status(orphan) != "running" || len(e.sim.Destroys(h)) != 0 || len(e.sim.VMs(h)) != 1 {
 		t.Fatal("fenced reconcile changed something")

@@ -242,8 +242,8 @@ func (w *shardWork) active(ctx context.Context, k passKind, hosts []uuid.UUID) p
 	return d
 }
 
-// release frees hosts from their pass; those woken meanwhile go to the next
-// wake pass.
+// release frees hosts from their pass; those asked for meanwhile go to the
+// next reconnect pass.
 func (w *shardWork) release(hosts []uuid.UUID) {
 	if again := w.claims.release(hosts); len(again) > 0 {
 		w.reconnects.add(again...)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/vigil-sh/vigil/events"
 	"github.com/vigil-sh/vigil/internal/testwait"
 	"github.com/vigil-sh/vigil/store"
 )
@@ -67,7 +68,7 @@ func TestEventWritersWaitForTheShardsEventsLock(t *testing.T) {
 		_, err := s.Apply(ctx, f, store.Batch{Changes: []store.Change{{Row: sb, To: "stopped", Audit: &store.AuditRow{
 			TeamID: team, ResourceType: "sandbox", ResourceID: "cl-x", Action: "destroy", Status: "warning",
 			Metadata: map[string]any{"reason": "orphaned"},
-			Event:    &store.Event{ID: uuid.New(), Name: "capsule.destroy", Payload: "{}"}}}}})
+			Event:    &events.Event{ID: uuid.New(), Name: "capsule.destroy", Payload: "{}"}}}}})
 		done <- err
 	}()
 	waitAdvisory(t, s, done)
@@ -81,8 +82,8 @@ func TestEventWritersWaitForTheShardsEventsLock(t *testing.T) {
 		_, err := s.Passive(ctx, f, store.PassiveInput{Hosts: []uuid.UUID{host}, ResourceIDs: []string{"host-x"},
 			StaleAfter: 90 * time.Second, Live: []string{"running"},
 			Audit: store.AuditRow{ResourceType: "host", Action: "marked_down", Status: "error"},
-			Event: func(store.MarkedHost) store.Event {
-				return store.Event{ID: uuid.New(), Name: "host.down", Payload: "{}"}
+			Event: func(store.MarkedHost) events.Event {
+				return events.Event{ID: uuid.New(), Name: "host.down", Payload: "{}"}
 			}})
 		done <- err
 	}()

@@ -84,8 +84,8 @@ func (s *Store) RecordShadow(ctx context.Context, f Fence, cs []ShadowChange) ([
 	return out, nil
 }
 
-// ShadowPassive is MarkUnreachable in shadow: it changes nothing and
-// records, under the fence and in one statement, what MarkUnreachable would
+// ShadowPassive is Passive in shadow: it changes nothing and
+// records, under the fence and in one statement, what Passive would
 // change now (judged by the database clock): each candidate host that would
 // become unreachable (with the audit action and reason of m.Audit when it
 // has a team, silent otherwise) and its sandboxes in m.Live that would

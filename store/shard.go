@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 
+	"github.com/vigil-sh/vigil/events"
 	"github.com/vigil-sh/vigil/internal/status"
 )
 
@@ -181,14 +182,7 @@ type AuditRow struct {
 	Action       string
 	Status       string
 	Metadata     map[string]any
-	Event        *Event
-}
-
-// Event is an outbox row: a notification event to publish.
-type Event struct {
-	ID      uuid.UUID // vigil_id
-	Name    string
-	Payload string
+	Event        *events.Event
 }
 
 // Change is a compare-and-set of one sandbox row: it happens only if the row
@@ -583,7 +577,7 @@ type PassiveInput struct {
 	// Event, when set, gives the notification event of a marked host that
 	// has a team (the one its audit row announces), written in the same
 	// transaction.
-	Event func(MarkedHost) Event
+	Event func(MarkedHost) events.Event
 }
 
 // Passive is the passive rule (SPEC §2 item 1) for a set of hosts, in
@@ -600,7 +594,7 @@ func (s *Store) Passive(ctx context.Context, f Fence, m PassiveInput) ([]MarkedH
 		return nil, nil
 	}
 	if len(m.ResourceIDs) != len(m.Hosts) {
-		return nil, errors.New("store: mark unreachable: one resource id per host")
+		return nil, errors.New("store: passive rule: one resource id per host")
 	}
 	meta, err := metadata(f, m.Audit.Metadata)
 	if err != nil {
@@ -608,7 +602,6 @@ func (s *Store) Passive(ctx context.Context, f Fence, m PassiveInput) ([]MarkedH
 	}
 	var out []MarkedHost
 	err = s.WithFence(ctx, f, func(tx pgx.Tx) error {
-		out = out[:0]
 		if m.Event != nil {
 			// Before any row lock, in the same order as Apply: a pass
 			// writing events on these hosts at the same time waits here
@@ -617,75 +610,15 @@ func (s *Store) Passive(ctx context.Context, f Fence, m PassiveInput) ([]MarkedH
 				return err
 			}
 		}
-		rows, err := tx.Query(ctx, `
-			with cand as (
-				select h.id, h.status as was, h.team_id, c.rid
-				  from hosts h join unnest($1::uuid[], $2::text[]) as c(id, rid) on c.id = h.id
-				 where h.status <> $12
-				   and (h.last_heartbeat_at is null or h.last_heartbeat_at < now() - make_interval(secs => $3))
-				   for update of h),
-			down as (
-				update hosts h set status = $12, updated_at = now()
-				  from cand where h.id = cand.id
-				returning h.id, cand.was, cand.team_id, cand.rid),
-			gone as (
-				select s.id, s.status as was, s.host_id
-				  from sandboxes s join down on s.host_id = down.id
-				 where s.status = any($4) and s.team_id is not null -- damaged rows are never written
-				   for update of s),
-			missing as (
-				update sandboxes s set status = $13, last_updated = now()
-				  from gone where s.id = gone.id
-				returning s.id, gone.was, gone.host_id),
-			aud as (
-				insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
-				select gen_random_uuid(), team_id, 'system', null, '', $5, rid, $6, 'team', $7, $8::jsonb, now()
-				  from down where team_id is not null),
-			jr as (
-				insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
-				select $9::int, $10::bigint, $11::text, id, null::uuid, was || '->' || $12 from down
-				union all
-				select $9::int, $10::bigint, $11::text, host_id, id, was || '->' || $13 from missing)
-			select id, id, was, team_id, false from down
-			union all
-			select host_id, id, was, null, true from missing`,
+		rows, err := tx.Query(ctx, passiveSQL,
 			m.Hosts, m.ResourceIDs, m.StaleAfter.Seconds(), m.Live,
 			m.Audit.ResourceType, m.Audit.Action, m.Audit.Status, meta, f.Shard, f.Token, f.Replica,
 			status.HostUnreachable, status.Missing)
 		if err != nil {
 			return fmt.Errorf("store: mark hosts unreachable: %w", err)
 		}
-		defer rows.Close()
-		at := map[uuid.UUID]int{}
-		var sbs []struct {
-			host uuid.UUID
-			sb   MovedSandbox
-		}
-		for rows.Next() {
-			var host, id uuid.UUID
-			var was string
-			var team uuid.NullUUID
-			var isSandbox bool
-			if err := rows.Scan(&host, &id, &was, &team, &isSandbox); err != nil {
-				return fmt.Errorf("store: mark hosts unreachable: %w", err)
-			}
-			if isSandbox {
-				sbs = append(sbs, struct {
-					host uuid.UUID
-					sb   MovedSandbox
-				}{host, MovedSandbox{ID: id, From: was}})
-				continue
-			}
-			at[host] = len(out)
-			out = append(out, MarkedHost{ID: host, WasStatus: was, TeamID: team})
-		}
-		if err := rows.Err(); err != nil {
+		if out, err = scanMarked(rows); err != nil {
 			return fmt.Errorf("store: mark hosts unreachable: %w", err)
-		}
-		for _, x := range sbs {
-			if i, ok := at[x.host]; ok {
-				out[i].Missing = append(out[i].Missing, x.sb)
-			}
 		}
 		return insertHostEvents(ctx, tx, f, m.Event, out)
 	})
@@ -695,8 +628,78 @@ func (s *Store) Passive(ctx context.Context, f Fence, m PassiveInput) ([]MarkedH
 	return out, nil
 }
 
+// passiveSQL is the passive rule's one statement: candidates re-checked by
+// the database clock and locked, marked unreachable, their live rows (not
+// damaged ones) missing, the audit rows of hosts with a team, a journal row
+// per change; it returns the hosts (is_sandbox false) and sandboxes it moved.
+const passiveSQL = `
+	with cand as (
+		select h.id, h.status as was, h.team_id, c.rid
+		  from hosts h join unnest($1::uuid[], $2::text[]) as c(id, rid) on c.id = h.id
+		 where h.status <> $12
+		   and (h.last_heartbeat_at is null or h.last_heartbeat_at < now() - make_interval(secs => $3))
+		   for update of h),
+	down as (
+		update hosts h set status = $12, updated_at = now()
+		  from cand where h.id = cand.id
+		returning h.id, cand.was, cand.team_id, cand.rid),
+	gone as (
+		select s.id, s.status as was, s.host_id
+		  from sandboxes s join down on s.host_id = down.id
+		 where s.status = any($4) and s.team_id is not null -- damaged rows are never written
+		   for update of s),
+	missing as (
+		update sandboxes s set status = $13, last_updated = now()
+		  from gone where s.id = gone.id
+		returning s.id, gone.was, gone.host_id),
+	aud as (
+		insert into audit_logs (id, team_id, actor_type, actor_id, actor_name, resource_type, resource_id, action, scope, status, metadata, created_at)
+		select gen_random_uuid(), team_id, 'system', null, '', $5, rid, $6, 'team', $7, $8::jsonb, now()
+		  from down where team_id is not null),
+	jr as (
+		insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change)
+		select $9::int, $10::bigint, $11::text, id, null::uuid, was || '->' || $12 from down
+		union all
+		select $9::int, $10::bigint, $11::text, host_id, id, was || '->' || $13 from missing)
+	select id, id, was, team_id, false from down
+	union all
+	select host_id, id, was, null, true from missing`
+
+// scanMarked reads passiveSQL's rows into the marked hosts, each with the
+// sandboxes that went missing with it.
+func scanMarked(rows pgx.Rows) ([]MarkedHost, error) {
+	defer rows.Close()
+	var out []MarkedHost
+	at := map[uuid.UUID]int{}
+	missing := map[uuid.UUID][]MovedSandbox{}
+	for rows.Next() {
+		var host, id uuid.UUID
+		var was string
+		var team uuid.NullUUID
+		var isSandbox bool
+		if err := rows.Scan(&host, &id, &was, &team, &isSandbox); err != nil {
+			return nil, err
+		}
+		if isSandbox {
+			missing[host] = append(missing[host], MovedSandbox{ID: id, From: was})
+			continue
+		}
+		at[host] = len(out)
+		out = append(out, MarkedHost{ID: host, WasStatus: was, TeamID: team})
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	for host, sbs := range missing {
+		if i, ok := at[host]; ok {
+			out[i].Missing = sbs
+		}
+	}
+	return out, nil
+}
+
 // insertHostEvents writes the events of the marked hosts that have a team.
-func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(MarkedHost) Event, marked []MarkedHost) error {
+func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(MarkedHost) events.Event, marked []MarkedHost) error {
 	if event == nil {
 		return nil
 	}
@@ -734,7 +737,7 @@ func insertHostEvents(ctx context.Context, tx pgx.Tx, f Fence, event func(Marked
 // PendingEvent is an outbox row waiting to be published.
 type PendingEvent struct {
 	Seq       int64
-	Event     Event
+	Event     events.Event
 	CreatedAt time.Time
 	// Legacy, for an event of a name in PendingEvents' legacy list (an
 	// earlier version's), says what its change was: the journal's change
@@ -803,7 +806,7 @@ func (s *Store) DeleteEvents(ctx context.Context, f Fence, seqs []int64) error {
 
 // StaleHosts lists hosts whose heartbeat is older than staleAfter by the
 // database clock (or absent) and whose status is neither unreachable nor
-// NULL: candidates for MarkUnreachable, which re-checks.
+// NULL: candidates for Passive, which re-checks.
 func (s *Store) StaleHosts(ctx context.Context, staleAfter time.Duration) ([]uuid.UUID, error) {
 	rows, err := s.pool.Query(ctx, `
 		select id from hosts

@@ -318,7 +318,7 @@ func TestApplyBatchCompareAndSet(t *testing.T) {
 
 // The passive rule marks a whole set in one transaction, each host only if it
 // really changes, by the database clock.
-func TestMarkUnreachableIsSetBased(t *testing.T) {
+func TestPassiveIsSetBased(t *testing.T) {
 	ctx := context.Background()
 	s, reg := counted(t)
 	f := store.Fence{Shard: 2, Token: 7, Replica: "r1"}
@@ -353,7 +353,7 @@ func TestMarkUnreachableIsSetBased(t *testing.T) {
 		t.Fatal(err)
 	}
 	if n := statements(t, reg) - before; n != 4 {
-		t.Errorf("MarkUnreachable sent %d statements, want 4 (begin, fence, mark, commit)", n)
+		t.Errorf("Passive sent %d statements, want 4 (begin, fence, mark, commit)", n)
 	}
 	got := map[uuid.UUID]store.MarkedHost{}
 	for _, m := range marked {

@@ -445,7 +445,7 @@ func (h *harness) finalChecks() {
 // Postgres: the journal as the record of every committed write. Every
 // fenced transaction that changes anything writes one vigil_journal row per
 // change (silent transitions included) naming shard, token and replica; a
-// change without one is impossible (store.Apply and store.MarkUnreachable
+// change without one is impossible (store.Apply and store.Passive
 // write both in one statement), so the journal is complete where audit rows
 // are not.
 
