@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -84,9 +86,10 @@ type Runner struct {
 	listed     chan struct{} // closed once the host list was read
 	listedOnce sync.Once
 
-	mu    sync.Mutex // guards owned and hosts
+	hosts atomic.Pointer[map[int][]uuid.UUID] // shard -> hosts, from the last refresh; replaced whole
+
+	mu    sync.Mutex // guards owned
 	owned map[int]*shardWork
-	hosts map[int][]uuid.UUID // shard -> hosts, from the last refresh
 }
 
 // NewRunner builds a Runner on a Reconciler, learning the hosts from source.
@@ -94,8 +97,9 @@ func NewRunner(cfg RunnerConfig, rec *Reconciler, source HostSource) (*Runner, e
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	return &Runner{cfg: cfg, rec: rec, source: source, log: cfg.Logger, listed: make(chan struct{}),
-		owned: map[int]*shardWork{}, hosts: map[int][]uuid.UUID{}}, nil
+	r := &Runner{cfg: cfg, rec: rec, source: source, log: cfg.Logger, listed: make(chan struct{}), owned: map[int]*shardWork{}}
+	r.hosts.Store(&map[int][]uuid.UUID{})
+	return r, nil
 }
 
 // Run does the replica-wide work until ctx ends, then returns once its
@@ -134,17 +138,13 @@ func (r *Runner) refreshHosts(ctx context.Context) error {
 		s := shard.Of(h, r.cfg.Shards)
 		by[s] = append(by[s], h)
 	}
-	r.mu.Lock()
-	r.hosts = by
-	r.mu.Unlock()
+	r.hosts.Store(&by)
 	r.listedOnce.Do(func() { close(r.listed) })
 	return nil
 }
 
 func (r *Runner) shardHosts(s int) []uuid.UUID {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]uuid.UUID(nil), r.hosts[s]...)
+	return slices.Clone((*r.hosts.Load())[s])
 }
 
 func (r *Runner) staleLoop(ctx context.Context) {
