@@ -81,7 +81,7 @@ func (f *fakeStore) PendingEvents(_ context.Context, _, _ int, _ bool, _ []strin
 	return []store.PendingEvent{{Seq: 1, Event: events.Event{ID: uuid.New(), Name: events.HostDown}, CreatedAt: time.Now()}}, f.pending, nil
 }
 func (f *fakeStore) DeleteEvents(context.Context, store.Fence, []int64) error { return nil }
-func (f *fakeStore) HostIDs(context.Context) ([]uuid.UUID, error)        { return f.hosts, nil }
+func (f *fakeStore) HostIDs(context.Context) ([]uuid.UUID, error)             { return f.hosts, nil }
 func (f *fakeStore) StaleHosts(context.Context, time.Duration) ([]uuid.UUID, error) {
 	return nil, nil
 }
@@ -118,7 +118,9 @@ type fakeAgents struct{}
 func (fakeAgents) ListSandboxes(context.Context, uuid.UUID, string) (*hostagentv1.ListSandboxesResponse, error) {
 	return &hostagentv1.ListSandboxesResponse{}, nil
 }
-func (fakeAgents) DestroySandbox(context.Context, uuid.UUID, string, string, string) error { return nil }
+func (fakeAgents) DestroySandbox(context.Context, uuid.UUID, string, string, string) error {
+	return nil
+}
 
 // failingPublisher refuses every publish and records when it was asked.
 type failingPublisher struct {
