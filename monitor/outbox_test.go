@@ -268,6 +268,7 @@ func TestEventsForEachChange(t *testing.T) {
 		if _, err := uuid.Parse(p.VigilID); err != nil {
 			t.Errorf("vigil_id %q: %v", p.VigilID, err)
 		}
+		t.Logf("published %s", p.Raw)
 		if _, err := cpconsumer.Check(p.Raw); err != nil {
 			t.Errorf("the control plane would not deliver it: %v", err)
 		}
