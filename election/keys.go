@@ -61,6 +61,13 @@ type MemberInfo struct {
 	Leaving bool `json:"leaving,omitempty"`
 }
 
+// parseMemberInfo reads a member key's value.
+func parseMemberInfo(v string) (MemberInfo, error) {
+	var mi MemberInfo
+	err := json.Unmarshal([]byte(v), &mi)
+	return mi, err
+}
+
 // ValidReplicaID reports whether id can name a replica: non-empty, at most
 // 128 bytes, printable ASCII without '/' or spaces.
 func ValidReplicaID(id string) error {

@@ -12,6 +12,14 @@ type metrics struct {
 	expirations  prometheus.Counter
 	assignments  prometheus.Counter
 	shards       prometheus.Gauge
+
+	peersWatched      prometheus.Gauge
+	peersConnected    prometheus.Gauge
+	peerSuspicions    prometheus.Counter
+	peerConfirmations prometheus.Counter
+	peerFalseAlarms   prometheus.Counter
+	peerUnconfirmed   prometheus.Counter
+	peerRevocations   *prometheus.CounterVec // result
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -52,6 +60,34 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "vigil_cluster_shards",
 			Help: "The cluster's shard count (fixed at cluster creation).",
 		}),
+		peersWatched: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vigil_peers_watched",
+			Help: "Other replica processes this replica holds a liveness connection to (crash failover).",
+		}),
+		peersConnected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vigil_peers_connected",
+			Help: "Of the watched replica processes, those whose liveness connection is open now (the others are being dialled or left to their lease).",
+		}),
+		peerSuspicions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_peer_suspicions_total",
+			Help: "Liveness connections to another replica that ended: each is confirmed with one re-dial.",
+		}),
+		peerConfirmations: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_peer_confirmations_total",
+			Help: "Replica processes found gone (re-dial refused, or another incarnation answering): their lease is revoked.",
+		}),
+		peerFalseAlarms: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_peer_false_alarms_total",
+			Help: "Liveness connections that ended while the re-dial found the same incarnation alive: nothing revoked.",
+		}),
+		peerUnconfirmed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_peer_unconfirmed_total",
+			Help: "Liveness connections that ended while the re-dial got no answer (timeout, unreachable): left to the lease TTL.",
+		}),
+		peerRevocations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "vigil_peer_revocations_total",
+			Help: "Revocations of a gone replica's lease by result (revoked, already_gone, no_session, rate_limited, error).",
+		}, []string{"result"}),
 	}
 	// Known label values start at zero, so a rate or increase sees even a
 	// process's first loss or anomaly.
@@ -61,8 +97,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	for _, k := range anomalyKinds {
 		m.anomalies.WithLabelValues(k)
 	}
+	for _, r := range []string{"revoked", "already_gone", "no_session", "rate_limited", "error"} {
+		m.peerRevocations.WithLabelValues(r)
+	}
 	if reg != nil {
-		reg.MustRegister(m.owned, m.leader, m.acquisitions, m.losses, m.anomalies, m.sessions, m.expirations, m.assignments, m.shards)
+		reg.MustRegister(m.owned, m.leader, m.acquisitions, m.losses, m.anomalies, m.sessions, m.expirations, m.assignments, m.shards,
+			m.peersWatched, m.peersConnected, m.peerSuspicions, m.peerConfirmations, m.peerFalseAlarms, m.peerUnconfirmed, m.peerRevocations)
 	}
 	return m
 }

@@ -228,6 +228,7 @@ func (n *Node) runSession(ctx context.Context) error {
 	if err := n.checkConfig(ctx); err != nil {
 		return err
 	}
+	n.revokePrevious(ctx)
 	sess, err := NewSession(context.WithoutCancel(ctx), n.cfg.Client, SessionConfig{TTL: n.cfg.LeaseTTL, Logger: n.log.Named("session")})
 	if err != nil {
 		return err
@@ -281,6 +282,28 @@ func (n *Node) checkConfig(ctx context.Context) error {
 		return nil
 	}
 	return err // nil, ErrShardCount, ErrBadConfig, or etcd unreachable: try again
+}
+
+// revokePrevious revokes the lease of a member key under this replica's id
+// that is still there before it joins: a previous incarnation (a restart
+// with a stable --replica-id, or a session of this process that ended while
+// etcd could not be reached) that nobody else may have noticed is gone. Its
+// owner keys go with it, so its shards move at once. Failures are logged:
+// the lease then expires with its TTL.
+func (n *Node) revokePrevious(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), n.cfg.LeaseTTL/2)
+	defer cancel()
+	resp, err := n.cfg.Client.Get(cctx, n.cfg.Layout.Member(n.cfg.ReplicaID))
+	if err != nil || len(resp.Kvs) == 0 || resp.Kvs[0].Lease == 0 {
+		return
+	}
+	lease := clientv3.LeaseID(resp.Kvs[0].Lease)
+	if _, err := n.cfg.Client.Revoke(cctx, lease); err != nil && !isLeaseGone(err) {
+		n.log.Warn("revoking this replica's previous lease failed; it expires with its TTL", "lease", fmt.Sprintf("%x", lease), "error", err)
+		return
+	}
+	n.m.peerRevocations.WithLabelValues("revoked").Inc()
+	n.log.Info("revoked this replica's previous lease", "lease", fmt.Sprintf("%x", lease))
 }
 
 // join writes the member key and the election key in one transaction, both

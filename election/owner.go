@@ -20,6 +20,7 @@ type owner struct {
 	sess      *Session
 	w         *watcher
 	trig      *trigger.T // the watch fires it after every change
+	peers     *observer  // the other replicas' processes
 	leaderKey string
 	leaderRev int64 // our election key's create revision
 
@@ -45,7 +46,7 @@ type ownership struct {
 
 func newOwner(n *Node, sess *Session, leaderRev int64) *owner {
 	return &owner{
-		n: n, sess: sess, w: newWatcher(n, n.cfg.Layout), trig: trigger.New(),
+		n: n, sess: sess, w: newWatcher(n, n.cfg.Layout), trig: trigger.New(), peers: newObserver(n, sess),
 		leaderKey: n.cfg.Layout.Leader(sess.Lease()), leaderRev: leaderRev,
 		shards: map[int]*ownership{}, releasedAt: map[int]int64{}, finished: make(chan int, n.cfg.Shards),
 	}
@@ -58,6 +59,7 @@ func (o *owner) run(sctx context.Context, stop <-chan struct{}) error {
 	resync := time.NewTicker(o.n.cfg.Resync)
 	defer resync.Stop()
 	defer o.stopAll()
+	defer o.peers.stop()
 	for {
 		select {
 		case <-sctx.Done():
@@ -91,6 +93,7 @@ func (o *owner) reconcile(sctx context.Context) bool {
 	if !o.resigned {
 		o.lead(sctx, v)
 	}
+	o.peers.update(sctx, peerTargets(v, o.n.cfg.ReplicaID))
 	p := plan(v, o.planInput())
 	started := o.execute(sctx, p.steps)
 	o.publish()

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -92,10 +93,11 @@ func TestClusterColdStart(t *testing.T) {
 }
 
 // killAndMeasure SIGKILLs victim and waits for survivors to own everything.
-// Only the victim's shards may move (each once: its key expires, a survivor
-// claims it); it returns the time from the kill until the last of them had
-// its new owner.
-func killAndMeasure(t *testing.T, h *harness, victim string, survivors []string) time.Duration {
+// Only the victim's shards may move (each once: its key goes with its lease,
+// a survivor claims it); it returns the time from the kill until the last of
+// them had its new owner, and until the last had its first pass (the new
+// owner's first fenced read and writes) completed.
+func killAndMeasure(t *testing.T, h *harness, victim string, survivors []string) (time.Duration, time.Duration) {
 	t.Helper()
 	before := h.rec.State()
 	mine := before.OwnedBy(victim)
@@ -136,14 +138,47 @@ func killAndMeasure(t *testing.T, h *harness, victim string, survivors []string)
 		}
 	}
 	lat := reowned.Sub(t0)
-	t.Logf("SIGKILL %s (%d shards, leader %v): its lease expired %s after the kill, all its shards re-owned after %s",
-		victim, len(mine), before.Leader == victim, ms(expired.Sub(t0)), ms(lat))
-	return lat
+	passed := firstPasses(t, h, mine, survivors, t0)
+	t.Logf("SIGKILL %s (%d shards, leader %v): its lease gone %s after the kill, all its shards re-owned after %s, their first pass done after %s",
+		victim, len(mine), before.Leader == victim, ms(expired.Sub(t0)), ms(lat), ms(passed))
+	return lat, passed
+}
+
+// firstPasses waits until every shard of moved has a full pass completed
+// after since on one of the survivors (vigil_shard_last_pass_timestamp_seconds)
+// and returns how long after since the last of them was.
+func firstPasses(t *testing.T, h *harness, moved []int, survivors []string, since time.Time) time.Duration {
+	t.Helper()
+	var last time.Time
+	h.poll(3*testTTL+5*time.Second, "a first pass over every moved shard", func() (bool, string) {
+		done := map[int]time.Time{}
+		for _, id := range survivors {
+			m, err := h.replica(id).Metrics()
+			if err != nil {
+				continue
+			}
+			for _, s := range moved {
+				if v, ok := m[fmt.Sprintf(`vigil_shard_last_pass_timestamp_seconds{shard="%d"}`, s)]; ok {
+					if at := time.Unix(0, int64(v*1e9)); at.After(since) {
+						done[s] = at
+					}
+				}
+			}
+		}
+		last = time.Time{}
+		for _, at := range done {
+			if at.After(last) {
+				last = at
+			}
+		}
+		return len(done) == len(moved), fmt.Sprintf("%d of %d moved shards passed", len(done), len(moved))
+	})
+	return last.Sub(since)
 }
 
 // TestKillReplica: SIGKILL a non-leader, then the leader, of a four-replica
-// cluster: only the killed replica's shards move, within 3×TTL (the SPEC
-// bound TTL+1s is asserted by TestKillLatencyDistribution).
+// cluster: only the killed replica's shards move, within a second (its peers
+// see its process die and revoke its lease).
 func TestKillReplica(t *testing.T) {
 	h := newHarness(t, 64)
 	names := []string{"kill-1", "kill-2", "kill-3", "kill-4"}
@@ -188,14 +223,14 @@ func TestKillReplica(t *testing.T) {
 		}
 	}
 	remove(victim)
-	if d := killAndMeasure(t, h, victim, alive); d > 3*testTTL {
-		t.Errorf("non-leader kill: shards re-owned after %s, want at most 3×TTL = %s", d, 3*testTTL)
+	if d, _ := killAndMeasure(t, h, victim, alive); d > time.Second {
+		t.Errorf("non-leader kill: shards re-owned after %s, want at most 1s (SPEC §3: its peers see the process die)", d)
 	}
 
 	leader = h.leader()
 	remove(leader)
-	if d := killAndMeasure(t, h, leader, alive); d > 3*testTTL {
-		t.Errorf("leader kill: shards re-owned after %s, want at most 3×TTL = %s", d, 3*testTTL)
+	if d, _ := killAndMeasure(t, h, leader, alive); d > time.Second {
+		t.Errorf("leader kill: shards re-owned after %s, want at most 1s", d)
 	}
 	if l := h.leader(); l == leader || l == "" {
 		t.Errorf("leader after the leader's kill is %q", l)
@@ -204,29 +239,34 @@ func TestKillReplica(t *testing.T) {
 	h.finalChecks()
 }
 
-// TestKillLatencyDistribution kills a replica of a three-replica cluster
-// again and again (alternately the leader and a non-leader, a fresh
-// replacement started each time) and holds the distribution of
-// kill-to-reowned times to the SPEC bound, TTL + 1s. Long: VIGIL_LONG=1.
+// TestKillLatencyDistribution kills a replica of a three-replica cluster at
+// the default 10s lease TTL again and again (alternately the leader and a
+// non-leader, a fresh replacement started each time) and holds the
+// distribution of kill-to-reowned times to SPEC §3's crash bound, 1s
+// whatever the TTL; the new owners' first passes follow within the next
+// pass. Long: VIGIL_LONG=1 (make test-long), VIGIL_KILLS (default 20).
 func TestKillLatencyDistribution(t *testing.T) {
 	if os.Getenv("VIGIL_LONG") != "1" {
 		t.Skip("set VIGIL_LONG=1 to run the kill latency distribution")
 	}
-	kills := 10
+	kills := 20
 	if n, err := strconv.Atoi(os.Getenv("VIGIL_KILLS")); err == nil && n > 0 {
 		kills = n
 	}
 	h := newHarness(t, 64)
+	opts := spawnOpts{extra: []string{"--lease-ttl", "10s"}}
 	alive := []string{"dist-0", "dist-1", "dist-2"}
 	for _, id := range alive {
-		h.start(id, spawnOpts{})
+		h.start(id, opts)
 	}
-	h.waitSettled(15*time.Second, alive...)
-	var lats []time.Duration
+	h.waitSettled(30*time.Second, alive...)
+	var byRole [2][]time.Duration // 0: a non-leader killed, 1: the leader
+	var passes []time.Duration
 	for i := 0; i < kills; i++ {
 		leader := h.leader()
-		victim := leader
+		victim, role := leader, 1
 		if i%2 == 1 {
+			role = 0
 			for _, id := range alive {
 				if id != leader {
 					victim = id
@@ -240,16 +280,76 @@ func TestKillLatencyDistribution(t *testing.T) {
 				rest = append(rest, id)
 			}
 		}
-		lats = append(lats, killAndMeasure(t, h, victim, rest))
+		reowned, passed := killAndMeasure(t, h, victim, rest)
+		byRole[role] = append(byRole[role], reowned)
+		passes = append(passes, passed-reowned)
 		repl := fmt.Sprintf("dist-%d", len(alive)+i)
-		h.start(repl, spawnOpts{})
+		h.start(repl, opts)
 		alive = append(rest, repl)
-		h.waitSettled(15*time.Second, alive...)
+		h.waitSettled(30*time.Second, alive...)
 	}
-	p50, max := durations(lats)
-	t.Logf("%d kills, kill -> all shards re-owned: p50 %s, max %s (all: %v)", len(lats), ms(p50), ms(max), lats)
-	if bound := testTTL + time.Second; max > bound {
-		t.Errorf("max kill -> re-owned %s exceeds TTL + 1s = %s", max, bound)
+	all := append(append([]time.Duration(nil), byRole[0]...), byRole[1]...)
+	for name, lats := range map[string][]time.Duration{"a non-leader killed": byRole[0], "the leader killed": byRole[1], "all": all} {
+		p50, p99, max := percentiles(lats)
+		t.Logf("TTL 10s, %s (%d kills): kill -> all its shards re-owned p50 %s, p99 %s, max %s", name, len(lats), ms(p50), ms(p99), ms(max))
+	}
+	p50, p99, max := percentiles(passes)
+	t.Logf("re-owned -> first pass over every moved shard done: p50 %s, p99 %s, max %s (interval 2s)", ms(p50), ms(p99), ms(max))
+	if _, p99, max := percentiles(all); p99 > time.Second || max > time.Second {
+		t.Errorf("kill -> re-owned p99 %s, max %s: want both within 1s at a 10s TTL", p99, max)
+	}
+	if _, _, max := percentiles(passes); max > 2*time.Second {
+		t.Errorf("first pass up to %s after the claim, want within the next pass (interval 2s)", max)
+	}
+	h.finalChecks()
+}
+
+// percentiles are the p50, p99 and max of ds.
+func percentiles(ds []time.Duration) (p50, p99, max time.Duration) {
+	if len(ds) == 0 {
+		return 0, 0, 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	at := func(q float64) time.Duration { return s[min(len(s)-1, int(q*float64(len(s))))] }
+	return at(0.5), at(0.99), s[len(s)-1]
+}
+
+// TestPausedReplicaKeepsItsShards: a replica SIGSTOPped for 4s at a 10s
+// lease TTL is not dead — its kernel keeps its sockets open — so nobody
+// revokes its lease and no shard moves.
+func TestPausedReplicaKeepsItsShards(t *testing.T) {
+	h := newHarness(t, 32)
+	opts := spawnOpts{extra: []string{"--lease-ttl", "10s"}}
+	names := []string{"stop-1", "stop-2", "stop-3"}
+	for _, id := range names {
+		h.start(id, opts)
+	}
+	h.waitSettled(30*time.Second, names...)
+	before := h.rec.State()
+	r := h.replica(names[1])
+	if err := r.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	// The observers' connections stay open while it is stopped: wait out
+	// the pause, watching the record for any move.
+	h.poll(10*time.Second, "4s of pause", func() (bool, string) {
+		return time.Since(stopped) >= 4*time.Second, ""
+	})
+	if err := r.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	h.waitSettled(30*time.Second, names...)
+	for s := 0; s < h.shards; s++ {
+		if ev := h.rec.History(s, before.Rev); len(ev) > 0 {
+			t.Errorf("shard %d moved while %s was paused for 4s: %+v", s, r.ID, ev)
+		}
+	}
+	for _, id := range names {
+		if n, _ := h.replica(id).Metric(`vigil_peer_revocations_total{result="revoked"}`); n > 0 {
+			t.Errorf("%s revoked %v leases", id, n)
+		}
 	}
 	h.finalChecks()
 }

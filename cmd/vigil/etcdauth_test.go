@@ -6,6 +6,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net/url"
 	"os"
 	"os/exec"
@@ -13,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -252,6 +254,77 @@ func TestEtcdAuthentication(t *testing.T) {
 			t.Errorf("vigil shards without credentials: exit %d: %s", code, errOut)
 		}
 		noSecrets(t, "the replica's log", lb.String())
+	})
+
+	// Crash failover with authentication on: revoking a dead peer's lease
+	// needs write permission on the keys bound to it, all under the
+	// prefix, which the documented role has.
+	t.Run("a peer's lease is revoked with the documented role", func(t *testing.T) {
+		cluster := "auth-peer"
+		start := func(id string) (*exec.Cmd, *logBuffer, chan struct{}, *replica) {
+			args := runArgs(cluster, "vigil", good)
+			args[slices.Index(args, "--replica-id")+1] = id
+			cmd := exec.Command(bin, args...)
+			cmd.Env = cleanEnv()
+			lb := &logBuffer{}
+			cmd.Stdout, cmd.Stderr = lb, lb
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan struct{})
+			go func() { _ = cmd.Wait(); close(done) }()
+			t.Cleanup(func() {
+				_ = cmd.Process.Kill()
+				<-done
+				if t.Failed() {
+					t.Logf("%s log:\n%s", id, lb.Tail(40))
+				}
+			})
+			return cmd, lb, done, &replica{Admin: args[slices.Index(args, "--http-addr")+1]}
+		}
+		victim, _, victimDone, _ := start(cluster + "-v")
+		_, survivorLog, _, survivor := start(cluster + "-s")
+		owners := func() map[string]int {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			resp, err := ae.admin.Get(ctx, "/vigil/"+cluster+"/shards/", clientv3.WithPrefix())
+			if err != nil {
+				return nil
+			}
+			out := map[string]int{}
+			for _, kv := range resp.Kvs {
+				out[string(kv.Value)]++
+			}
+			return out
+		}
+		waitUntil(t, 30*time.Second, "both replicas owning shards and watching each other", func() (bool, string) {
+			o := owners()
+			return o[cluster+"-v"] > 0 && o[cluster+"-s"] > 0 && survivorLog.Count("joined cluster") > 0, fmt.Sprint(o)
+		})
+		waitUntil(t, 10*time.Second, "the survivor connected to its peer", func() (bool, string) {
+			n, err := survivor.Metric("vigil_peers_connected")
+			return err == nil && n == 1, fmt.Sprint(n, err)
+		})
+		if err := victim.Process.Signal(syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		<-victimDone
+		killed := time.Now()
+		waitUntil(t, 5*time.Second, "the killed replica's shards owned by the survivor", func() (bool, string) {
+			o := owners()
+			return o[cluster+"-v"] == 0 && o[cluster+"-s"] == shards, fmt.Sprint(o)
+		})
+		took := time.Since(killed)
+		if n := survivorLog.Count("peer process gone; revoking its lease"); n != 1 {
+			t.Errorf("the survivor logged %d revocations, want 1", n)
+		}
+		if n := survivorLog.Count("revoking the peer's lease failed"); n != 0 {
+			t.Errorf("revoking failed under authentication:\n%s", survivorLog.Tail(20))
+		}
+		if took > time.Second {
+			t.Errorf("shards re-owned %s after the kill, want within 1s", took)
+		}
+		t.Logf("with authentication: kill -> every shard owned by the survivor after %s", took.Round(time.Millisecond))
 	})
 
 	// A refused start: the process exits on its own, at once, with one error

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -55,6 +56,7 @@ type replicaConfig struct {
 	AgentConcurrency int
 	JournalRetention time.Duration
 	HTTPAddr         string
+	AdvertiseAddr    string
 	DebugPprof       bool
 	AgentTimeout     time.Duration
 	AgentMaxBytes    int
@@ -117,6 +119,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.IntVar(&c.AgentConcurrency, "agent-concurrency", monitor.DefaultAgentConcurrency, "agent calls in flight across the replica (bounds goroutines, connections and file descriptors); calls wait in one queue, reconnects first, so every owned host waits the same")
 	fs.DurationVar(&c.JournalRetention, "journal-retention", monitor.DefaultJournalRetention, "how long the vigil_journal rows of owned shards (and stuck destroys' re-send times) are kept (0: forever; else at least --transient-grace)")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9090", "admin HTTP listener: /metrics, /healthz, /readyz")
+	fs.StringVar(&c.AdvertiseAddr, "advertise-addr", "", "host:port at which the other replicas reach this one's admin listener, published in its member key; they hold a connection to it and revoke this replica's lease as soon as its process dies (default: --http-addr as bound, a wildcard host replaced by this machine's first non-loopback address)")
 	fs.BoolVar(&c.DebugPprof, "debug-pprof", false, "also serve Go profiles under /debug/pprof/ on the admin listener")
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 0, "deadline of every agent RPC (default: 5s, or half of --lease-ttl when that is shorter)")
 	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", agentpool.DefaultMaxResponseBytes, "largest agent answer accepted")
@@ -152,6 +155,11 @@ func (c *replicaConfig) validate() error {
 	}
 	if err := election.ValidLeaseTTL(c.LeaseTTL); err != nil {
 		return fmt.Errorf("--lease-ttl: %w", err)
+	}
+	if c.AdvertiseAddr != "" {
+		if _, _, err := net.SplitHostPort(c.AdvertiseAddr); err != nil {
+			return fmt.Errorf("--advertise-addr %q: want host:port: %w", c.AdvertiseAddr, err)
+		}
 	}
 	if c.Interval < 100*time.Millisecond {
 		return fmt.Errorf("--interval %s is too short", c.Interval)
@@ -462,7 +470,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	}
 	node, err := election.New(election.Config{
 		Client: cli, Layout: layout,
-		ReplicaID: c.ReplicaID, Addr: ln.Addr().String(), Shards: c.Shards, LeaseTTL: c.LeaseTTL,
+		ReplicaID: c.ReplicaID, Addr: advertiseAddr(c.AdvertiseAddr, ln.Addr()), Shards: c.Shards, LeaseTTL: c.LeaseTTL,
 		Worker: runner, Logger: log.Named("election"), Registerer: reg,
 	})
 	if err != nil {
@@ -512,6 +520,7 @@ func adminMux(reg *prometheus.Registry, node *election.Node, st *store.Store, de
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.Handle(election.PeerPath, node.PeerHandler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
@@ -536,6 +545,26 @@ func adminMux(reg *prometheus.Registry, node *election.Node, st *store.Store, de
 		fmt.Fprintf(w, "ok: %d shards owned\n", len(node.Owned()))
 	})
 	return mux
+}
+
+// advertiseAddr is where the other replicas reach this one's admin
+// listener: flag when set, else the bound address with a wildcard host
+// replaced by the first non-loopback address of this machine (a pod's IP).
+func advertiseAddr(flag string, bound net.Addr) string {
+	if flag != "" {
+		return flag
+	}
+	ta, ok := bound.(*net.TCPAddr)
+	if !ok || !ta.IP.IsUnspecified() {
+		return bound.String()
+	}
+	addrs, _ := net.InterfaceAddrs()
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok && !ipn.IP.IsLoopback() && ipn.IP.To4() != nil {
+			return net.JoinHostPort(ipn.IP.String(), strconv.Itoa(ta.Port))
+		}
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(ta.Port))
 }
 
 func newHTTPServer(h http.Handler) *http.Server {
