@@ -144,3 +144,38 @@ func TestReportMarksAndSmokeCheck(t *testing.T) {
 		t.Errorf("strict: problems %q, want 3", problems)
 	}
 }
+
+func TestPeerDeltaSumsTheSurvivorsOnly(t *testing.T) {
+	before := map[string]peerCounts{
+		"a":      {confirmations: 1, revocations: map[string]float64{"revoked": 1}},
+		"b":      {revocations: map[string]float64{}},
+		"victim": {confirmations: 5, revocations: map[string]float64{"revoked": 5}},
+	}
+	after := map[string]peerCounts{
+		"a":     {confirmations: 2, suspicions: 1, revocations: map[string]float64{"revoked": 2, "error": 0}},
+		"b":     {confirmations: 1, suspicions: 1, revocations: map[string]float64{"already_gone": 1}},
+		"fresh": {confirmations: 9, revocations: map[string]float64{"revoked": 9}},
+	}
+	d := peerDelta(before, after)
+	if d.confirmations != 2 || d.suspicions != 2 {
+		t.Errorf("confirmations %v, suspicions %v; want 2, 2", d.confirmations, d.suspicions)
+	}
+	if d.revoked("revoked") != 1 || d.revoked("already_gone") != 1 || d.revoked("no_session", "error") != 0 || d.revoked() != 2 {
+		t.Errorf("revocations %v", d.revocations)
+	}
+}
+
+func TestKillVictimIsTheLeaderOrTheOldestOther(t *testing.T) {
+	c := &cluster{live: []*replica{{id: "r1"}, {id: "r2"}, {id: "r3"}}}
+	for _, tc := range []struct {
+		leader   string
+		ofLeader bool
+		want     string
+	}{
+		{"r2", true, "r2"}, {"r1", false, "r2"}, {"r2", false, "r1"}, {"gone", true, "r1"},
+	} {
+		if got := c.killVictim(tc.leader, tc.ofLeader); got == nil || got.id != tc.want {
+			t.Errorf("killVictim(%q, %v) = %v, want %s", tc.leader, tc.ofLeader, got, tc.want)
+		}
+	}
+}

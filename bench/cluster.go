@@ -17,6 +17,7 @@ import (
 
 type cluster struct {
 	interval  time.Duration // --interval of its replicas
+	leaseTTL  time.Duration // --lease-ttl of its replicas
 	warm      warmUp        // what its warm-up took
 	e         *env
 	name      string
@@ -49,8 +50,8 @@ type replica struct {
 
 // newCluster starts n replicas in a fresh cluster (its own etcd root) and
 // waits for their admin listeners.
-func newCluster(ctx context.Context, e *env, transport string, n int, interval time.Duration) (*cluster, error) {
-	c := &cluster{e: e, transport: transport, interval: interval}
+func newCluster(ctx context.Context, e *env, transport string, n int, interval, leaseTTL time.Duration) (*cluster, error) {
+	c := &cluster{e: e, transport: transport, interval: interval, leaseTTL: leaseTTL}
 	c.name = fmt.Sprintf("bench-%dr-%s-%d", n, transport, time.Now().UnixNano()%1e6)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	var err error
@@ -83,10 +84,10 @@ func (c *cluster) start(ctx context.Context) (*replica, error) {
 		"--cluster", c.name,
 		"--replica-id", id,
 		"--shards", strconv.Itoa(o.Shards),
-		"--lease-ttl", o.LeaseTTL.String(),
+		"--lease-ttl", c.leaseTTL.String(),
 		"--interval", c.interval.String(),
 		"--unreachable-after", o.UnreachableAfter.String(),
-		"--agent-timeout", o.agentTimeout().String(),
+		"--agent-timeout", agentTimeout(c.leaseTTL).String(),
 		"--http-addr", admin,
 		"--log-format", "json",
 	}

@@ -234,7 +234,7 @@ func detectCapabilities(ctx context.Context, vigilBin, agentsimBin string) (capa
 	if err != nil {
 		return c, err
 	}
-	for _, m := range []string{mStatements, mWriteTxns, mLastSuccess, mLastPass, mReconciles, mTransitions, mAgentErrors} {
+	for _, m := range append([]string{mStatements, mWriteTxns, mLastSuccess, mLastPass, mReconciles, mTransitions, mAgentErrors}, peerMetrics...) {
 		c.Metrics[m] = bytes.Contains(bin, []byte(m))
 	}
 	// The Go and process collectors are the client library's.

@@ -1,9 +1,9 @@
 package main
 
-// Failover (SIGKILL of the leader, which owns shards too), handover (SIGTERM
-// of another replica), and unreachable detection (hosts that stop
-// heartbeating), each on a running cluster, which is brought back to its
-// replica count afterwards.
+// Failover (SIGKILL of the leader, which owns shards too, then of another
+// replica), handover (SIGTERM of another replica), and unreachable detection
+// (hosts that stop heartbeating), each on a running cluster, which is
+// brought back to its replica count afterwards.
 
 import (
 	"context"
@@ -15,34 +15,82 @@ import (
 )
 
 type faultStats struct {
+	victim    string
 	moved     int
 	reclaim   []time.Duration // kill/term → owner key put by another replica
 	firstPass []time.Duration // kill/term → first completed pass by the new owner
 	gaps      []time.Duration // SIGTERM: owner key deleted → put by the new owner
 	missing   int             // moved shards without a reclaim (or pass) by the deadline
+	peers     peerCounts      // SIGKILL: the survivors' peer counters, after − before
 }
 
-// measureKill SIGKILLs the leader and follows each of its shards to its new
-// owner's key and first completed pass.
-func (c *cluster) measureKill(ctx context.Context) (*faultStats, error) {
+// faultResults are everything the fault figures are made of.
+type faultResults struct {
+	leader, observer, term          *faultStats
+	leaderErr, observerErr, termErr error
+	lags                            []time.Duration
+	unErr                           error
+}
+
+// summary is one line for the progress log.
+func (s *faultStats) summary() string {
+	out := fmt.Sprintf("%s had %d shards", s.victim, s.moved)
+	if len(s.reclaim) > 0 {
+		out += fmt.Sprintf(", all claimed by %s", maxDur(s.reclaim).Round(time.Millisecond))
+	}
+	if len(s.firstPass) > 0 {
+		out += fmt.Sprintf(", passed by %s", maxDur(s.firstPass).Round(time.Millisecond))
+	}
+	if s.missing > 0 {
+		out += fmt.Sprintf(", %d missing", s.missing)
+	}
+	return out
+}
+
+// measureKill SIGKILLs the leader (ofLeader) or the longest-running replica
+// other than the leader, and follows each of its shards to its new owner's
+// key and first completed pass, and the survivors' peer counters over it.
+func (c *cluster) measureKill(ctx context.Context, ofLeader bool) (*faultStats, error) {
 	owners, leader, err := c.own.state()
 	if err != nil {
 		return nil, err
 	}
-	victim := c.byID(leader)
+	victim := c.killVictim(leader, ofLeader)
 	if victim == nil {
-		victim = c.liveReplicas()[0]
+		return nil, fmt.Errorf("no live replica to kill (leader %q)", leader)
 	}
 	moved := owned(owners, victim.id)
 	if len(moved) == 0 {
 		return nil, fmt.Errorf("%s owns no shard", victim.id)
 	}
+	before := c.peerCounts(ctx)
 	t := time.Now()
 	if err := c.signal(victim, syscall.SIGKILL); err != nil {
 		return nil, err
 	}
 	victim.wait(10 * time.Second)
-	return c.follow(ctx, victim.id, moved, t, false)
+	st, err := c.follow(ctx, victim.id, moved, t, false)
+	if st != nil {
+		st.peers = peerDelta(before, c.peerCounts(ctx))
+	}
+	return st, err
+}
+
+// killVictim is the leader (ofLeader; the oldest replica when no leader is
+// known), or else the oldest replica other than the leader: an original
+// one, which every survivor has long held a liveness connection to, rather
+// than a replacement started by restore.
+func (c *cluster) killVictim(leader string, ofLeader bool) *replica {
+	live := c.liveReplicas()
+	for _, r := range live {
+		if (r.id == leader) == ofLeader {
+			return r
+		}
+	}
+	if ofLeader && len(live) > 0 {
+		return live[0]
+	}
+	return nil
 }
 
 // measureTerm SIGTERMs a replica other than the leader and measures each
@@ -98,7 +146,7 @@ func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time
 	if err != nil && ctx.Err() != nil {
 		return nil, err
 	}
-	st := &faultStats{moved: len(moved)}
+	st := &faultStats{victim: victim, moved: len(moved)}
 	for _, s := range moved {
 		r, okR := m.reclaim[s]
 		if okR {
@@ -170,7 +218,7 @@ func (m *moves) fromScrapes(scrapes map[string]scrape, moved []int) {
 // owner before it counts as missing: the lease TTL plus twice the steady
 // sweep (a pass of a saturated replica can take that long), at least TTL + 20 s.
 func (c *cluster) followTimeout() time.Duration {
-	return c.e.opts.LeaseTTL + max(20*time.Second, 2*c.steadySweep)
+	return c.leaseTTL + max(20*time.Second, 2*c.steadySweep)
 }
 
 // restore brings the cluster back to n replicas and waits until it settles.
@@ -249,81 +297,4 @@ func measureUnreachable(ctx context.Context, c *cluster, f *fleet, k int) ([]tim
 		return out, fmt.Errorf("%d of %d hosts marked unreachable: %w", len(out), k, err)
 	}
 	return out, err
-}
-
-// faultFigures adds the failover, handover and unreachable figures.
-func faultFigures(rep *report, e *env, n int, kill, term *faultStats, killErr, termErr error, lags []time.Duration, unErr error) {
-	o := e.opts
-	passPending := ""
-	if !e.caps.Metrics[mLastPass] {
-		passPending = "vigil metric " + mLastPass
-	}
-	group := fmt.Sprintf("failover and handover · %s · plain", replicasLabel(n))
-	durFig := func(key, name string, ds []time.Duration, st *faultStats, err error, op string, bound time.Duration, med bool, pending string) {
-		f := rep.fig(group, key, name, "s").pos()
-		if op != "" {
-			f.want(op, bound.Seconds())
-		}
-		switch {
-		case err != nil:
-			f.na(err.Error())
-		case pending != "":
-			f.pending(pending)
-		case st.missing > 0 && !med:
-			f.fail(fmt.Sprintf("%d of %d moved shards did not get there within the wait", st.missing, st.moved))
-		case len(ds) == 0:
-			f.na("no shard measured")
-		case med:
-			f.set(medianDur(ds).Seconds())
-		default:
-			f.set(maxDur(ds).Seconds())
-		}
-	}
-	moved := func(key, name string, st *faultStats, err error) {
-		f := rep.fig(group, key, name, "").pos()
-		if err != nil {
-			f.na(err.Error())
-			return
-		}
-		f.set(float64(st.moved))
-	}
-	ttl := o.LeaseTTL
-	moved("failover.sigkill.moved", "SIGKILL of the leader: shards moved", kill, killErr)
-	durFig("failover.sigkill.reclaim_p50", "  → re-claimed by another replica, p50", listOf(kill, func(s *faultStats) []time.Duration { return s.reclaim }), kill, killErr, "", 0, true, "")
-	durFig("failover.sigkill.reclaim_max", "  → re-claimed, max (SPEC §3: TTL + 1 s)", listOf(kill, func(s *faultStats) []time.Duration { return s.reclaim }), kill, killErr, "<=", ttl+time.Second, false, "")
-	durFig("failover.sigkill.first_pass_p50", "  → first completed pass, p50", listOf(kill, func(s *faultStats) []time.Duration { return s.firstPass }), kill, killErr, "", 0, true, passPending)
-	durFig("failover.sigkill.first_pass_max", "  → first completed pass, max", listOf(kill, func(s *faultStats) []time.Duration { return s.firstPass }), kill, killErr, "<=", ttl+2*time.Second, false, passPending)
-	moved("failover.sigterm.moved", "SIGTERM of a replica: shards moved", term, termErr)
-	durFig("failover.sigterm.gap_p50", "  → handover gap (delete → put), p50", listOf(term, func(s *faultStats) []time.Duration { return s.gaps }), term, termErr, "", 0, true, "")
-	durFig("failover.sigterm.gap_max", "  → handover gap, max", listOf(term, func(s *faultStats) []time.Duration { return s.gaps }), term, termErr, "<", 500*time.Millisecond, false, "")
-	durFig("failover.sigterm.first_pass_max", "  → first completed pass, max", listOf(term, func(s *faultStats) []time.Duration { return s.firstPass }), term, termErr, "", 0, false, passPending)
-
-	ug := "unreachable detection · plain"
-	p50 := rep.fig(ug, "unreachable.p50", fmt.Sprintf("last heartbeat → unreachable, p50 of %d hosts", o.UnreachableHosts), "s").pos()
-	mx := rep.fig(ug, "unreachable.max", "last heartbeat → unreachable, max", "s").pos().
-		want("<=", (o.UnreachableAfter+5*time.Second).Seconds()).note("--unreachable-after %s", o.UnreachableAfter)
-	switch {
-	case unErr != nil && len(lags) == 0:
-		p50.na(unErr.Error())
-		mx.na(unErr.Error())
-	case unErr != nil:
-		p50.set(medianDur(lags).Seconds())
-		mx.fail(unErr.Error())
-	default:
-		p50.set(medianDur(lags).Seconds())
-		mx.set(maxDur(lags).Seconds())
-	}
-}
-
-func listOf(s *faultStats, f func(*faultStats) []time.Duration) []time.Duration {
-	if s == nil {
-		return nil
-	}
-	return f(s)
-}
-
-// faultsNotRun adds the fault figures as n/a when no configuration ran them.
-func faultsNotRun(rep *report, e *env, why string) {
-	err := fmt.Errorf("%s", why)
-	faultFigures(rep, e, e.opts.failoverReplicas(), nil, nil, err, err, nil, err)
 }

@@ -132,7 +132,7 @@ func newReport(o options) *report {
 			"heartbeat_interval": o.Heartbeat.String(), "change_fraction": o.ChangeFraction,
 			"in_flight": o.InFlight, "agent_concurrency": o.AgentConcurrency,
 			"hosts_per_agentsim": o.HostsPerAgentsim, "agent_timeout": o.agentTimeout().String(),
-			"budget": o.Budget.String(),
+			"budget": o.Budget.String(), "fault_lease_ttl": o.FaultLeaseTTL.String(), "fault_interval": o.FaultInterval.String(),
 		},
 	}
 }
