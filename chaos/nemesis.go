@@ -29,6 +29,7 @@ type fault struct {
 	// Owner-loss faults: the victim and the shards (with their tokens) it
 	// owned when the fault began.
 	victim      *member
+	vigilLeader bool // the victim was the vigil leader when it lost its shards
 	owned       map[int]int64
 	etcdEvents  int64 // recorder revision at the start
 	handover    bool  // rolling restart / scale-down: a graceful handover, not a loss
@@ -228,6 +229,7 @@ func (e *env) markLost(f *fault) {
 		f.owned[s] = st.Owners[s].CreateRev
 	}
 	f.etcdEvents = st.Rev
+	f.vigilLeader = st.Leader == f.victim.id
 	f.lostAt = time.Now()
 }
 
@@ -253,7 +255,10 @@ func (e *env) awaitSuccessors(ctx context.Context, f *fault, timeout time.Durati
 func (e *env) nemKill(ctx context.Context, f *fault) error {
 	m := e.victim()
 	e.lose(f, m)
-	if err := e.kill(m); err != nil {
+	err := e.kill(m)
+	// The loss is the SIGKILL itself, not the last scrape before it.
+	_, f.lostAt = m.ended()
+	if err != nil {
 		return err
 	}
 	f.healed = time.Now()

@@ -20,6 +20,8 @@ import (
 // through: per etcd member a fault proxy in front of a valve (so the link
 // can be cut, blackholed or made one-way), a fault proxy to Postgres and one
 // to Redis. Agents are reached directly; their faults are agentsim modes.
+// Its admin listener (metrics, health, and the /peer connections the other
+// replicas hold to it) is reached directly too.
 type member struct {
 	id      string
 	r       *vigiltest.Replica
@@ -31,9 +33,14 @@ type member struct {
 	redisPx *faultproxy.Proxy // nil without events
 
 	mu       sync.Mutex
-	intent   string // why the harness ended it ("kill", "term"); "" while it should run
+	intent   string    // why the harness ended it ("kill", "term"); "" while it should run
+	endAt    time.Time // when the harness began ending it (just before the signal)
 	paused   bool
 	counters map[string]float64 // last scraped value of each counted series
+	// watched is vigil_peers_watched at the last scrape (a gauge: the
+	// other replicas' processes it holds a connection to).
+	watched     float64
+	watchedSeen bool
 	// oldestMax is the largest oldest-pending-event age any of its shards
 	// reported in a scrape.
 	oldestMax float64
@@ -60,7 +67,21 @@ var countedSeries = []string{
 	`vigil_events_published_total{event="capsule.create"}`,
 	`vigil_events_published_total{event="capsule.resume"}`,
 	"vigil_event_publish_errors_total",
+	// Crash detection (election/peer.go), reported on a line of their own.
+	"vigil_peer_suspicions_total",
+	"vigil_peer_confirmations_total",
+	"vigil_peer_false_alarms_total",
+	"vigil_peer_unconfirmed_total",
+	`vigil_peer_revocations_total{result="revoked"}`,
+	`vigil_peer_revocations_total{result="already_gone"}`,
+	`vigil_peer_revocations_total{result="no_session"}`,
+	`vigil_peer_revocations_total{result="rate_limited"}`,
+	`vigil_peer_revocations_total{result="error"}`,
 }
+
+// peerWatchedSeries is the gauge of the other replicas a replica watches;
+// it is kept as last scraped, not summed.
+const peerWatchedSeries = "vigil_peers_watched"
 
 // oldestPendingSeries is the gauge of each shard's oldest pending event.
 const oldestPendingSeries = "vigil_events_oldest_pending_age_seconds"
@@ -68,7 +89,23 @@ const oldestPendingSeries = "vigil_events_oldest_pending_age_seconds"
 func (m *member) setIntent(s string) {
 	m.mu.Lock()
 	m.intent = s
+	m.endAt = time.Now()
 	m.mu.Unlock()
+}
+
+// ended is why and when the harness began ending the member ("" and zero
+// while it should run).
+func (m *member) ended() (string, time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.intent, m.endAt
+}
+
+// peersWatched is vigil_peers_watched at the member's last scrape.
+func (m *member) peersWatched() (float64, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.watched, m.watchedSeen
 }
 
 func (m *member) intended() string {
@@ -105,6 +142,9 @@ func (m *member) scrape() {
 		if v, ok := vals[s]; ok && v >= m.counters[s] {
 			m.counters[s] = v
 		}
+	}
+	if v, ok := vals[peerWatchedSeries]; ok {
+		m.watched, m.watchedSeen = v, true
 	}
 	for s, v := range vals {
 		if strings.HasPrefix(s, oldestPendingSeries) && v > m.oldestMax {
@@ -206,6 +246,11 @@ func (e *env) startMember(ctx context.Context) (*member, error) {
 		return fail(err)
 	}
 	pgURL.Host = m.pgPx.Addr()
+	// The admin listener is reached directly, by the harness and by the
+	// other replicas alike: with no --advertise-addr, the address in its
+	// member key is this bound loopback address, so the peers' crash
+	// detection (election/peer.go, PeerPath) sees a killed process's
+	// sockets close, and no fault proxy ever cuts or resets those links.
 	admin, err := vigiltest.FreePort()
 	if err != nil {
 		return fail(err)

@@ -63,6 +63,16 @@ type Report struct {
 	PartitionMovesLeader int // while the leader was partitioned (an election follows)
 	PartitionsLeader     int
 
+	// Crash failover (SPEC §3 bounds), every kill, the vigil leader or not.
+	Crash []crashKill
+	// The peers' revocations (election/peer.go), from the replicas' logs.
+	PeerRevocations int            // "peer process gone" lines
+	PeerHandedOff   int            // revocations after a peer's hand-over (a graceful stop's end)
+	PeerNotLive     map[string]int // revocations whose victim was not live, by why
+	PeerLive        []string       // revocations of live replicas, each with the fault active then
+	PeersWatched    []string       // vigil_peers_watched of each live replica at its last scrape
+	PeersExpected   int            // the other live replicas each should watch
+
 	FenceRejections      float64 // Postgres fence, summed over replicas
 	FencedTransactions   float64 // vigil_db_write_transactions_total{result="fenced"}
 	AgentFenceRejections int     // DestroySandbox refused for a stale token
@@ -245,8 +255,13 @@ func (e *env) check(h *history) *Report {
 	e.mu.Unlock()
 	rep.Replicas = len(members)
 	bound := e.cfg.LeaseTTL + time.Second
+	spans := faultSpans(faults)
+	e.peerFigures(rep, members, spans)
 	for _, f := range faults {
 		rep.Faults[f.kind]++
+		if f.kind == "kill" && len(f.owned) > 0 {
+			e.crash(rep, f, h, spans)
+		}
 		if f.recoverErr != nil {
 			add(vRecover, fmt.Sprintf("%s %s on %s: %v", f.start.Format("15:04:05"), f.kind, f.target, f.recoverErr))
 		}
@@ -351,23 +366,7 @@ func (e *env) failover(rep *Report, f *fault, h *history, bound time.Duration, a
 	co := cutOff{kind: f.kind, victim: f.target}
 	for _, s := range sortedShards(f.owned) {
 		old := f.owned[s]
-		var claim time.Time
-		for _, ev := range e.rec.History(s, f.etcdEvents) {
-			if ev.Put && ev.CreateRev > old {
-				claim = ev.At
-				break
-			}
-		}
-		first := time.Time{}
-		for _, r := range h.raises {
-			if r.shard == s && r.token > old && !r.raisedAt.Before(lost) {
-				first = r.raisedAt
-				break
-			}
-		}
-		if first.IsZero() {
-			first = claim
-		}
+		claim, first := successorOf(e.rec.History(s, f.etcdEvents), h.raises, s, old, lost)
 		if first.IsZero() {
 			continue // never re-owned in the record (the run ended first)
 		}
@@ -506,6 +505,7 @@ func (r *Report) print(w io.Writer) {
 	for _, k := range sortedKeys(r.Failover, func(a, b string) bool { return a < b }) {
 		p("  %-22s %s", k+":", dist(r.Failover[k]))
 	}
+	r.printCrash(p)
 	over := 0
 	for _, g := range r.HandoverGaps {
 		if g >= 500*time.Millisecond {
@@ -542,11 +542,12 @@ func (r *Report) print(w io.Writer) {
 		r.JournalRows, r.FenceRaises, r.LateWrites, r.EtcdLeaderChanges, r.WatchResumes, r.Replicas)
 	var vc []string
 	for _, k := range countedSeries {
-		if v := r.Vigil[k]; v > 0 {
+		if v := r.Vigil[k]; v > 0 && !isPeerSeries(k) {
 			vc = append(vc, fmt.Sprintf("%s %.0f", k, v))
 		}
 	}
 	p("vigil counters (summed over replicas): %s", strings.Join(vc, ", "))
+	r.printPeers(p)
 	if r.EventsOn {
 		p("events: %d committed changes that publish, %d events committed to the outbox, %d published (distinct vigil_ids in the stream), %d duplicated, %d lost, %d spurious or wrong, %d out of commit order",
 			r.EventsExpected, r.EventsCommitted, r.EventsPublished, r.EventsDup, r.EventsLost, r.EventsSpurious, r.EventsOutOfOrder)
