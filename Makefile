@@ -3,45 +3,60 @@ TOOLS    := $(GO) tool -modfile=tools/go.mod
 PKGS     := ./...
 BIN      := bin
 
-.PHONY: all build dev test test-short test-long check fmt vet tidy generate generate-check bench clean chaos
+# The build's identity, shown by `vigil version` and vigil_build_info.
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LDFLAGS  := -X github.com/vigil-sh/vigil/internal/buildinfo.version=$(VERSION) \
+            -X github.com/vigil-sh/vigil/internal/buildinfo.revision=$(REVISION)
+# setup.sh installs and starts what the tests need beyond Go (see the README).
+SETUP    := ./scripts/setup.sh
+
+.PHONY: all build image dev test test-short test-long check fmt vet tidy generate generate-check bench clean chaos
 
 all: build
 
+## build: vigil (without `vigil dev`) and agentsim in bin/, stamped with VERSION and REVISION.
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $(BIN)/ ./cmd/...
+
+## image: the container image (needs a Docker engine), stamped like `make build`.
+image:
+	docker build -f deploy/Dockerfile --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) -t vigil:$(VERSION) .
 
 ## dev: a whole local cluster (embedded etcd, agentsim, three replicas); Ctrl-C stops it.
+## DEV_FLAGS passes flags to `vigil dev` (--hosts 2000, --agent-tls, ...). It uses the machine's default
+## addresses, not the tests' VIGIL_TEST_* ones.
 dev:
-	./scripts/ensure-postgres.sh
-	$(GO) run ./cmd/vigil dev
+	env -u VIGIL_TEST_DATABASE_URL -u VIGIL_TEST_REDIS_ADDR $(SETUP) --no-promtool
+	$(GO) run -tags dev ./cmd/vigil dev $(DEV_FLAGS)
 
-## test: the whole suite; starts the local Postgres if it is down.
+## test: the whole suite; installs and starts PostgreSQL, Redis and promtool when missing (scripts/setup.sh).
 test:
-	./scripts/ensure-postgres.sh
+	$(SETUP)
 	$(GO) test -count=1 -timeout 20m $(PKGS)
 	./deploy/check.sh
 
 test-short:
-	./scripts/ensure-postgres.sh
+	$(SETUP)
 	$(GO) test -short -count=1 $(PKGS)
 
 ## test-long: fault runs too long for the suite (repeated kills, latency distributions).
 test-long:
-	./scripts/ensure-postgres.sh
+	$(SETUP) --no-promtool
 	VIGIL_LONG=1 $(GO) test -count=1 -timeout 60m -run 'Long|Distribution' -v ./...
 
 ## bench: the whole benchmark in one run (< 15 min): agentsim, Postgres, embedded etcd and vigil replicas as
 ## real processes; prints every figure with its target and writes bench/results/<UTC timestamp>.json and
 ## latest.json (commit them with the change they measure). BENCH_FLAGS passes flags: -hosts 2000, -profile, ...
 bench: build
-	./scripts/ensure-postgres.sh
+	$(SETUP) --no-promtool
 	$(GO) run ./bench -bin $(BIN) $(BENCH_FLAGS)
 
 ## bench-smoke: the same on a small fleet (< 1 min): checks that every figure is produced and sane, not the
 ## targets; results go to $TMPDIR/vigil-bench-smoke. Also run by `make test` (bench.TestSmoke).
 .PHONY: bench-smoke
 bench-smoke: build
-	./scripts/ensure-postgres.sh
+	$(SETUP) --no-promtool
 	$(GO) run ./bench -smoke -bin $(BIN) $(BENCH_FLAGS)
 
 ## chaos: the nemesis harness (chaos/, see chaos/README.md): three etcd processes, agentsim with 1,000 hosts and
@@ -51,7 +66,7 @@ bench-smoke: build
 ## CHAOS_FLAGS= for more (-kinds kill,pause, -dir DIR, -lease-ttl 5s, ...; go run ./chaos/cmd/chaos -h).
 DURATION ?= 10m
 chaos:
-	./scripts/ensure-postgres.sh
+	$(SETUP) --no-promtool
 	$(GO) run ./chaos/cmd/chaos -duration $(DURATION) $(if $(SEED),-seed $(SEED)) $(CHAOS_FLAGS)
 
 ## check: formatting, vet, module tidiness and generated-code drift.
@@ -63,6 +78,7 @@ fmt:
 
 vet:
 	$(GO) vet $(PKGS)
+	$(GO) vet -tags dev ./cmd/vigil
 
 tidy:
 	$(GO) mod tidy -diff

@@ -48,6 +48,7 @@ import (
 	"time"
 
 	"github.com/vigil-sh/vigil/election"
+	"github.com/vigil-sh/vigil/internal/pgtest"
 )
 
 func main() {
@@ -106,12 +107,7 @@ var smokeDefaults = map[string]string{
 	"out":                filepath.Join(os.TempDir(), "vigil-bench-smoke"),
 }
 
-func defaultAdminURL() string {
-	if u := os.Getenv("VIGIL_TEST_DATABASE_URL"); u != "" {
-		return u
-	}
-	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
-}
+func defaultAdminURL() string { return pgtest.AdminURL() }
 
 func parseOptions(args []string, stderr io.Writer) (options, error) {
 	var o options

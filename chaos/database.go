@@ -6,23 +6,17 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/url"
-	"os"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/vigil-sh/vigil/internal/pgtest"
 	"github.com/vigil-sh/vigil/store"
 )
 
 // adminURL is the Postgres maintenance database the run creates its own
-// database on: VIGIL_TEST_DATABASE_URL, as for the tests, or the local
-// server.
-func adminURL() string {
-	if u := os.Getenv("VIGIL_TEST_DATABASE_URL"); u != "" {
-		return u
-	}
-	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
-}
+// database on: the tests' server (VIGIL_TEST_DATABASE_URL).
+func adminURL() string { return pgtest.AdminURL() }
 
 // createDatabase creates a fresh database on the server of admin, migrates
 // vigil's schema and the control plane's tables into it and installs the

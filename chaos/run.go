@@ -28,6 +28,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/vigil-sh/vigil/election"
+	"github.com/vigil-sh/vigil/internal/redistest"
 	"github.com/vigil-sh/vigil/internal/vigiltest"
 )
 
@@ -63,7 +64,7 @@ type Config struct {
 	// build whose fence check never sees another replica's claim.
 	BuildTags []string
 	// RedisURL is the Redis the events checks use when vigil has events
-	// (SPEC §6); default redis://127.0.0.1:6379/0.
+	// (SPEC §6); default the tests' Redis (VIGIL_TEST_REDIS_ADDR).
 	RedisURL string
 	// Dir keeps binaries, logs and the history; default a temporary
 	// directory, removed after a passing run.
@@ -113,7 +114,7 @@ func (c *Config) defaults() {
 		c.Quiet = max(c.SnapshotGrace, c.TransientGrace, c.UnreachableAfter) + 4*c.Interval + c.LeaseTTL
 	}
 	if c.RedisURL == "" {
-		c.RedisURL = "redis://127.0.0.1:6379/0"
+		c.RedisURL = redistest.URL()
 	}
 	if c.Out == nil {
 		c.Out = os.Stdout

@@ -10,11 +10,12 @@ import (
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 
+	"github.com/vigil-sh/vigil/internal/redistest"
 	"github.com/vigil-sh/vigil/internal/testwait"
 )
 
-// redisURL is the machine's Redis (no auth, nothing on disk).
-const redisURL = "redis://127.0.0.1:6379/0"
+// redisURL is the tests' Redis (VIGIL_TEST_REDIS_ADDR).
+var redisURL = redistest.URL()
 
 // newPublisher publishes to a stream of the test's own, deleted at the end.
 func newPublisher(t *testing.T, ttl time.Duration) (*Publisher, *redis.Client) {

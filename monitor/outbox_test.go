@@ -22,12 +22,13 @@ import (
 	"github.com/vigil-sh/vigil/internal/cpconsumer"
 	"github.com/vigil-sh/vigil/internal/faultproxy"
 	"github.com/vigil-sh/vigil/internal/ids"
+	"github.com/vigil-sh/vigil/internal/redistest"
 	"github.com/vigil-sh/vigil/monitor"
 	"github.com/vigil-sh/vigil/shard"
 	"github.com/vigil-sh/vigil/store"
 )
 
-const redisAddr = "127.0.0.1:6379"
+var redisAddr = redistest.Addr()
 
 // eventsEnv is env with events on: its Reconciler writes the outbox and
 // publishes to stream, through a fault proxy in front of the machine's Redis.

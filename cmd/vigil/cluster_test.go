@@ -88,6 +88,11 @@ func TestClusterColdStart(t *testing.T) {
 		}
 		return sum == float64(h.shards), detail
 	})
+	// Which build each replica runs, for rolling updates.
+	code, body, err := rs[0].Get("/metrics")
+	if err != nil || code != 200 || !regexp.MustCompile(`(?m)^vigil_build_info\{goversion="go[^"]+",revision="[^"]+",version="[^"]+"\} 1$`).MatchString(body) {
+		t.Errorf("/metrics (%d, %v) has no vigil_build_info series", code, err)
+	}
 	h.poll(5*time.Second, "every fence in Postgres to hold its etcd owner and token", h.fencesMatch)
 	h.finalChecks()
 }

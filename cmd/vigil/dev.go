@@ -1,3 +1,5 @@
+//go:build dev
+
 package main
 
 import (
@@ -26,7 +28,7 @@ import (
 
 func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlagSet("vigil dev", "Run a whole local cluster in one process: embedded etcd, a migrated local database, simulated agents with sandbox churn, and several replicas. Ctrl-C stops everything.", stderr)
-	dbURL := fs.String("database-url", "postgres://postgres@127.0.0.1:5432/vigil_dev?sslmode=disable", "Postgres URL; the database is created if absent")
+	dbURL := fs.String("database-url", "postgres://vigil:vigil@127.0.0.1:5432/vigil_dev?sslmode=disable", "Postgres URL; the database is created if absent")
 	replicas := fs.Int("replicas", 3, "number of replicas")
 	hosts := fs.Int("hosts", 300, "simulated hosts")
 	sandboxes := fs.Int("sandboxes-per-host", 4, "sandboxes seeded per host")

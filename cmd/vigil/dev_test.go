@@ -17,6 +17,7 @@ import (
 
 	"github.com/vigil-sh/vigil/internal/ids"
 	"github.com/vigil-sh/vigil/internal/pgtest"
+	"github.com/vigil-sh/vigil/internal/redistest"
 )
 
 // freePortPair finds two consecutive free loopback ports (vigil dev gives
@@ -61,7 +62,7 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 	})
 	cmd := exec.Command(bin, "dev", "--agent-tls", "--hosts", "20", "--replicas", "2", "--shards", "16",
 		"--interval", "500ms", "--lease-ttl", "2s", "--churn", "0", "--mishaps", "0",
-		"--database-url", dbURL, "--events-stream", stream,
+		"--database-url", dbURL, "--events-redis-url", redistest.URL(), "--events-stream", stream,
 		"--etcd-client-addr", freePort(t), "--etcd-peer-addr", freePort(t),
 		"--http-base-port", strconv.Itoa(base), "--agentsim-admin-addr", freePort(t))
 	cmd.Env = cleanEnv()

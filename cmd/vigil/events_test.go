@@ -18,9 +18,10 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/vigil-sh/vigil/internal/faultproxy"
+	"github.com/vigil-sh/vigil/internal/redistest"
 )
 
-const machineRedis = "127.0.0.1:6379"
+var machineRedis = redistest.Addr()
 
 type eventsRun struct {
 	h      *harness

@@ -85,7 +85,7 @@ func vigilBinary(t testing.TB) string {
 			return
 		}
 		p := filepath.Join(binDir, "vigil")
-		out, err := exec.Command("go", "build", "-o", p, ".").CombinedOutput()
+		out, err := exec.Command("go", "build", "-tags", "dev", "-o", p, ".").CombinedOutput()
 		if err != nil {
 			binErr = fmt.Errorf("go build: %v\n%s", err, out)
 			return

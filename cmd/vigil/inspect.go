@@ -6,11 +6,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/hashicorp/go-hclog"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/vigil-sh/vigil/election"
@@ -49,7 +51,8 @@ type clusterState struct {
 }
 
 func readCluster(ctx context.Context, c *replicaConfig) (*clusterState, error) {
-	cli, err := newEtcdClient(c)
+	// The commands print to stdout; the etcd client's warnings go to stderr.
+	cli, err := newEtcdClient(c, hclog.New(&hclog.LoggerOptions{Name: "etcd", Level: hclog.Warn, Output: os.Stderr}))
 	if err != nil {
 		return nil, err
 	}

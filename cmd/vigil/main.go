@@ -10,6 +10,9 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/vigil-sh/vigil/internal/buildinfo"
+	"github.com/vigil-sh/vigil/internal/cli"
 )
 
 type command struct {
@@ -21,11 +24,12 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"run", "run one replica", runRun},
-		{"dev", "run a whole local cluster: embedded etcd, agent simulator, several replicas", runDev},
+		{"dev", "run a whole local cluster: embedded etcd, agent simulator, several replicas (builds with -tags dev: make dev)", runDev},
 		{"shards", "print shard ownership from etcd", runShards},
 		{"owner", "print the shard and owner of one host", runOwner},
 		{"migrate", "create or update vigil's tables (and, with --control-plane-tables, the control plane's for dev)", runMigrate},
 		{"shadow-report", "compare what shadow mode would have changed with the control plane's own monitor", runShadowReport},
+		{"version", "print this build's version, revision and Go version", runVersion},
 	}
 }
 
@@ -35,6 +39,15 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  %-14s %s\n", c.name, c.synopsis)
 	}
 	fmt.Fprintf(w, "\nRun 'vigil <command> -h' for a command's flags.\n")
+}
+
+func runVersion(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := cli.NewFlagSet("vigil version", "Print this build's version, revision and Go version (also vigil_build_info on /metrics).", stderr)
+	if err := cli.Parse(fs, args); err != nil {
+		return usageErr(err)
+	}
+	fmt.Fprintln(stdout, buildinfo.Get())
+	return nil
 }
 
 func main() {

@@ -11,7 +11,8 @@ import (
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlagSet("vigil migrate", "Create or update vigil's own tables and triggers. Safe to run from several replicas at once.", stderr)
-	dbURL := fs.String("database-url", "", "Postgres URL of the control plane's database (required)")
+	db := newSecretURL("database")
+	db.register(fs, "Postgres URL of the control plane's database (required); its password is better in --database-password-file")
 	controlPlane := fs.Bool("control-plane-tables", false, "also create the control plane's hosts, sandboxes and audit_logs tables when absent (dev and tests only)")
 	volumes := fs.Bool("volumes-table", false, "with --control-plane-tables, also create the volumes table of newer control planes (dev and tests only)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
@@ -23,13 +24,17 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return usageErr(err)
 	}
-	if *dbURL == "" {
+	if *db.url == "" {
 		return usageErr(fmt.Errorf("--database-url (or $VIGIL_DATABASE_URL) is required"))
+	}
+	dbURL, err := db.resolve()
+	if err != nil {
+		return usageErr(err)
 	}
 	if *volumes && !*controlPlane {
 		return usageErr(fmt.Errorf("--volumes-table needs --control-plane-tables"))
 	}
-	if err := store.Migrate(ctx, *dbURL, store.Schema{ControlPlane: *controlPlane, Volumes: *volumes}); err != nil {
+	if err := store.Migrate(ctx, dbURL, store.Schema{ControlPlane: *controlPlane, Volumes: *volumes}); err != nil {
 		return err
 	}
 	log.Info("schema up to date", "control_plane_tables", *controlPlane, "volumes_table", *volumes)

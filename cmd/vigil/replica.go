@@ -22,11 +22,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/vigil-sh/vigil/agentpool"
 	"github.com/vigil-sh/vigil/election"
 	"github.com/vigil-sh/vigil/events"
+	"github.com/vigil-sh/vigil/internal/buildinfo"
+	"github.com/vigil-sh/vigil/internal/zaplog"
 	"github.com/vigil-sh/vigil/monitor"
 	"github.com/vigil-sh/vigil/shard"
 	"github.com/vigil-sh/vigil/store"
@@ -35,43 +36,45 @@ import (
 // replicaConfig is everything one replica needs; `vigil run` fills it from
 // flags, `vigil dev` builds several.
 type replicaConfig struct {
-	EtcdEndpoints    string
-	EtcdPrefix       string
-	EtcdCAFile       string
-	EtcdCertFile     string
-	EtcdKeyFile      string
-	EtcdUsername     string
-	EtcdPasswordFile string // the password is read only from this file
-	DatabaseURL      string
-	DBMaxConns       int
-	Cluster          string
-	ReplicaID        string
-	Shards           int
-	LeaseTTL         time.Duration
-	Interval         time.Duration
-	StaleScan        time.Duration
-	UnreachableAfter time.Duration
-	TransientGrace   time.Duration
-	SnapshotGrace    time.Duration
-	AgentConcurrency int
-	JournalRetention time.Duration
-	HTTPAddr         string
-	AdvertiseAddr    string
-	DebugPprof       bool
-	AgentTimeout     time.Duration
-	AgentMaxBytes    int
-	AgentMaxIdle     int
-	AgentTLSSessions int
-	AgentIdleTimeout time.Duration
-	AgentCAFile      string
-	AgentCertFile    string
-	AgentKeyFile     string
-	EventsRedisURL   string
-	EventsStream     string
-	EventsMirror     string
-	EventsMarkerTTL  time.Duration
-	EventsBatch      int
-	Shadow           bool
+	EtcdEndpoints       string
+	EtcdPrefix          string
+	EtcdCAFile          string
+	EtcdCertFile        string
+	EtcdKeyFile         string
+	EtcdUsername        string
+	EtcdPasswordFile    string // the password is read only from this file
+	DatabaseURL         string
+	DatabasePassword    string // file: --database-password-file
+	DBMaxConns          int
+	Cluster             string
+	ReplicaID           string
+	Shards              int
+	LeaseTTL            time.Duration
+	Interval            time.Duration
+	StaleScan           time.Duration
+	UnreachableAfter    time.Duration
+	TransientGrace      time.Duration
+	SnapshotGrace       time.Duration
+	AgentConcurrency    int
+	JournalRetention    time.Duration
+	HTTPAddr            string
+	AdvertiseAddr       string
+	DebugPprof          bool
+	AgentTimeout        time.Duration
+	AgentMaxBytes       int
+	AgentMaxIdle        int
+	AgentTLSSessions    int
+	AgentIdleTimeout    time.Duration
+	AgentCAFile         string
+	AgentCertFile       string
+	AgentKeyFile        string
+	EventsRedisURL      string
+	EventsRedisPassword string // file: --events-redis-password-file
+	EventsStream        string
+	EventsMirror        string
+	EventsMarkerTTL     time.Duration
+	EventsBatch         int
+	Shadow              bool
 }
 
 func defaultReplicaID() string {
@@ -105,7 +108,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.EtcdCertFile, "etcd-cert-file", "", "client certificate for etcd TLS")
 	fs.StringVar(&c.EtcdKeyFile, "etcd-key-file", "", "client key for etcd TLS")
 	c.etcdAuthFlags(fs)
-	fs.StringVar(&c.DatabaseURL, "database-url", "", "Postgres URL of the control plane's database (required)")
+	c.database().register(fs, "Postgres URL of the control plane's database (required); its password is better in --database-password-file")
 	fs.IntVar(&c.DBMaxConns, "db-max-conns", store.DefaultMaxConns, "Postgres pool size")
 	fs.StringVar(&c.Cluster, "cluster", "default", "cluster name: replicas with the same prefix and cluster share the hosts")
 	fs.StringVar(&c.ReplicaID, "replica-id", defaultReplicaID(), "this replica's id (default: hostname plus a random suffix, new on every start)")
@@ -129,7 +132,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
 	fs.StringVar(&c.AgentCertFile, "agent-cert-file", "", "client certificate for agent mutual TLS")
 	fs.StringVar(&c.AgentKeyFile, "agent-key-file", "", "client key for agent mutual TLS")
-	fs.StringVar(&c.EventsRedisURL, "events-redis-url", "", "redis:// or rediss:// URL (user and password for AUTH/ACL in it) of the control plane's Redis: each change's notification event reaches its stream exactly once; empty turns events off")
+	c.eventsRedis().register(fs, "redis:// or rediss:// URL (with the user for AUTH/ACL; its password in --events-redis-password-file) of the control plane's Redis: each change's notification event reaches its stream exactly once; empty turns events off")
 	fs.StringVar(&c.EventsStream, "events-stream", events.DefaultStream, "stream key the control plane's dispatcher reads")
 	fs.StringVar(&c.EventsMirror, "events-sse-channel", events.DefaultMirror, "Pub/Sub channel the control plane's dashboard listens on: each event appended to the stream is PUBLISHed there too; empty turns the mirror off")
 	fs.DurationVar(&c.EventsMarkerTTL, "events-marker-ttl", events.DefaultMarkerTTL, "how long a published event's id is remembered in Redis: a republish within it is dropped (it must outlast a crash and the failover after it)")
@@ -211,7 +214,22 @@ func (c *replicaConfig) validate() error {
 	if _, err := c.etcdPassword(); err != nil {
 		return err
 	}
+	if _, err := c.database().resolve(); err != nil {
+		return err
+	}
+	if _, err := c.eventsRedis().resolve(); err != nil {
+		return err
+	}
 	return nil
+}
+
+// database and eventsRedis are the URL flags with their password files.
+func (c *replicaConfig) database() *secretURL {
+	return &secretURL{name: "database", url: &c.DatabaseURL, passwordFile: &c.DatabasePassword}
+}
+
+func (c *replicaConfig) eventsRedis() *secretURL {
+	return &secretURL{name: "events-redis", url: &c.EventsRedisURL, passwordFile: &c.EventsRedisPassword}
 }
 
 // etcdAuthFlags registers the etcd authentication flags (`run`, `shards`,
@@ -282,8 +300,9 @@ func splitEndpoints(s string) []string {
 }
 
 // etcdClientConfig is the client configuration of every configured endpoint,
-// with the TLS files and the password read.
-func etcdClientConfig(c *replicaConfig) (clientv3.Config, error) {
+// with the TLS files and the password read. The client's own log (keep-alive
+// failures, endpoint switches) goes to log, one level lower (internal/zaplog).
+func etcdClientConfig(c *replicaConfig, log hclog.Logger) (clientv3.Config, error) {
 	tlsCfg, err := c.etcdTLS()
 	if err != nil {
 		return clientv3.Config{}, err
@@ -300,15 +319,15 @@ func etcdClientConfig(c *replicaConfig) (clientv3.Config, error) {
 		TLS:                  tlsCfg,
 		Username:             c.EtcdUsername,
 		Password:             pw,
-		Logger:               zap.NewNop(),
+		Logger:               zaplog.New(log),
 	}, nil
 }
 
 // newEtcdClient connects to every configured endpoint. With a username it
 // authenticates at once, so it fails when etcd is unreachable or refuses the
 // credentials (see describeEtcdErr); without one it does not wait for etcd.
-func newEtcdClient(c *replicaConfig) (*clientv3.Client, error) {
-	cfg, err := etcdClientConfig(c)
+func newEtcdClient(c *replicaConfig, log hclog.Logger) (*clientv3.Client, error) {
+	cfg, err := etcdClientConfig(c, log)
 	if err != nil {
 		return nil, err
 	}
@@ -349,7 +368,7 @@ func describeEtcdErr(c *replicaConfig, err error) error {
 // waits for etcd here; without a username the replica starts and its
 // election retries, as before). It returns ctx's error when ctx ends first.
 func connectEtcd(ctx context.Context, c *replicaConfig, root string, log hclog.Logger) (*clientv3.Client, error) {
-	cfg, err := etcdClientConfig(c)
+	cfg, err := etcdClientConfig(c, log)
 	if err != nil {
 		return nil, err
 	}
@@ -405,10 +424,15 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 		return usageErr(err)
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildinfo.NewCollector())
+	checkOpenFiles(c, log)
+	dbURL, err := c.database().resolve()
+	if err != nil {
+		return usageErr(err)
+	}
 	lockT, stmtT, idleT := store.SessionTimeoutsFor(c.LeaseTTL)
 	st, err := store.Open(ctx, store.Config{
-		URL: c.DatabaseURL, MaxConns: int32(c.DBMaxConns),
+		URL: dbURL, MaxConns: int32(c.DBMaxConns),
 		LockTimeout: lockT, StatementTimeout: stmtT, IdleInTransactionSessionTimeout: idleT,
 		ApplicationName: "vigil " + c.ReplicaID, Registerer: reg, Logger: log.Named("store"),
 	})
@@ -435,7 +459,11 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	case c.Shadow:
 		log.Warn("shadow mode: changes are recorded in vigil_shadow_changes, not made; compare with vigil shadow-report", "events", "off")
 	case c.EventsRedisURL != "":
-		pub, err := events.New(events.Config{URL: c.EventsRedisURL, Stream: c.EventsStream, Mirror: c.EventsMirror, MarkerTTL: c.EventsMarkerTTL})
+		redisURL, err := c.eventsRedis().resolve()
+		if err != nil {
+			return usageErr(err)
+		}
+		pub, err := events.New(events.Config{URL: redisURL, Stream: c.EventsStream, Mirror: c.EventsMirror, MarkerTTL: c.EventsMarkerTTL})
 		if err != nil {
 			return usageErr(fmt.Errorf("--events-redis-url: %w", err))
 		}
@@ -481,7 +509,8 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	if boundAddr != nil {
 		boundAddr(ln.Addr().String())
 	}
-	log.Info("replica starting", "cluster", c.Cluster, "shards", c.Shards,
+	build := buildinfo.Get()
+	log.Info("replica starting", "version", build.Version, "revision", build.Revision, "cluster", c.Cluster, "shards", c.Shards,
 		"lease_ttl", c.LeaseTTL, "admin", ln.Addr().String(), "etcd_user", c.EtcdUsername)
 
 	rctx, stopRunner := context.WithCancel(context.Background())

@@ -15,7 +15,8 @@ import (
 func runShadowReport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlagSet("vigil shadow-report",
 		"Compare the changes shadow mode (vigil run --shadow) would have made with the system audit rows the control plane's own monitor wrote over the same window: per kind of change, how many agreed, how many only vigil would have made, how many only the monitor made, with the ids of the disagreements.", stderr)
-	dbURL := fs.String("database-url", "", "Postgres URL of the control plane's database (required)")
+	db := newSecretURL("database")
+	db.register(fs, "Postgres URL of the control plane's database (required); its password is better in --database-password-file")
 	since := fs.Duration("since", time.Hour, "the window: from this long ago")
 	slack := fs.Duration("slack", 2*time.Minute, "how far apart two sightings of one change may be (at least the longer of the two loops' intervals); the window ends this long ago, so that changes near its end can still be matched")
 	format := fs.String("format", "text", "output: text or json")
@@ -23,7 +24,7 @@ func runShadowReport(ctx context.Context, args []string, stdout, stderr io.Write
 		return usageErr(err)
 	}
 	switch {
-	case *dbURL == "":
+	case *db.url == "":
 		return usageErr(fmt.Errorf("--database-url (or $VIGIL_DATABASE_URL) is required"))
 	case *since <= 0:
 		return usageErr(fmt.Errorf("--since %s must be positive", *since))
@@ -32,7 +33,11 @@ func runShadowReport(ctx context.Context, args []string, stdout, stderr io.Write
 	case *format != "text" && *format != "json":
 		return usageErr(fmt.Errorf("--format %q: text or json", *format))
 	}
-	st, err := store.Open(ctx, store.Config{URL: *dbURL, MaxConns: 2, ApplicationName: "vigil shadow-report"})
+	dbURL, err := db.resolve()
+	if err != nil {
+		return usageErr(err)
+	}
+	st, err := store.Open(ctx, store.Config{URL: dbURL, MaxConns: 2, ApplicationName: "vigil shadow-report"})
 	if err != nil {
 		return err
 	}

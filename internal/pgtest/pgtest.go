@@ -2,8 +2,8 @@
 // the local server, dropped when the test ends.
 //
 // The server is found through VIGIL_TEST_DATABASE_URL (default
-// postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable). Tests fail,
-// not skip, when it is unreachable: the suite's set-up starts it.
+// DefaultAdminURL). Tests fail, not skip, when it is unreachable: the
+// suite's set-up (scripts/ensure-postgres.sh) starts it and creates the role.
 package pgtest
 
 import (
@@ -20,12 +20,18 @@ import (
 	"github.com/vigil-sh/vigil/store"
 )
 
-// AdminURL is the maintenance database used to create and drop test databases.
+// DefaultAdminURL is the tests' server when VIGIL_TEST_DATABASE_URL is
+// unset: a role with a password, so that it logs in over TCP on a stock
+// install (scram) as well as where loopback is trusted.
+const DefaultAdminURL = "postgres://vigil:vigil@127.0.0.1:5432/postgres?sslmode=disable"
+
+// AdminURL is the maintenance database used to create and drop test
+// databases (and by the benchmark and the chaos harness for theirs).
 func AdminURL() string {
 	if u := os.Getenv("VIGIL_TEST_DATABASE_URL"); u != "" {
 		return u
 	}
-	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	return DefaultAdminURL
 }
 
 // New creates an empty database with the full schema (control-plane tables

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/vigil-sh/vigil/chaos"
+	"github.com/vigil-sh/vigil/internal/redistest"
 )
 
 func main() {
@@ -39,7 +40,7 @@ func main() {
 	fs.BoolVar(&skipBroken, "skip-broken-check", false, "do not follow the run with the broken-build run that proves the checker bites")
 	fs.StringVar(&cfg.Dir, "dir", "", "keep binaries, logs and the history here (default: a temporary directory, kept only on failure)")
 	fs.BoolVar(&cfg.PrivatePostgres, "private-postgres", true, "run Postgres as a server of the run's own (and restart it as a fault) instead of using the machine's shared server")
-	fs.StringVar(&cfg.RedisURL, "redis-url", "redis://127.0.0.1:6379/0", "Redis for the event checks (used once vigil has events)")
+	fs.StringVar(&cfg.RedisURL, "redis-url", redistest.URL(), "Redis for the event checks (used once vigil has events)")
 	_ = fs.Parse(os.Args[1:])
 	if kinds != "" {
 		cfg.Kinds = strings.Split(kinds, ",")
