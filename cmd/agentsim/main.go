@@ -6,8 +6,9 @@
 // --tls-cert-file and --tls-key-file; --latency delays every answer.
 //
 // Every flag has an environment twin: --heartbeat-interval is
-// VIGIL_HEARTBEAT_INTERVAL, and so on. Command-line flags win over the
-// environment. Invalid settings exit with status 2 and name the flag.
+// VIGIL_HEARTBEAT_INTERVAL, and so on; --config names a file of flags.
+// Command-line flags win over the environment, which wins over the file.
+// Invalid settings exit with status 2 and name the flag.
 package main
 
 import (
@@ -20,7 +21,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -28,10 +28,11 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/vigil-sh/vigil/agentsim"
+	"github.com/vigil-sh/vigil/internal/cli"
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.LookupEnv, os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stderr))
 }
 
 // options are the parsed flags.
@@ -64,21 +65,19 @@ var flagFor = map[string]string{
 	"MishapsPerSecond":  "mishaps",
 }
 
-// envName is a flag's environment twin: --churn-step-delay is
-// VIGIL_CHURN_STEP_DELAY.
-func envName(flagName string) string {
-	return "VIGIL_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
-}
-
 // usageError is a bad setting; the command exits 2.
 type usageError struct{ msg string }
 
 func (e *usageError) Error() string { return e.msg }
 
-func parseFlags(args []string, lookupEnv func(string) (string, bool), stderr io.Writer) (options, error) {
+const synopsis = "Simulated host agents for many hosts in one process.\n\n" +
+	"The agent listener is plain HTTP/1.1 unless --tls-ca-file, --tls-cert-file and --tls-key-file are all set:\n" +
+	"then it requires mutual TLS, as production agents do. A dev CA serves as both CA and serving certificate\n" +
+	"(--tls-ca-file ca.pem --tls-cert-file ca.pem --tls-key-file ca-key.pem)."
+
+func parseFlags(args []string, stderr io.Writer) (options, error) {
 	var o options
-	fs := flag.NewFlagSet("agentsim", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := cli.NewFlagSet("agentsim [flags]", synopsis, stderr)
 	c := &o.cfg
 	fs.StringVar(&c.DatabaseURL, "database-url", "", "control plane Postgres URL (required)")
 	fs.IntVar(&c.Hosts, "hosts", 100, "number of simulated hosts")
@@ -101,33 +100,17 @@ func parseFlags(args []string, lookupEnv func(string) (string, bool), stderr io.
 	fs.Float64Var(&c.MishapsPerSecond, "mishaps", 0, "mishaps per second for the reconcile rules to meet: VMs that vanish, lost destroys, creates cut short, unannounced pauses, zombies, host outages; 0 disables")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: trace, debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: agentsim [flags]\n\nEvery flag can also be set through its VIGIL_* environment twin (--hosts is VIGIL_HOSTS).\n"+
-			"The agent listener is plain HTTP/1.1 unless --tls-ca-file, --tls-cert-file and --tls-key-file are all set:\n"+
-			"then it requires mutual TLS, as production agents do. A dev CA serves as both CA and serving certificate\n"+
-			"(--tls-ca-file ca.pem --tls-cert-file ca.pem --tls-key-file ca-key.pem).\n\n")
-		fs.PrintDefaults()
+	// Command line, then the VIGIL_* environment twins, then --config.
+	pos, err := cli.ParsePositional(fs, args)
+	var se *cli.SettingError
+	if errors.As(err, &se) {
+		return o, &usageError{se.Error()}
 	}
-
-	// Environment first, so the command line overrides it.
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		v, ok := lookupEnv(envName(f.Name))
-		if !ok || envErr != nil {
-			return
-		}
-		if err := fs.Set(f.Name, v); err != nil {
-			envErr = &usageError{fmt.Sprintf("invalid value %q for %s (--%s): %v", v, envName(f.Name), f.Name, err)}
-		}
-	})
-	if envErr != nil {
-		return o, envErr
-	}
-	if err := fs.Parse(args); err != nil {
+	if err != nil {
 		return o, err
 	}
-	if fs.NArg() > 0 {
-		return o, &usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	if len(pos) > 0 {
+		return o, &usageError{fmt.Sprintf("unexpected argument %q", pos[0])}
 	}
 	if c.DatabaseURL == "" {
 		return o, &usageError{"--database-url (or VIGIL_DATABASE_URL) is required"}
@@ -146,8 +129,8 @@ func parseFlags(args []string, lookupEnv func(string) (string, bool), stderr io.
 	return o, nil
 }
 
-func run(args []string, lookupEnv func(string) (string, bool), stderr io.Writer) int {
-	o, err := parseFlags(args, lookupEnv, stderr)
+func run(args []string, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}

@@ -2,22 +2,30 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 )
 
-func env(m map[string]string) func(string) (string, bool) {
-	return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
+// env sets the variables for the rest of the test.
+func env(t *testing.T, m map[string]string) {
+	for k, v := range m {
+		t.Setenv(k, v)
+	}
 }
 
 func TestEnvironmentTwinsAndPrecedence(t *testing.T) {
-	o, err := parseFlags([]string{"--hosts", "7"}, env(map[string]string{
-		"VIGIL_DATABASE_URL":       "postgres://x",
-		"VIGIL_HOSTS":              "3",
-		"VIGIL_CHURN_STEP_DELAY":   "2s",
-		"VIGIL_HEARTBEAT_INTERVAL": "1s",
-	}), &bytes.Buffer{})
+	o, err := func() (options, error) {
+		env(t, map[string]string{
+			"VIGIL_DATABASE_URL":       "postgres://x",
+			"VIGIL_HOSTS":              "3",
+			"VIGIL_CHURN_STEP_DELAY":   "2s",
+			"VIGIL_HEARTBEAT_INTERVAL": "1s",
+		})
+		return parseFlags([]string{"--hosts", "7"}, &bytes.Buffer{})
+	}()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -27,22 +35,21 @@ func TestEnvironmentTwinsAndPrecedence(t *testing.T) {
 }
 
 func TestTLSAndLatencyFlagsAndTheirTwins(t *testing.T) {
-	o, err := parseFlags([]string{"--database-url=x", "--tls-key-file", "/flag/key.pem"}, env(map[string]string{
-		"VIGIL_TLS_CA_FILE":   "/env/ca.pem",
-		"VIGIL_TLS_CERT_FILE": "/env/cert.pem",
-		"VIGIL_TLS_KEY_FILE":  "/env/key.pem",
-		"VIGIL_LATENCY":       "2ms",
-	}), &bytes.Buffer{})
+	o, err := func() (options, error) {
+		env(t, map[string]string{
+			"VIGIL_TLS_CA_FILE":   "/env/ca.pem",
+			"VIGIL_TLS_CERT_FILE": "/env/cert.pem",
+			"VIGIL_TLS_KEY_FILE":  "/env/key.pem",
+			"VIGIL_LATENCY":       "2ms",
+		})
+		return parseFlags([]string{"--database-url=x", "--tls-key-file", "/flag/key.pem"}, &bytes.Buffer{})
+	}()
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := o.cfg
 	if c.CAFile != "/env/ca.pem" || c.CertFile != "/env/cert.pem" || c.KeyFile != "/flag/key.pem" || c.Latency != 2*time.Millisecond {
 		t.Fatalf("parsed CAFile %q CertFile %q KeyFile %q Latency %v", c.CAFile, c.CertFile, c.KeyFile, c.Latency)
-	}
-	o, err = parseFlags([]string{"--database-url=x", "--latency=150ms"}, env(nil), &bytes.Buffer{})
-	if err != nil || o.cfg.Latency != 150*time.Millisecond || o.cfg.CAFile != "" {
-		t.Fatalf("--latency=150ms: %+v, %v", o.cfg, err)
 	}
 	for _, field := range []string{"CAFile", "CertFile", "KeyFile", "Latency"} {
 		if flagFor[field] == "" {
@@ -51,9 +58,27 @@ func TestTLSAndLatencyFlagsAndTheirTwins(t *testing.T) {
 	}
 }
 
+func TestLatencyFlagAlone(t *testing.T) {
+	o, err := parseFlags([]string{"--database-url=x", "--latency=150ms"}, &bytes.Buffer{})
+	if err != nil || o.cfg.Latency != 150*time.Millisecond || o.cfg.CAFile != "" {
+		t.Fatalf("--latency=150ms: %+v, %v", o.cfg, err)
+	}
+}
+
+func TestConfigFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "agentsim.conf")
+	if err := os.WriteFile(p, []byte("database-url postgres://file\nhosts 9\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	o, err := parseFlags([]string{"--config", p, "--hosts", "4"}, &bytes.Buffer{})
+	if err != nil || o.cfg.DatabaseURL != "postgres://file" || o.cfg.Hosts != 4 {
+		t.Fatalf("parsed %+v, %v", o.cfg, err)
+	}
+}
+
 func TestHelpListsTheTLSAndLatencyFlags(t *testing.T) {
 	var stderr bytes.Buffer
-	if code := run([]string{"-h"}, env(nil), &stderr); code != 0 {
+	if code := run([]string{"-h"}, &stderr); code != 0 {
 		t.Fatalf("-h exited %d", code)
 	}
 	for _, want := range []string{"-tls-ca-file", "-tls-cert-file", "-tls-key-file", "-latency", "mutual TLS"} {
@@ -72,7 +97,7 @@ func TestBadSettingsExit2NamingTheFlag(t *testing.T) {
 	}{
 		{"missing database", nil, nil, "--database-url"},
 		{"unparsable flag", []string{"--database-url=x", "--hosts=many"}, nil, "-hosts"},
-		{"unparsable environment", []string{"--database-url=x"}, map[string]string{"VIGIL_CHURN": "fast"}, "VIGIL_CHURN (--churn)"},
+		{"unparsable environment", []string{"--database-url=x"}, map[string]string{"VIGIL_CHURN": "fast"}, "VIGIL_CHURN"},
 		{"out of range", []string{"--database-url=x", "--hosts=0"}, nil, "invalid --hosts"},
 		{"specific listen address", []string{"--database-url=x", "--listen=127.0.0.1:0"}, nil, "invalid --listen"},
 		{"shared fraction", []string{"--database-url=x", "--shared-fraction=2"}, nil, "invalid --shared-fraction"},
@@ -83,11 +108,12 @@ func TestBadSettingsExit2NamingTheFlag(t *testing.T) {
 		{"TLS key and certificate without CA", []string{"--database-url=x"}, map[string]string{"VIGIL_TLS_CERT_FILE": "/b", "VIGIL_TLS_KEY_FILE": "/c"}, "invalid --tls-ca-file"},
 		{"unreadable TLS CA", []string{"--database-url=x", "--tls-ca-file=/nonexistent/ca.pem", "--tls-cert-file=/b", "--tls-key-file=/c"}, nil, "invalid --tls-ca-file"},
 		{"negative latency", []string{"--database-url=x", "--latency=-1ms"}, nil, "invalid --latency"},
-		{"unparsable latency", []string{"--database-url=x"}, map[string]string{"VIGIL_LATENCY": "soon"}, "VIGIL_LATENCY (--latency)"},
+		{"unparsable latency", []string{"--database-url=x"}, map[string]string{"VIGIL_LATENCY": "soon"}, "VIGIL_LATENCY"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			env(t, tc.env)
 			var stderr bytes.Buffer
-			if code := run(tc.args, env(tc.env), &stderr); code != 2 {
+			if code := run(tc.args, &stderr); code != 2 {
 				t.Fatalf("exit %d, want 2; stderr:\n%s", code, stderr.String())
 			}
 			if !strings.Contains(stderr.String(), tc.want) {

@@ -1,5 +1,7 @@
 // Package cli holds what vigil's commands share: flags with VIGIL_*
-// environment twins and hclog set-up.
+// environment twins and an optional config file (github.com/peterbourgon/ff),
+// and hclog set-up. Precedence: command line, environment, config file,
+// default.
 package cli
 
 import (
@@ -10,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/peterbourgon/ff/v3"
 )
 
 // EnvName is the environment twin of a flag: "lease-ttl" -> "VIGIL_LEASE_TTL".
@@ -17,13 +20,18 @@ func EnvName(flagName string) string {
 	return "VIGIL_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
-// NewFlagSet returns a flag set whose usage lists every flag with its
-// environment twin.
+// ConfigFlag names the optional config file every command takes: one flag
+// per line, "name value" ("# comments"; a name alone is a true boolean).
+const ConfigFlag = "config"
+
+// NewFlagSet returns a flag set with the --config flag whose usage lists
+// every flag with its environment twin.
 func NewFlagSet(name, synopsis string, out io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(out)
+	fs.String(ConfigFlag, "", "file of flags, one \"name value\" per line (# comments); the command line and then the environment win over it")
 	fs.Usage = func() {
-		fmt.Fprintf(out, "Usage: %s\n\n%s\n\nFlags (each also read from its VIGIL_* environment variable):\n", name, synopsis)
+		fmt.Fprintf(out, "Usage: %s\n\n%s\n\nFlags (each also read from its VIGIL_* environment variable, then from --config):\n", name, synopsis)
 		fs.VisitAll(func(f *flag.Flag) {
 			def := ""
 			if f.DefValue != "" {
@@ -36,8 +44,8 @@ func NewFlagSet(name, synopsis string, out io.Writer) *flag.FlagSet {
 }
 
 // Parse parses args, then fills every flag not given on the command line from
-// its environment twin. A bad environment value is an error naming both.
-// Positional arguments are an error.
+// its environment twin, then from the --config file. A bad environment or
+// file value is an error naming the flag. Positional arguments are an error.
 func Parse(fs *flag.FlagSet, args []string) error {
 	pos, err := ParsePositional(fs, args)
 	if err == nil && len(pos) > 0 {
@@ -61,20 +69,40 @@ func ParsePositional(fs *flag.FlagSet, args []string) ([]string, error) {
 		pos = append(pos, rest[0])
 		args = rest[1:]
 	}
-	return pos, fillFromEnv(fs)
+	onCommandLine := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { onCommandLine[f.Name] = true })
+	err := ff.Parse(fs, nil,
+		ff.WithEnvVarPrefix("VIGIL"),
+		ff.WithConfigFileFlag(ConfigFlag),
+		ff.WithConfigFileParser(ff.PlainParser))
+	if err == nil {
+		err = setEmptyFromEnv(fs, onCommandLine)
+	}
+	if err != nil {
+		return nil, &SettingError{err}
+	}
+	return pos, nil
 }
 
-func fillFromEnv(fs *flag.FlagSet) error {
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+// SettingError is a bad value from the environment or the config file. The
+// flag package prints command-line mistakes itself; these the caller prints.
+type SettingError struct{ err error }
+
+func (e *SettingError) Error() string { return e.err.Error() }
+func (e *SettingError) Unwrap() error { return e.err }
+
+// setEmptyFromEnv gives a variable that is set but empty its meaning: the
+// flag's value is empty (e.g. VIGIL_EVENTS_SSE_CHANNEL= turns the mirror
+// off). ff skips empty variables; vigil's twins have always counted them.
+func setEmptyFromEnv(fs *flag.FlagSet, onCommandLine map[string]bool) error {
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
-		if err != nil || set[f.Name] {
+		if err != nil || onCommandLine[f.Name] {
 			return
 		}
-		if v, ok := os.LookupEnv(EnvName(f.Name)); ok {
-			if e := fs.Set(f.Name, v); e != nil {
-				err = fmt.Errorf("invalid value %q for $%s (flag --%s): %w", v, EnvName(f.Name), f.Name, e)
+		if v, ok := os.LookupEnv(EnvName(f.Name)); ok && v == "" {
+			if e := fs.Set(f.Name, ""); e != nil {
+				err = fmt.Errorf("invalid empty value for $%s (flag --%s): %w", EnvName(f.Name), f.Name, e)
 			}
 		}
 	})
