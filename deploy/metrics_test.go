@@ -51,6 +51,7 @@ var vigilMetrics = map[string]metricInfo{
 	"vigil_db_statements_total":                            {kind: counter},
 	"vigil_db_write_transactions_total":                    {kind: counter, labels: []string{"result"}},
 	"vigil_cluster_shards":                                 {kind: gauge},
+	"vigil_build_info":                                     {kind: gauge, labels: []string{"version", "revision", "goversion"}},
 	"vigil_shards_owned":                                   {kind: gauge},
 	"vigil_leader":                                         {kind: gauge},
 	"vigil_shard_acquisitions_total":                       {kind: counter},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -268,6 +269,25 @@ func TestConfigValidate(t *testing.T) {
 		if err := c.Validate(); err == nil {
 			t.Errorf("%+v: no error", c)
 		}
+	}
+}
+
+// A rollback: an older release's migrate finds the schema a newer release
+// left, changes nothing and says so (the older release runs on it).
+func TestMigrateLeavesANewerSchemaAlone(t *testing.T) {
+	url := pgtest.New(t)
+	s := open(t, url, 0)
+	ctx := context.Background()
+	if _, err := db(s).Exec(ctx, `update vigil_schema_version set version = version + 1`); err != nil {
+		t.Fatal(err)
+	}
+	err := store.Migrate(ctx, url, store.Schema{ControlPlane: true})
+	if !errors.Is(err, store.ErrSchemaNewer) || !strings.Contains(err.Error(), "vigil_schema_version") {
+		t.Fatalf("Migrate on a newer schema: %v, want ErrSchemaNewer naming vigil_schema_version", err)
+	}
+	var n int
+	if err := db(s).QueryRow(ctx, `select count(*) from information_schema.tables where table_name = 'vigil_shard_fences'`).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("vigil_shard_fences present %d (%v): the newer schema was changed", n, err)
 	}
 }
 

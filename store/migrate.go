@@ -30,7 +30,8 @@ type Schema struct {
 //
 // Migrate is safe to run from several replicas at once: each migration set
 // runs under a Postgres advisory lock and records its version in its own
-// table.
+// table. A set a newer release has taken further is left alone and Migrate
+// returns ErrSchemaNewer.
 func Migrate(ctx context.Context, databaseURL string, schema Schema) error {
 	if schema.Volumes && !schema.ControlPlane {
 		return errors.New("migrate: the volumes table comes only with the control plane's tables")
@@ -49,6 +50,7 @@ func Migrate(ctx context.Context, databaseURL string, schema Schema) error {
 		sets = append(sets, set{"migrations/volumes", "vigil_dev_volumes_version"})
 	}
 	sets = append(sets, set{"migrations/vigil", "vigil_schema_version"})
+	var newer error
 	for _, set := range sets {
 		sub, err := fs.Sub(migrations, set.dir)
 		if err != nil {
@@ -61,9 +63,25 @@ func Migrate(ctx context.Context, databaseURL string, schema Schema) error {
 		if err := m.LoadMigrations(sub); err != nil {
 			return fmt.Errorf("migrate %s: load: %w", set.dir, err)
 		}
+		cur, err := m.GetCurrentVersion(ctx)
+		if err != nil {
+			return fmt.Errorf("migrate %s: %w", set.dir, err)
+		}
+		if int(cur) > len(m.Migrations) {
+			// A newer release migrated this database and this one is being
+			// rolled back to. Migrations are forward-only and additive
+			// (docs/upgrading.md), so this release runs on the newer
+			// schema; taking it "down" would drop what the newer one wrote.
+			newer = fmt.Errorf("%w: %s is at version %d, this build knows %d", ErrSchemaNewer, set.table, cur, len(m.Migrations))
+			continue
+		}
 		if err := m.Migrate(ctx); err != nil {
 			return fmt.Errorf("migrate %s: %w", set.dir, err)
 		}
 	}
-	return nil
+	return newer
 }
+
+// ErrSchemaNewer says a newer release has migrated the database: nothing was
+// changed, and this release may run on it (a rollback).
+var ErrSchemaNewer = errors.New("the schema is newer than this build")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
@@ -34,7 +35,13 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if *volumes && !*controlPlane {
 		return usageErr(fmt.Errorf("--volumes-table needs --control-plane-tables"))
 	}
-	if err := store.Migrate(ctx, dbURL, store.Schema{ControlPlane: *controlPlane, Volumes: *volumes}); err != nil {
+	err = store.Migrate(ctx, dbURL, store.Schema{ControlPlane: *controlPlane, Volumes: *volumes})
+	if errors.Is(err, store.ErrSchemaNewer) {
+		// A rollback: this release runs on the newer, additive schema.
+		log.Warn("schema left as it is", "reason", err)
+		return nil
+	}
+	if err != nil {
 		return err
 	}
 	log.Info("schema up to date", "control_plane_tables", *controlPlane, "volumes_table", *volumes)
