@@ -33,8 +33,9 @@ pgbin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 ready() { "$(pgbin)/pg_isready" -q -h "$host" -p "$port"; }
 
 if ! have_tools; then
+	# The package creates and starts a cluster "main" on 5432, which is
+	# what the default URL wants; it stays (a development machine's server).
 	apt_install postgresql postgresql-client
-	disable_package_service postgresql
 fi
 
 if ! ready; then

@@ -44,6 +44,8 @@ apt_install() {
 disable_package_service() {
 	if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet "$1" 2>/dev/null; then
 		as_root systemctl disable --now "$1" >/dev/null 2>&1 || true
+	elif [ -x "/etc/init.d/$1" ]; then
+		as_root "/etc/init.d/$1" stop >/dev/null 2>&1 || true
 	fi
 }
 

@@ -269,33 +269,13 @@ func (h *harness) spawnWith(id string, override map[string]string) *replica {
 	return h.startProcess(id, admin, args)
 }
 
-// prometheusServer returns the prometheus binary, installing Debian's
-// prometheus package when it is missing (as deploy/check.sh does for
-// promtool) and stopping the service the package may start.
+// prometheusServer returns the prometheus binary, which the suite's set-up
+// installs (scripts/ensure-promtool.sh, run by make test).
 func prometheusServer(t *testing.T) string {
 	t.Helper()
-	if p, err := exec.LookPath("prometheus"); err == nil {
-		return p
-	}
-	sudo := ""
-	if os.Geteuid() != 0 {
-		sudo = "sudo -n "
-	}
-	script := sudo + "apt-get update -qq && DEBIAN_FRONTEND=noninteractive " + sudo + "apt-get install -y -qq --no-install-recommends prometheus"
-	t.Logf("prometheus not on PATH: installing the Debian package (%s)", script)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	if out, err := exec.CommandContext(ctx, "sh", "-c", script).CombinedOutput(); err != nil {
-		t.Fatalf("installing prometheus failed (%v); install the Debian package prometheus by hand:\n%s", err, out)
-	}
-	// The package starts a prometheus service where an init system runs; a
-	// test machine wants none.
-	stop := "if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then " + sudo + "systemctl disable --now prometheus; fi; " +
-		"if [ -x /etc/init.d/prometheus ]; then " + sudo + "/etc/init.d/prometheus stop; fi; true"
-	_ = exec.CommandContext(ctx, "sh", "-c", stop).Run()
 	p, err := exec.LookPath("prometheus")
 	if err != nil {
-		t.Fatalf("the prometheus package installed no prometheus binary on PATH: %v", err)
+		t.Fatalf("prometheus is not on PATH: run scripts/ensure-promtool.sh (make test does): %v", err)
 	}
 	return p
 }
