@@ -7,7 +7,9 @@
 //
 // Every call is bounded in time (Config.Timeout) and in response size
 // (Config.MaxResponseBytes), so one slow, hung or lying agent costs its caller
-// at most one timeout and a bounded amount of memory.
+// at most one timeout and a bounded amount of memory. A host whose address is
+// not an agent's (CheckAddress) costs nothing: its calls are refused before
+// any dial or name lookup.
 package agentpool
 
 import (
@@ -18,7 +20,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -28,6 +29,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/vigil-sh/vigil/internal/logval"
 	hostagentv1 "github.com/vigil-sh/vigil/proto/hostagent/v1"
 	"github.com/vigil-sh/vigil/proto/hostagent/v1/hostagentv1connect"
 )
@@ -69,14 +71,18 @@ type Pool struct {
 	lastSweep time.Time
 }
 
-// target is where one agent is reached: the base URL's parts.
+// target is where one agent is reached: its scheme and "host:port".
 type target struct {
-	scheme, host, prefix string
+	scheme, host string
 }
 
+// cachedTarget is what the pool made of a host's address: where its agent
+// is, or why the address is refused. A refused address is remembered like a
+// usable one, so it is logged once per host and change, not on every call.
 type cachedTarget struct {
-	address  string // as passed by the caller, before normalisation
+	address  string // addressKey of the caller's address
 	target   target
+	refused  string // the reason the address is refused; "" when target is usable
 	lastUsed time.Time
 }
 
@@ -85,13 +91,14 @@ type cachedTarget struct {
 //
 //	vigil_agent_rpc_duration_seconds{procedure,code}  histogram of calls that reached the transport
 //	vigil_agent_rpc_errors_total{procedure,code}      of those, the ones that failed
+//	vigil_agent_bad_addresses_total{reason}           calls refused for their host's address (CheckAddress)
 //
 // procedure is "ListSandboxes" or "DestroySandbox"; code is "ok" or the
 // Connect code string ("deadline_exceeded", "unavailable", ...). A not_found
 // answer to DestroySandbox is observed with code "not_found" but is not an
-// error. Calls refused before any request (empty or unparsable address) are
-// not observed. If the metrics are already registered with the same
-// Registerer, the existing ones are shared.
+// error. Calls refused before any request (an empty or refused address) are
+// not observed by the first two. If the metrics are already registered with
+// the same Registerer, the existing ones are shared.
 func New(cfg Config) (*Pool, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -145,21 +152,13 @@ func New(cfg Config) (*Pool, error) {
 // takes the header off before the request leaves.
 const targetHeader = "Vigil-Agent-Target"
 
-// header is the target as targetHeader carries it: "scheme://host" and the
-// path prefix.
-func (tg target) header() string { return tg.scheme + "://" + tg.host + tg.prefix }
+// header is the target as targetHeader carries it: "scheme://host:port".
+func (tg target) header() string { return tg.scheme + "://" + tg.host }
 
 // parseTarget reverses header.
 func parseTarget(h string) (target, bool) {
-	scheme, rest, ok := strings.Cut(h, "://")
-	if !ok || rest == "" {
-		return target{}, false
-	}
-	host, prefix := rest, ""
-	if i := strings.IndexByte(rest, '/'); i >= 0 {
-		host, prefix = rest[:i], rest[i:]
-	}
-	return target{scheme: scheme, host: host, prefix: prefix}, host != ""
+	scheme, host, ok := strings.Cut(h, "://")
+	return target{scheme: scheme, host: host}, ok && host != ""
 }
 
 // doer sends each request to the agent its targetHeader names.
@@ -173,7 +172,6 @@ func (d doer) Do(req *http.Request) (*http.Response, error) {
 	}
 	req.Header.Del(targetHeader)
 	req.URL.Scheme, req.URL.Host, req.Host = tg.scheme, tg.host, tg.host
-	req.URL.Path = tg.prefix + req.URL.Path
 	return d.t.Do(req)
 }
 
@@ -210,7 +208,8 @@ func loadTLS(cfg Config) (*tls.Config, error) {
 // is bounded by Config.Timeout (or ctx's sooner deadline) and its answer by
 // Config.MaxResponseBytes. Errors are wrapped as "agent <host> ListSandboxes:
 // ..." and keep their Connect code (connect.CodeOf) and sentinels
-// (errors.Is(err, ErrNoAddress)).
+// (errors.Is(err, ErrNoAddress), errors.Is(err, ErrBadAddress)). A refused
+// address (CheckAddress) fails the call before any dial or name lookup.
 func (p *Pool) ListSandboxes(ctx context.Context, hostID uuid.UUID, address string) (*hostagentv1.ListSandboxesResponse, error) {
 	tg, err := p.target(hostID, address)
 	if err != nil {
@@ -267,41 +266,59 @@ func (p *Pool) done(hostID uuid.UUID, procedure string, err error, ok bool, elap
 	code := connect.CodeOf(err).String()
 	p.metrics.observe(procedure, code, !ok, elapsed)
 	if !ok {
-		p.log.Debug("agent call failed", "host", hostID, "procedure", procedure, "code", code, "error", err)
+		// The error may quote the agent's own message: bounded.
+		p.log.Debug("agent call failed", "host", hostID, "procedure", procedure, "code", code, "error", logval.Err(err))
 	}
 }
 
 // target returns where hostID's agent is reached, from the cache when the
-// address is the one it was computed from.
+// address is the one it was computed from. An empty address is
+// ErrNoAddress; a refused one a *BadAddressError, counted on every call and
+// logged when the pool first meets it for the host: the cache entry
+// remembers it until the address changes or the host goes uncalled for
+// IdleTimeout (it left this replica's shards, or stopped being online).
 func (p *Pool) target(hostID uuid.UUID, address string) (target, error) {
-	now := p.now()
+	if address == "" {
+		return target{}, ErrNoAddress
+	}
+	now, key := p.now(), addressKey(address)
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if now.Sub(p.lastSweep) >= p.cfg.IdleTimeout {
 		p.sweep(now)
 	}
-	if c, ok := p.targets[hostID]; ok && c.address == address {
-		c.lastUsed = now
-		return c.target, nil
+	old := p.targets[hostID]
+	c := old
+	if c == nil || c.address != key {
+		c = &cachedTarget{address: key}
+		c.target, c.refused = parseAddress(address, p.scheme)
+		p.targets[hostID] = c
 	}
-	base, err := p.baseURL(address)
-	if err != nil {
-		return target{}, err
+	c.lastUsed = now
+	tg, refused := c.target, c.refused
+	p.mu.Unlock()
+	if c != old { // logged outside the lock: writing a log line may block
+		p.logChange(hostID, old, c, address)
 	}
-	u, err := url.Parse(base)
-	if err != nil {
-		return target{}, fmt.Errorf("agentpool: bad address %q: %w", address, err)
+	if refused != "" {
+		p.metrics.refused(refused)
+		return target{}, &BadAddressError{Reason: refused}
 	}
-	host := u.Host
-	if u.Port() == "" {
-		host = net.JoinHostPort(u.Hostname(), map[string]string{"http": "80", "https": "443"}[u.Scheme])
-	}
-	if old, ok := p.targets[hostID]; ok {
-		p.log.Debug("agent address changed", "host", hostID, "old", old.address, "new", address)
-	}
-	tg := target{scheme: u.Scheme, host: host, prefix: u.EscapedPath()}
-	p.targets[hostID] = &cachedTarget{address: address, target: tg, lastUsed: now}
 	return tg, nil
+}
+
+// logChange logs a host's new address: at WARN when it is refused (once per
+// host and change: the value, truncated, is for the operator who must fix
+// the row), at INFO when it replaces a refused one, at debug otherwise.
+func (p *Pool) logChange(hostID uuid.UUID, old, c *cachedTarget, address string) {
+	switch {
+	case c.refused != "":
+		p.log.Warn("agent address refused: the host is not reconciled until its address is fixed",
+			"host", hostID, "reason", c.refused, "address", logval.String(address))
+	case old != nil && old.refused != "":
+		p.log.Info("agent address accepted", "host", hostID, "address", address)
+	case old != nil:
+		p.log.Debug("agent address changed", "host", hostID, "old", logval.String(old.address), "new", address)
+	}
 }
 
 // sweep drops the targets of hosts not called for IdleTimeout, so the cache
@@ -315,34 +332,8 @@ func (p *Pool) sweep(now time.Time) {
 	p.lastSweep = now
 }
 
-// baseURL turns a hosts.address ("ip:port", or a full URL) into the base URL
-// the Connect client appends procedure paths to. An address without a scheme
-// gets "https://" when TLS is configured and "http://" otherwise; an explicit
-// http or https scheme is kept as given.
-func (p *Pool) baseURL(address string) (string, error) {
-	if strings.TrimSpace(address) == "" {
-		return "", ErrNoAddress
-	}
-	raw := address
-	if !strings.Contains(raw, "://") {
-		raw = p.scheme + "://" + raw
-	}
-	u, err := url.Parse(raw)
-	if err != nil {
-		return "", fmt.Errorf("agentpool: bad address %q: %w", address, err)
-	}
-	switch {
-	case u.Scheme != "http" && u.Scheme != "https":
-		return "", fmt.Errorf("agentpool: bad address %q: scheme must be http or https", address)
-	case u.Host == "":
-		return "", fmt.Errorf("agentpool: bad address %q: no host", address)
-	case u.User != nil || u.RawQuery != "" || u.Fragment != "":
-		return "", fmt.Errorf("agentpool: bad address %q: must be host:port or a base URL without user info, query or fragment", address)
-	}
-	return strings.TrimSuffix(u.String(), "/"), nil
-}
-
-// Len returns the number of hosts whose address is cached.
+// Len returns the number of hosts whose address is cached, usable or
+// refused.
 func (p *Pool) Len() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()

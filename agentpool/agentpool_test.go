@@ -459,48 +459,6 @@ func TestAddressForms(t *testing.T) {
 	})
 }
 
-func TestBaseURL(t *testing.T) {
-	plain := &Pool{scheme: "http"}
-	secure := &Pool{scheme: "https"}
-	for _, tc := range []struct {
-		name    string
-		pool    *Pool
-		address string
-		want    string // "" means an error
-	}{
-		{"host:port gets http", plain, "10.0.0.7:5007", "http://10.0.0.7:5007"},
-		{"host:port gets https under TLS", secure, "10.0.0.7:5007", "https://10.0.0.7:5007"},
-		{"IPv6 host:port", plain, "[fd00::7]:5007", "http://[fd00::7]:5007"},
-		{"DNS name", secure, "agent-7.hosts.internal:5007", "https://agent-7.hosts.internal:5007"},
-		{"explicit scheme kept", secure, "http://10.0.0.7:5007", "http://10.0.0.7:5007"},
-		{"trailing slash dropped", plain, "http://10.0.0.7:5007/", "http://10.0.0.7:5007"},
-		{"base path kept", plain, "https://lb.internal/agents/7", "https://lb.internal/agents/7"},
-		{"empty", plain, "", ""},
-		{"unparsable", plain, "http://[::1", ""},
-		{"bad port", plain, "10.0.0.7:port", ""},
-		{"other scheme", plain, "ftp://10.0.0.7:5007", ""},
-		{"no host", plain, "http://", ""},
-		{"query", plain, "http://10.0.0.7:5007?x=1", ""},
-		{"user info", plain, "http://u:p@10.0.0.7:5007", ""},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := tc.pool.baseURL(tc.address)
-			if tc.want == "" {
-				if err == nil {
-					t.Fatalf("baseURL(%q) = %q, want error", tc.address, got)
-				}
-				if !strings.HasPrefix(err.Error(), "agentpool: ") {
-					t.Errorf("error %q lacks the package prefix", err)
-				}
-				return
-			}
-			if err != nil || got != tc.want {
-				t.Fatalf("baseURL(%q) = %q, %v; want %q", tc.address, got, err, tc.want)
-			}
-		})
-	}
-}
-
 func TestBadAddressErrorNamesHostAndProcedure(t *testing.T) {
 	p := newPool(t, Config{})
 	host := uuid.New()
@@ -508,8 +466,11 @@ func TestBadAddressErrorNamesHostAndProcedure(t *testing.T) {
 	if err == nil || !strings.HasPrefix(err.Error(), fmt.Sprintf("agent %s ListSandboxes: agentpool: bad address", host)) {
 		t.Fatalf("got %v", err)
 	}
-	if p.Len() != 0 {
-		t.Fatalf("Len = %d after a bad address, want 0", p.Len())
+	if !errors.Is(err, ErrBadAddress) {
+		t.Fatalf("%v is not ErrBadAddress", err)
+	}
+	if p.Len() != 1 { // the refusal is remembered, to be logged once
+		t.Fatalf("Len = %d after a bad address, want 1", p.Len())
 	}
 }
 
@@ -1123,6 +1084,10 @@ func gather(t *testing.T, reg *prometheus.Registry) (map[string]uint64, map[stri
 				durations[key] = m.GetHistogram().GetSampleCount()
 			case "vigil_agent_rpc_errors_total":
 				errs[key] = m.GetCounter().GetValue()
+			case "vigil_agent_bad_addresses_total":
+				if v := m.GetCounter().GetValue(); v != 0 {
+					t.Errorf("vigil_agent_bad_addresses_total{reason=%q} = %v, want 0", label(m, "reason"), v)
+				}
 			default:
 				t.Errorf("unexpected metric %s", mf.GetName())
 			}

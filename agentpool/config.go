@@ -56,8 +56,9 @@ type Config struct {
 	// none; with them set, addresses without a scheme get "https://".
 	CAFile, CertFile, KeyFile string
 
-	// Logger receives debug logs about client churn and failed calls. Nil
-	// means hclog.NewNullLogger().
+	// Logger receives a WARN line per host and refused address (the value
+	// cut by logval), and debug logs about address changes and failed
+	// calls. Nil means hclog.NewNullLogger().
 	Logger hclog.Logger
 
 	// Registerer receives the pool's metrics (see New). Nil means no metrics.

@@ -21,12 +21,15 @@ const codeOK = "ok"
 //
 //	vigil_agent_rpc_duration_seconds{procedure,code}  histogram of every call that reached the transport
 //	vigil_agent_rpc_errors_total{procedure,code}      calls that failed (not_found on DestroySandbox is success)
+//	vigil_agent_bad_addresses_total{reason}           calls refused for their host's address, before any dial
 //
 // procedure is "ListSandboxes" or "DestroySandbox"; code is "ok" or the
-// Connect code string ("deadline_exceeded", "unavailable", ...).
+// Connect code string ("deadline_exceeded", "unavailable", ...); reason is
+// one of Reasons.
 type metrics struct {
-	duration *prometheus.HistogramVec
-	errors   *prometheus.CounterVec
+	duration     *prometheus.HistogramVec
+	errors       *prometheus.CounterVec
+	badAddresses *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -42,6 +45,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		Name: "vigil_agent_rpc_errors_total",
 		Help: "Host agent RPCs that failed, by procedure and result code.",
 	}, []string{"procedure", "code"})
+	bad := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vigil_agent_bad_addresses_total",
+		Help: "Host agent calls refused before any dial because the host's address is not [http(s)://]host:port, by reason.",
+	}, []string{"reason"})
 	m := &metrics{}
 	var err error
 	if m.duration, err = register(reg, duration); err != nil {
@@ -50,7 +57,23 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if m.errors, err = register(reg, errs); err != nil {
 		return nil, err
 	}
+	if m.badAddresses, err = register(reg, bad); err != nil {
+		return nil, err
+	}
+	// Every reason from the start, so a first refusal is an increase from
+	// 0 and not a new series (the vocabulary is closed).
+	for _, r := range Reasons {
+		m.badAddresses.WithLabelValues(r)
+	}
 	return m, nil
+}
+
+// refused counts a call refused for its host's address.
+func (m *metrics) refused(reason string) {
+	if m == nil {
+		return
+	}
+	m.badAddresses.WithLabelValues(reason).Inc()
 }
 
 // register registers c, or returns the identical collector already registered

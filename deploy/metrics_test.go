@@ -51,6 +51,7 @@ var vigilMetrics = map[string]metricInfo{
 	"vigil_db_statements_total":                            {kind: counter},
 	"vigil_db_write_transactions_total":                    {kind: counter, labels: []string{"result"}},
 	"vigil_cluster_shards":                                 {kind: gauge},
+	"vigil_agent_bad_addresses_total":                      {kind: counter, labels: []string{"reason"}, values: map[string][]string{"reason": {"empty", "too_long", "bad_scheme", "userinfo", "query", "path", "no_port", "bad_port", "bad_host"}}},
 	"vigil_build_info":                                     {kind: gauge, labels: []string{"version", "revision", "goversion"}},
 	"vigil_shards_owned":                                   {kind: gauge},
 	"vigil_leader":                                         {kind: gauge},

@@ -8,6 +8,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/vigil-sh/vigil/internal/ids"
+	"github.com/vigil-sh/vigil/internal/logval"
 	"github.com/vigil-sh/vigil/store"
 )
 
@@ -31,9 +32,7 @@ func (p *Pass) decide(ctx context.Context, batch []answer) ([]hostPlan, error) {
 		o := &p.out[a.t]
 		rep, problems := ParseReport(a.resp)
 		o.Problems = problems
-		for _, pr := range problems {
-			p.r.log.Warn("agent report entry not trusted", "host", o.Host, "problem", pr.Kind, "sandbox", pr.SandboxID, "detail", pr.Detail)
-		}
+		p.logProblems(o.Host, problems)
 		plans[i] = hostPlan{t: a.t, host: o.Host, report: rep}
 		for _, id := range rep.PausedIDs() {
 			cands = append(cands, store.Candidate{ID: id, HostID: o.Host})
@@ -57,6 +56,24 @@ func (p *Pass) decide(ctx context.Context, batch []answer) ([]hostPlan, error) {
 		pl.actions = Decide(p.r.cfg.Rules, rows, pl.report, p.read.Now)
 	}
 	return plans, nil
+}
+
+// maxProblemLogs bounds the lines one answer's problems are logged in: an
+// agent can report thousands of entries it should not (the metric counts
+// every one).
+const maxProblemLogs = 3
+
+// logProblems logs the first problems of one agent's answer, their values
+// (an agent's strings, of any length) cut by logval.
+func (p *Pass) logProblems(host uuid.UUID, problems []Problem) {
+	for i, pr := range problems {
+		if i == maxProblemLogs {
+			p.r.log.Warn("more agent report entries not trusted", "host", host, "not_logged", len(problems)-i)
+			return
+		}
+		p.r.log.Warn("agent report entry not trusted", "host", host, "problem", pr.Kind,
+			"sandbox", logval.String(pr.SandboxID), "detail", logval.String(pr.Detail))
+	}
 }
 
 // batchRefs says which action each entry of a batch stands for, in the
@@ -202,7 +219,7 @@ func (p *Pass) sendDestroys(ctx context.Context, plans []hostPlan, held []action
 			}
 			err := p.r.agents.DestroySandbox(ctx, h, p.addr[h], ids.Sandbox(a.Sandbox), p.f.Header())
 			if err != nil {
-				p.r.log.Warn("destroy on agent failed", "host", h, "sandbox", a.Sandbox, "kind", a.Kind, "error", err)
+				p.r.log.Warn("destroy on agent failed", "host", h, "sandbox", a.Sandbox, "kind", a.Kind, "error", logval.Err(err))
 				return
 			}
 			ok[k] = true

@@ -99,6 +99,15 @@ func (c *collector) take(ctx context.Context, a answer) {
 		o.fail(cmp.Or(c.lost, ctx.Err()))
 		c.p.settled([]answer{a})
 	case a.err != nil:
+		// The agent could not be asked: it refused, hung or answered
+		// garbage, or the pool refused its host's address before any dial
+		// (agentpool.ErrBadAddress: not host:port, too long, ...). Either
+		// way nothing is known of its sandboxes, so none is touched: the
+		// rules act on an agent's answer only, and a host that is really
+		// gone is the passive rule's, by its heartbeat (SPEC §2). The host
+		// keeps counting for the shard's lag with its clock stopped (SPEC
+		// §5): an online host vigil cannot see shows as blind, whatever
+		// the reason.
 		o.fail(fmt.Errorf("%w: %w", errAgent, a.err))
 		c.p.settled([]answer{a})
 	default:

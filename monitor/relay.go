@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vigil-sh/vigil/events"
+	"github.com/vigil-sh/vigil/internal/logval"
 	"github.com/vigil-sh/vigil/internal/trigger"
 	"github.com/vigil-sh/vigil/store"
 )
@@ -124,11 +125,12 @@ func (r *Reconciler) upgrade(p store.PendingEvent) events.Event {
 	reason := legacyReason(p.Legacy)
 	up, err := events.Upgrade(p.Event.Payload, reason)
 	if err != nil {
-		r.log.Error("an earlier version's pending event cannot be read; publishing it as it is", "vigil_id", p.Event.ID, "error", err)
+		// err quotes the payload, a database value: bounded.
+		r.log.Error("an earlier version's pending event cannot be read; publishing it as it is", "vigil_id", p.Event.ID, "error", logval.Err(err))
 		return events.Event{ID: p.Event.ID, Name: p.Event.Name, Payload: p.Event.Payload}
 	}
 	if reason == "" {
-		r.log.Warn("an earlier version's pending event has no change on record; published without a reason", "vigil_id", p.Event.ID, "event", up.Event)
+		r.log.Warn("an earlier version's pending event has no change on record; published without a reason", "vigil_id", p.Event.ID, "event", logval.String(up.Event))
 	}
 	return events.Event{ID: p.Event.ID, Name: up.Event, Payload: up.Encode()}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/vigil-sh/vigil/internal/logval"
 	"github.com/vigil-sh/vigil/shard"
 	"github.com/vigil-sh/vigil/store"
 )
@@ -117,7 +118,7 @@ func (r *Runner) refreshLoop(ctx context.Context) {
 	defer t.Stop()
 	for {
 		if err := r.refreshHosts(ctx); err != nil && ctx.Err() == nil {
-			r.log.Warn("reading hosts failed", "error", err)
+			r.log.Warn("reading hosts failed", "error", logval.Err(err))
 		}
 		select {
 		case <-ctx.Done():
@@ -159,7 +160,7 @@ func (r *Runner) staleLoop(ctx context.Context) {
 		ids, err := r.source.StaleHosts(ctx, r.rec.cfg.UnreachableAfter)
 		if err != nil {
 			if ctx.Err() == nil {
-				r.log.Warn("stale-heartbeat scan failed", "error", err)
+				r.log.Warn("stale-heartbeat scan failed", "error", logval.Err(err))
 			}
 			continue
 		}
@@ -177,7 +178,7 @@ func (r *Runner) listenLoop(ctx context.Context) {
 	for ctx.Err() == nil {
 		err := r.source.ListenHostOnline(ctx, func(id uuid.UUID, err error) {
 			if err != nil {
-				r.log.Warn("ignoring reconnect notification", "error", err)
+				r.log.Warn("ignoring reconnect notification", "error", logval.Err(err)) // quotes the payload
 				return
 			}
 			if w := r.work(id); w != nil {
@@ -187,7 +188,7 @@ func (r *Runner) listenLoop(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		r.log.Warn("reconnect notifications interrupted; re-listening", "error", err)
+		r.log.Warn("reconnect notifications interrupted; re-listening", "error", logval.Err(err))
 		t := time.NewTimer(500 * time.Millisecond)
 		select {
 		case <-ctx.Done():
@@ -249,7 +250,7 @@ func (r *Runner) raise(ctx context.Context, f store.Fence) error {
 		if err == nil || errors.Is(err, ErrFenced) || ctx.Err() != nil {
 			return r.rec.fenced(err)
 		}
-		r.log.Warn("raising shard fence failed; retrying", "shard", f.Shard, "error", err)
+		r.log.Warn("raising shard fence failed; retrying", "shard", f.Shard, "error", logval.Err(err))
 		t := time.NewTimer(delay)
 		select {
 		case <-ctx.Done():

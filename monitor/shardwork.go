@@ -11,6 +11,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/vigil-sh/vigil/internal/logval"
 	"github.com/vigil-sh/vigil/internal/trigger"
 	"github.com/vigil-sh/vigil/store"
 )
@@ -152,7 +153,7 @@ func (w *shardWork) drain(ctx context.Context) error {
 		w.rl.retry.Stop()
 	}
 	if cause := context.Cause(ctx); errors.Is(cause, ErrFenced) {
-		w.log.Warn("shard fenced by a newer owner", "error", cause)
+		w.log.Warn("shard fenced by a newer owner", "error", logval.Err(cause))
 		return cause
 	}
 	return nil
@@ -263,7 +264,7 @@ func (w *shardWork) finished(d passDone) {
 	}
 	if d.kind == trimPass {
 		if d.err != nil && !errors.Is(d.err, context.Canceled) {
-			w.log.Warn("journal trim failed", "error", d.err)
+			w.log.Warn("journal trim failed", "error", logval.Err(d.err))
 		}
 		return
 	}
@@ -284,7 +285,7 @@ func (w *shardWork) relayed(err error) {
 	w.rl.done(err)
 	switch {
 	case w.rl.failing && !was:
-		w.log.Warn("publishing events failed; they wait in the outbox, retrying", "error", err)
+		w.log.Warn("publishing events failed; they wait in the outbox, retrying", "error", logval.Err(err))
 	case !w.rl.failing && was:
 		w.log.Info("publishing events again")
 	}
@@ -306,11 +307,12 @@ func (w *shardWork) logHealth(d passDone) {
 	if d.err != nil && first == nil {
 		first, failed = d.err, len(d.hosts)
 	}
+	// The error may quote an agent's answer or a database value: bounded.
 	switch {
 	case failed > 0 && !w.failing:
-		w.log.Warn("shard pass failed for some hosts", "failed", failed, "hosts", len(d.hosts), "error", first)
+		w.log.Warn("shard pass failed for some hosts", "failed", failed, "hosts", len(d.hosts), "error", logval.Err(first))
 	case failed > 0:
-		w.log.Debug("shard pass failed for some hosts", "failed", failed, "hosts", len(d.hosts), "error", first)
+		w.log.Debug("shard pass failed for some hosts", "failed", failed, "hosts", len(d.hosts), "error", logval.Err(first))
 	case w.failing:
 		w.log.Info("shard pass healthy again", "hosts", len(d.hosts))
 	}

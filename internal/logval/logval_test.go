@@ -52,7 +52,27 @@ func TestErr(t *testing.T) {
 	if got := Err(nil); got != "" {
 		t.Fatalf("Err(nil) = %q", got)
 	}
-	if got := Err(errors.New(strings.Repeat("e", 1000))); got != strings.Repeat("e", Limit)+"…(1000 bytes)" {
-		t.Fatalf("Err = %q", got)
+	short := errors.New("agent call failed: unavailable: dial tcp 10.0.0.7:5007: connect: connection refused")
+	if got := Err(short); got != short.Error() {
+		t.Fatalf("Err = %q, want it whole", got)
+	}
+	exact := errors.New(strings.Repeat("e", ErrLimit))
+	if got := Err(exact); got != exact.Error() {
+		t.Fatalf("Err of %d bytes cut to %q", ErrLimit, got)
+	}
+	// A huge value inside: the beginning and the root cause stay.
+	long := errors.New("agent call failed: unavailable: dial tcp: lookup " + strings.Repeat("g", 100<<10) + ": no such host")
+	got := Err(long)
+	want := long.Error()[:ErrLimit-errTail] + "…(" + strconv.Itoa(len(long.Error())) + " bytes)…" + long.Error()[len(long.Error())-errTail:]
+	if got != want {
+		t.Fatalf("Err = %q, want %q", got, want)
+	}
+	if !strings.HasPrefix(got, "agent call failed: unavailable: dial tcp: lookup ggg") || !strings.HasSuffix(got, "ggg: no such host") {
+		t.Fatalf("Err = %q lost its beginning or its end", got)
+	}
+	// Characters split at either cut are dropped whole.
+	split := errors.New("x" + strings.Repeat("€", 1000)) // 3-byte characters across both cuts
+	if got := Err(split); !utf8.ValidString(got) || strings.Contains(got, "\uFFFD") || len(got) > ErrLimit+len("……( bytes)")+4 {
+		t.Fatalf("Err = %q (%d bytes)", got, len(got))
 	}
 }
