@@ -12,8 +12,7 @@ import (
 
 func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlagSet("vigil migrate", "Create or update vigil's own tables and triggers. Safe to run from several replicas at once.", stderr)
-	db := newSecretURL("database")
-	db.register(fs, "Postgres URL of the control plane's database (required); its password is better in --database-password-file")
+	db := databaseFlags(fs)
 	controlPlane := fs.Bool("control-plane-tables", false, "also create the control plane's hosts, sandboxes and audit_logs tables when absent (dev and tests only)")
 	volumes := fs.Bool("volumes-table", false, "with --control-plane-tables, also create the volumes table of newer control planes (dev and tests only)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")

@@ -59,9 +59,11 @@ type secretURL struct {
 	passwordFile *string
 }
 
-func (s *secretURL) register(fs *flag.FlagSet, urlUsage string) {
-	fs.StringVar(s.url, s.name+"-url", "", urlUsage)
-	fs.StringVar(s.passwordFile, s.name+"-password-file", "", "file holding the password for --"+s.name+"-url (a trailing newline is ignored); keeps it out of the URL, ps and the environment")
+// passwordFileUsage is the help of a --*-password-file flag. The flags are
+// registered where they are used, with their names spelled out, so that
+// the names can be found in the source (deploy/flags_test.go does).
+func passwordFileUsage(urlFlag string) string {
+	return "file holding the password for --" + urlFlag + " (a trailing newline is ignored); keeps it out of the URL, ps and the environment"
 }
 
 // resolve is the URL to connect with: the URL with the file's password.
@@ -83,8 +85,11 @@ func (s *secretURL) resolve() (string, error) {
 	return u, nil
 }
 
-// newSecretURL is a secretURL with its own storage, for commands without a
-// config struct (migrate, shadow-report).
-func newSecretURL(name string) *secretURL {
-	return &secretURL{name: name, url: new(string), passwordFile: new(string)}
+// databaseFlags registers --database-url and --database-password-file, for
+// commands without a config struct (migrate, shadow-report).
+func databaseFlags(fs *flag.FlagSet) *secretURL {
+	s := &secretURL{name: "database", url: new(string), passwordFile: new(string)}
+	fs.StringVar(s.url, "database-url", "", "Postgres URL of the control plane's database (required); its password is better in --database-password-file")
+	fs.StringVar(s.passwordFile, "database-password-file", "", passwordFileUsage("database-url"))
+	return s
 }

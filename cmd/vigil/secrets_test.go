@@ -67,9 +67,7 @@ func TestSecretURLResolve(t *testing.T) {
 }
 
 func mkSecret(name, url, file string) *secretURL {
-	s := newSecretURL(name)
-	*s.url, *s.passwordFile = url, file
-	return s
+	return &secretURL{name: name, url: &url, passwordFile: &file}
 }
 
 // `vigil migrate` logs in with the password from --database-password-file

@@ -15,8 +15,7 @@ import (
 func runShadowReport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := cli.NewFlagSet("vigil shadow-report",
 		"Compare the changes shadow mode (vigil run --shadow) would have made with the system audit rows the control plane's own monitor wrote over the same window: per kind of change, how many agreed, how many only vigil would have made, how many only the monitor made, with the ids of the disagreements.", stderr)
-	db := newSecretURL("database")
-	db.register(fs, "Postgres URL of the control plane's database (required); its password is better in --database-password-file")
+	db := databaseFlags(fs)
 	since := fs.Duration("since", time.Hour, "the window: from this long ago")
 	slack := fs.Duration("slack", 2*time.Minute, "how far apart two sightings of one change may be (at least the longer of the two loops' intervals); the window ends this long ago, so that changes near its end can still be matched")
 	format := fs.String("format", "text", "output: text or json")
