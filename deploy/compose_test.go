@@ -3,7 +3,9 @@ package deploy
 import (
 	"context"
 	"net"
+	"net/url"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -88,6 +90,7 @@ func TestComposeServices(t *testing.T) {
 			replicas = append(replicas, name)
 		}
 		checkComposeVigilEnv(t, where, s)
+		checkComposeSecrets(t, p, where, s)
 	}
 	if len(etcd) == 0 {
 		t.Errorf("%s: no etcd service", composeFile)
@@ -109,6 +112,7 @@ func TestComposeServices(t *testing.T) {
 	if dep, ok := sim.DependsOn["migrate"]; !ok || dep.Condition != types.ServiceConditionCompletedSuccessfully {
 		t.Errorf("%s: agentsim writes hosts rows: it must wait for migrate to complete", composeFile)
 	}
+	checkComposeDatabasePassword(t, p)
 }
 
 // checkComposeVigilEnv: a container running vigil or agentsim is configured
@@ -128,6 +132,80 @@ func checkComposeVigilEnv(t *testing.T, where string, s types.ServiceConfig) {
 	}
 	if v := s.Environment["VIGIL_DATABASE_URL"]; v == nil || *v == "" {
 		t.Errorf("%s: %s needs VIGIL_DATABASE_URL", where, name)
+	}
+	// vigil takes the password from a file; agentsim, standing in for the
+	// control plane, has no such flag.
+	if strings.HasPrefix(name, "vigil ") {
+		checkURLWithoutPassword(t, where+": VIGIL_DATABASE_URL", env(s, "VIGIL_DATABASE_URL"))
+		if env(s, "VIGIL_DATABASE_PASSWORD_FILE") == "" {
+			t.Errorf("%s: %s needs VIGIL_DATABASE_PASSWORD_FILE", where, name)
+		}
+	}
+}
+
+// secretTarget is where a compose secret appears in the container.
+func secretTarget(sec types.ServiceSecretConfig) string {
+	switch {
+	case sec.Target == "":
+		return "/run/secrets/" + sec.Source
+	case path.IsAbs(sec.Target):
+		return sec.Target
+	}
+	return "/run/secrets/" + sec.Target
+}
+
+// checkComposeSecrets: every secret a service mounts is a file that exists,
+// and every *_FILE variable names a mounted secret.
+func checkComposeSecrets(t *testing.T, p *types.Project, where string, s types.ServiceConfig) {
+	t.Helper()
+	targets := map[string]bool{}
+	for _, sec := range s.Secrets {
+		targets[secretTarget(sec)] = true
+		def, ok := p.Secrets[sec.Source]
+		if !ok {
+			t.Errorf("%s: secret %q is not defined", where, sec.Source)
+			continue
+		}
+		if _, err := os.Stat(def.File); err != nil {
+			t.Errorf("%s: secret %s: %v", where, sec.Source, err)
+		}
+	}
+	for k := range s.Environment {
+		if v := env(s, k); strings.HasSuffix(k, "_FILE") && !targets[v] {
+			t.Errorf("%s: %s=%s is no secret the service mounts", where, k, v)
+		}
+	}
+}
+
+// checkComposeDatabasePassword: Postgres, vigil and agentsim agree on the
+// demo password.
+func checkComposeDatabasePassword(t *testing.T, p *types.Project) {
+	t.Helper()
+	pg := p.Services["postgres"]
+	file := env(pg, "POSTGRES_PASSWORD_FILE")
+	var secret string
+	for _, sec := range pg.Secrets {
+		if secretTarget(sec) == file {
+			secret = sec.Source
+		}
+	}
+	if secret == "" {
+		t.Fatalf("%s: postgres: POSTGRES_PASSWORD_FILE %q is no secret it mounts", composeFile, file)
+	}
+	want := strings.TrimSuffix(string(readFile(t, p.Secrets[secret].File)), "\n")
+	for name, s := range p.Services {
+		if f := env(s, "VIGIL_DATABASE_PASSWORD_FILE"); f != "" {
+			for _, sec := range s.Secrets {
+				if secretTarget(sec) == f && sec.Source != secret {
+					t.Errorf("%s: %s reads its database password from secret %s, Postgres from %s", composeFile, name, sec.Source, secret)
+				}
+			}
+		}
+		if u, err := url.Parse(env(s, "VIGIL_DATABASE_URL")); err == nil {
+			if pw, set := u.User.Password(); set && pw != want {
+				t.Errorf("%s: %s: the password in VIGIL_DATABASE_URL is not Postgres's (secret %s)", composeFile, name, secret)
+			}
+		}
 	}
 }
 

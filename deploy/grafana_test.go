@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/prometheus/model/labels"
 	promparser "github.com/prometheus/prometheus/promql/parser"
 )
 
@@ -28,9 +30,12 @@ type dashboard struct {
 }
 
 type templateVar struct {
-	Name  string `json:"name"`
-	Type  string `json:"type"`
-	Query any    `json:"query"`
+	Name       string `json:"name"`
+	Type       string `json:"type"`
+	Query      any    `json:"query"`
+	IncludeAll bool   `json:"includeAll"`
+	AllValue   string `json:"allValue"`
+	Multi      bool   `json:"multi"`
 }
 
 type panel struct {
@@ -104,6 +109,7 @@ func TestGrafanaDashboard(t *testing.T) {
 	if !hasDS {
 		t.Errorf("no datasource variable {name: datasource, type: datasource, query: prometheus}")
 	}
+	checkClusterVariable(t, d)
 
 	var all []panel
 	for _, p := range d.Panels {
@@ -158,7 +164,10 @@ func TestGrafanaDashboard(t *testing.T) {
 			if tg.Datasource != nil && tg.Datasource.UID != "${datasource}" {
 				t.Errorf("%s: query %s datasource %+v, want ${datasource}", where, tg.RefID, tg.Datasource)
 			}
-			for _, name := range checkPromQL(t, where+" query "+tg.RefID, expandGrafanaVars(tg.Expr), records) {
+			qwhere := where + " query " + tg.RefID
+			expr := withoutClusterPick(t, qwhere, tg.Expr)
+			checkClusters(t, qwhere, expr)
+			for _, name := range checkPromQL(t, qwhere, expr, records) {
 				used[name] = true
 			}
 		}
@@ -176,6 +185,62 @@ func TestGrafanaDashboard(t *testing.T) {
 			t.Errorf("%s: no panel shows %s", dashboardFile, name)
 		}
 	}
+}
+
+// picked stands for "$cluster" in a query while it is parsed: the values of
+// the cluster label that the dashboard's $cluster variable picks.
+const picked = "__picked_clusters__"
+
+// withoutClusterPick checks that every selector of a dashboard query keeps
+// to the clusters picked in $cluster, and returns the query as plain PromQL
+// without that matcher (checkPromQL knows vigil's own labels and the target
+// labels; the cluster label is the config's, mixin/config.json).
+func withoutClusterPick(t *testing.T, where, expr string) string {
+	t.Helper()
+	text := strings.ReplaceAll(expr, `"$`+clusterVariable+`"`, strconv.Quote(picked))
+	e, err := parsePromQL(expandGrafanaVars(text))
+	if err != nil {
+		t.Errorf("%s: PromQL %q does not parse: %v", where, expr, err)
+		return expandGrafanaVars(expr)
+	}
+	promparser.Inspect(e, func(n promparser.Node, _ []promparser.Node) error {
+		vs, ok := n.(*promparser.VectorSelector)
+		if !ok {
+			return nil
+		}
+		i := slices.IndexFunc(vs.LabelMatchers, func(m *labels.Matcher) bool {
+			return m.Name == clusterLabel && m.Type == labels.MatchRegexp && m.Value == picked
+		})
+		if i < 0 {
+			t.Errorf("%s: %s does not keep to %s=~\"$%s\"", where, vs, clusterLabel, clusterVariable)
+			return nil
+		}
+		vs.LabelMatchers = slices.Delete(vs.LabelMatchers, i, i+1)
+		return nil
+	})
+	return e.String()
+}
+
+// clusterVariable is the dashboard variable that picks the clusters shown.
+const clusterVariable = "cluster"
+
+// checkClusterVariable: $cluster offers the values of the cluster label of
+// vigil's targets, all of them at first, and .* for all matches targets
+// without the label too (one cluster per Prometheus).
+func checkClusterVariable(t *testing.T, d dashboard) {
+	t.Helper()
+	for _, v := range d.Templating.List {
+		if v.Name != clusterVariable {
+			continue
+		}
+		q, _ := v.Query.(map[string]any)
+		want := fmt.Sprintf(`label_values(up{job=%q}, %s)`, vigilJob, clusterLabel)
+		if v.Type != "query" || q["query"] != want || !v.IncludeAll || v.AllValue != ".*" || !v.Multi {
+			t.Errorf("%s: variable $%s: %+v, want a multi-value query variable %s including all as .*", dashboardFile, clusterVariable, v, want)
+		}
+		return
+	}
+	t.Errorf("%s: no variable $%s", dashboardFile, clusterVariable)
 }
 
 // grafanaProvisionedDatasource returns the uid of the provisioned Prometheus.
@@ -382,6 +447,7 @@ func TestGrafanaAlerting(t *testing.T) {
 						t.Errorf("%s: alert queries should be instant", qwhere)
 					}
 					checkPromQL(t, qwhere, q.Model.Expr, records)
+					checkClusters(t, qwhere, q.Model.Expr)
 				default:
 					t.Errorf("%s: datasourceUid %q is neither __expr__ nor the provisioned %q", qwhere, q.DatasourceUID, dsUID)
 				}

@@ -11,18 +11,31 @@ import (
 	"testing"
 
 	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/labels"
 	"github.com/prometheus/prometheus/model/rulefmt"
+	promparser "github.com/prometheus/prometheus/promql/parser"
 	"sigs.k8s.io/yaml"
 )
 
 const (
-	rulesFile     = "prometheus/vigil-rules.yml"
-	rulesTestFile = "prometheus/vigil-rules.test.yml"
-	promConfig    = "prometheus/prometheus.yml"
+	rulesFile  = "prometheus/vigil-rules.yml"
+	promConfig = "prometheus/prometheus.yml"
 	// runbookFile holds one section per alert; runbookURL is where operators
 	// read it, and every alert's runbook_url is runbookURL#<its anchor>.
 	runbookFile = repoRoot + "/docs/runbook.md"
 	runbookURL  = "https://github.com/vigil-sh/vigil/blob/main/docs/runbook.md"
+)
+
+// rulesTestFiles are promtool's unit tests of rulesFile: one vigil cluster
+// per Prometheus, and several in one.
+var rulesTestFiles = []string{"prometheus/vigil-rules.test.yml", "prometheus/vigil-rules.clusters.test.yml"}
+
+// The mixin's default config (mixin/config.json), which the committed files
+// are rendered for: vigil's series are those of job="vigil", and the cluster
+// label tells vigil clusters apart.
+const (
+	vigilJob     = "vigil"
+	clusterLabel = "cluster"
 )
 
 // The alerts SPEC §5 and the deployment brief require, at least.
@@ -122,6 +135,7 @@ func TestPrometheusRules(t *testing.T) {
 			name := r.Record + r.Alert
 			where := rulesFile + ": " + name
 			checkPromQL(t, where, r.Expr, records)
+			checkClusters(t, where, r.Expr)
 			if r.Record != "" {
 				if !strings.HasPrefix(r.Record, "vigil:") {
 					t.Errorf("%s: recording rules are named vigil:<metric>[:<operation>]", where)
@@ -170,33 +184,120 @@ type ruleTests struct {
 }
 
 // TestRuleUnitTestsCoverEveryAlert: every alert is shown both firing and not
-// firing in vigil-rules.test.yml.
+// firing in the rules' unit tests.
 func TestRuleUnitTestsCoverEveryAlert(t *testing.T) {
-	var rt ruleTests
-	if err := yaml.Unmarshal(readFile(t, rulesTestFile), &rt); err != nil {
-		t.Fatalf("%s: %v", rulesTestFile, err)
-	}
-	if !slices.Contains(rt.RuleFiles, filepath.Base(rulesFile)) {
-		t.Errorf("%s: rule_files %v does not load %s", rulesTestFile, rt.RuleFiles, filepath.Base(rulesFile))
-	}
 	firing, silent := map[string]int{}, map[string]int{}
-	for _, tc := range rt.Tests {
-		for _, a := range tc.AlertRuleTest {
-			if len(a.ExpAlerts) > 0 {
-				firing[a.Alertname]++
-			} else {
-				silent[a.Alertname]++
+	for _, f := range rulesTestFiles {
+		var rt ruleTests
+		if err := yaml.Unmarshal(readFile(t, f), &rt); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if !slices.Contains(rt.RuleFiles, filepath.Base(rulesFile)) {
+			t.Errorf("%s: rule_files %v does not load %s", f, rt.RuleFiles, filepath.Base(rulesFile))
+		}
+		for _, tc := range rt.Tests {
+			for _, a := range tc.AlertRuleTest {
+				if len(a.ExpAlerts) > 0 {
+					firing[a.Alertname]++
+				} else {
+					silent[a.Alertname]++
+				}
 			}
 		}
 	}
 	for _, r := range alertRules(loadRules(t)) {
 		if firing[r.Alert] == 0 {
-			t.Errorf("%s: no test shows %s firing", rulesTestFile, r.Alert)
+			t.Errorf("%v: no test shows %s firing", rulesTestFiles, r.Alert)
 		}
 		if silent[r.Alert] == 0 {
-			t.Errorf("%s: no test shows %s not firing", rulesTestFile, r.Alert)
+			t.Errorf("%v: no test shows %s not firing", rulesTestFiles, r.Alert)
 		}
 	}
+}
+
+// TestRuleUnitTestsSeveralClusters: the clusters' unit tests put two vigil
+// clusters or more in one Prometheus, expect every alert with its cluster
+// label, and show one cluster alerted while another is not.
+func TestRuleUnitTestsSeveralClusters(t *testing.T) {
+	f := rulesTestFiles[1]
+	var rt struct {
+		Tests []struct {
+			Name        string `json:"name"`
+			InputSeries []struct {
+				Series string `json:"series"`
+			} `json:"input_series"`
+			AlertRuleTest []struct {
+				ExpAlerts []struct {
+					ExpLabels map[string]string `json:"exp_labels"`
+				} `json:"exp_alerts"`
+			} `json:"alert_rule_test"`
+		} `json:"tests"`
+	}
+	if err := yaml.Unmarshal(readFile(t, f), &rt); err != nil {
+		t.Fatalf("%s: %v", f, err)
+	}
+	partly := false
+	for _, tc := range rt.Tests {
+		clusters, alerted := map[string]bool{}, map[string]bool{}
+		for _, in := range tc.InputSeries {
+			ls, err := promqlParser.ParseMetric(in.Series)
+			if err != nil {
+				t.Fatalf("%s: %q: %v", f, in.Series, err)
+			}
+			clusters[ls.Get(clusterLabel)] = true
+		}
+		for _, a := range tc.AlertRuleTest {
+			for _, e := range a.ExpAlerts {
+				alerted[e.ExpLabels[clusterLabel]] = true
+			}
+		}
+		if len(clusters) < 2 || clusters[""] {
+			t.Errorf("%s: test %q: series of clusters %v, want two or more, each series of one", f, tc.Name, sortedKeys(clusters))
+		}
+		if alerted[""] {
+			t.Errorf("%s: test %q: expects an alert without its %s label", f, tc.Name, clusterLabel)
+		}
+		partly = partly || (len(alerted) > 0 && len(alerted) < len(clusters))
+	}
+	if !partly {
+		t.Errorf("%s: no test alerts one cluster and not another", f)
+	}
+}
+
+// checkClusters checks what the mixin (mixin/README.md) promises of every
+// rule: its selectors of scraped series keep to job="vigil", and none of
+// its aggregations drops the cluster label.
+func checkClusters(t *testing.T, where, expr string) {
+	t.Helper()
+	e, err := parsePromQL(expr)
+	if err != nil {
+		t.Errorf("%s: %v", where, err)
+		return
+	}
+	promparser.Inspect(e, func(n promparser.Node, _ []promparser.Node) error {
+		switch n := n.(type) {
+		case *promparser.VectorSelector:
+			// Recorded series (vigil:…) are grouped by cluster already and
+			// no longer carry the job label.
+			if !strings.Contains(n.Name, ":") && !hasMatcher(n, "job", vigilJob) {
+				t.Errorf("%s: %s does not select job=%q", where, n, vigilJob)
+			}
+		case *promparser.AggregateExpr:
+			if slices.Contains(n.Grouping, clusterLabel) == n.Without {
+				t.Errorf("%s: %s drops the %s label", where, n.ShortString(), clusterLabel)
+			}
+		}
+		return nil
+	})
+}
+
+func hasMatcher(vs *promparser.VectorSelector, name, value string) bool {
+	for _, m := range vs.LabelMatchers {
+		if m.Name == name && m.Type == labels.MatchEqual && m.Value == value {
+			return true
+		}
+	}
+	return false
 }
 
 // TestPromtool runs promtool's own checks and the rule unit tests.
@@ -205,9 +306,13 @@ func TestPromtool(t *testing.T) {
 	if err != nil {
 		t.Skip("promtool not on PATH: run deploy/check.sh, which installs it (Debian package prometheus), to check and unit-test the rules")
 	}
+	test := []string{"test", "rules"}
+	for _, f := range rulesTestFiles {
+		test = append(test, filepath.Base(f))
+	}
 	for _, args := range [][]string{
 		{"check", "rules", filepath.Base(rulesFile)},
-		{"test", "rules", filepath.Base(rulesTestFile)},
+		test,
 		{"check", "config", filepath.Base(promConfig)},
 	} {
 		cmd := exec.Command(promtool, args...)
