@@ -284,14 +284,20 @@ func (w *workload) badOnce(ctx context.Context) error {
 			h, fn = id, f
 			break
 		}
-		if fn != nil {
-			delete(w.bad.restore, h)
-			delete(w.bad.excluded, h)
-		}
 		w.mu.Unlock()
-		if fn != nil {
-			return fn(ctx)
+		if fn == nil {
+			return nil
 		}
+		// The host counts again only once it is restored: a restore that
+		// fails (Postgres restarting) stays pending, for the next one or
+		// the quiet period's restoreAll.
+		if err := fn(ctx); err != nil {
+			return err
+		}
+		w.mu.Lock()
+		delete(w.bad.restore, h)
+		delete(w.bad.excluded, h)
+		w.mu.Unlock()
 	}
 	return nil
 }
@@ -389,19 +395,20 @@ func (w *workload) isBusy(id uuid.UUID) bool {
 	return w.busy[id]
 }
 
-// restoreAll undoes every temporary change; those hosts count again.
+// restoreAll undoes every temporary change; those hosts count again. It
+// runs after the loops stopped; a host whose restore fails stays excluded.
 func (w *workload) restoreAll(ctx context.Context) error {
 	w.mu.Lock()
 	rs := w.bad.restore
 	w.bad.restore = map[uuid.UUID]func(context.Context) error{}
-	for h := range rs {
-		delete(w.bad.excluded, h)
-	}
 	w.mu.Unlock()
-	for _, fn := range rs {
+	for h, fn := range rs {
 		if err := fn(ctx); err != nil {
 			return err
 		}
+		w.mu.Lock()
+		delete(w.bad.excluded, h)
+		w.mu.Unlock()
 	}
 	return nil
 }
