@@ -27,6 +27,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -161,30 +162,35 @@ func TestAlertsOnLivePrometheus(t *testing.T) {
 	t.Logf("%s vigil:shards_unowned peaked at %v in the %s since the delete: VigilShardsUnowned cannot see a key deleted under a live owner; VigilOwnerKeysLost is its equivalent",
 		since(start), unownedMax, window())
 
-	// --- a replica killed --------------------------------------------------------
+	// --- a replica gone silent -------------------------------------------------------
+	// SIGSTOP, not SIGKILL: a killed replica's peers revoke its lease at once
+	// and its shards are claimed in well under a second, before any scrape
+	// can see them unowned. A silent one keeps them until its lease expires.
 	victim := h.replica(killed)
-	kill(t, victim)
+	if err := victim.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
 	tKill := time.Now()
-	t.Logf("%s fault: replica %s (%s) killed with SIGKILL", since(start), killed, victim.Admin)
+	t.Logf("%s fault: replica %s (%s) paused with SIGSTOP", since(start), killed, victim.Admin)
 	down := prom.waitAlert(t, 15*time.Second, "VigilReplicaDown", "pending")
 	if down.Labels["instance"] != victim.Admin {
 		t.Errorf("VigilReplicaDown for %v, want instance %s", down.Labels, victim.Admin)
 	}
-	t.Logf("%s VigilReplicaDown pending for %s, %s after the kill", since(start), down.Labels["instance"], down.ActiveAt.Sub(tKill).Round(100*time.Millisecond))
+	t.Logf("%s VigilReplicaDown pending for %s, %s after the pause", since(start), down.Labels["instance"], down.ActiveAt.Sub(tKill).Round(100*time.Millisecond))
 	unowned := prom.waitAlert(t, 15*time.Second, "VigilShardsUnowned", "pending")
-	t.Logf("%s VigilShardsUnowned pending (%s shards) %s after the kill: the dead replica's lease still holds its shards",
+	t.Logf("%s VigilShardsUnowned pending (%s shards) %s after the pause: the silent replica's lease still holds its shards",
 		since(start), strings.TrimSuffix(strings.TrimSuffix(unowned.Value, "e+00"), ".0"), unowned.ActiveAt.Sub(tKill).Round(100*time.Millisecond))
 	survivors := slices.DeleteFunc(slices.Clone(ids), func(id string) bool { return id == killed })
 	settled := h.waitSettled(ttl+5*time.Second, survivors...)
-	t.Logf("%s survivors own every shard %s after the kill (lease TTL %s)", since(start), settled.Sub(tKill).Round(10*time.Millisecond), ttl)
+	t.Logf("%s survivors own every shard %s after the pause (lease TTL %s)", since(start), settled.Sub(tKill).Round(10*time.Millisecond), ttl)
 	prom.waitFor(t, 15*time.Second, "VigilShardsUnowned resolved after the failover", func() (bool, string) {
 		a, err := prom.alert("VigilShardsUnowned")
 		return err == nil && a == nil, fmt.Sprint(a, err)
 	})
-	t.Logf("%s VigilShardsUnowned resolved %s after the kill, well inside its for: 1m", since(start), since(tKill))
+	t.Logf("%s VigilShardsUnowned resolved %s after the pause, well inside its for: 1m", since(start), since(tKill))
 
 	down = prom.waitAlert(t, 80*time.Second, "VigilReplicaDown", "firing")
-	t.Logf("%s VigilReplicaDown firing %s after the kill (for: 1m)", since(start), since(tKill))
+	t.Logf("%s VigilReplicaDown firing %s after the pause (for: 1m)", since(start), since(tKill))
 
 	// --- the lag, fed by the truthful signal -----------------------------------------
 	lagHang, _ := prom.scalar(`vigil:shard_reconcile_lag_seconds:max`)
