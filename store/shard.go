@@ -397,7 +397,10 @@ func applyChanges(ctx context.Context, tx pgx.Tx, f Fence, cs []Change, applied 
 // applyChangesSQL: rows are locked in id order (the input is sorted by the
 // caller's pass order; the update's join decides the rest), one statement
 // for everything: the compare-and-set updates, then audit, journal and
-// outbox rows for exactly the updates that matched.
+// outbox rows for exactly the updates that matched. Journal and outbox rows
+// are numbered in the input's order, so within a shard the journal's order
+// is the stream's, down to the events of one transaction (the join alone
+// would number the journal rows in whatever order the plan yields them).
 const applyChangesSQL = `
 		with c as (
 			select * from unnest($1::int[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
@@ -418,7 +421,8 @@ const applyChangesSQL = `
 		jr as (
 			insert into vigil_journal (shard, token, replica, host_id, sandbox_id, change, event_id)
 			select $14, $15, $16, upd.host_id, upd.id, upd.from_status || '->' || upd.to_status, e.id
-			  from upd left join e on e.idx = upd.idx),
+			  from upd left join e on e.idx = upd.idx
+			 order by upd.idx),
 		ev as (
 			insert into vigil_events (shard, vigil_id, event, payload)
 			select $14, e.id, e.name, e.payload
