@@ -22,7 +22,7 @@ type Publisher interface {
 // afterPublish runs after Redis acknowledged a batch and before its outbox
 // rows are deleted. Only a test build sets it (testhooks.go), to kill the
 // process exactly there.
-var afterPublish func()
+var afterPublish func(evs []events.Event)
 
 // relayBackoff bounds the relay's retry delay while Redis fails.
 const (
@@ -72,7 +72,7 @@ func (r *Reconciler) relay(ctx context.Context, f store.Fence, label string) err
 			r.m.published.WithLabelValues(e.Name).Inc()
 		}
 		if afterPublish != nil {
-			afterPublish()
+			afterPublish(evs)
 		}
 		if err := r.outbox.DeleteEvents(ctx, f, seqs); err != nil {
 			return r.fenced(err)
