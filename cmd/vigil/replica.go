@@ -128,7 +128,7 @@ func (c *replicaConfig) flags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.AgentTimeout, "agent-timeout", 0, "deadline of every agent RPC (default: 5s, or half of --lease-ttl when that is shorter)")
 	fs.IntVar(&c.AgentMaxBytes, "agent-max-response-bytes", agentpool.DefaultMaxResponseBytes, "largest agent answer accepted")
 	fs.IntVar(&c.AgentTLSSessions, "agent-tls-sessions", agentpool.DefaultTLSSessions, "agents' TLS sessions kept for resumption, about 4 KiB each (bounds memory); keep it above the hosts a replica owns, or dials beyond the idle connections handshake in full")
-	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", agentpool.DefaultMaxIdleConns, "idle keep-alive connections to agents kept across the replica, one file descriptor each and no goroutine (bounds file descriptors); agents beyond it are dialled anew on each call, resuming TLS sessions")
+	fs.IntVar(&c.AgentMaxIdle, "agent-max-idle-conns", 0, "idle keep-alive connections to agents kept across the replica, one file descriptor each and no goroutine; agents beyond it are dialled anew on each call, resuming TLS sessions. 0: derived from the open-files limit (the limit less --agent-concurrency, --db-max-conns and 256), so that every owned agent keeps its connection")
 	fs.DurationVar(&c.AgentIdleTimeout, "agent-idle-timeout", 0, "an agent not called for this long has its idle connection closed and its client dropped (default: 1.5 × --interval, at least 10s)")
 	fs.StringVar(&c.AgentCAFile, "agent-ca-file", "", "CA bundle for agent mutual TLS")
 	fs.StringVar(&c.AgentCertFile, "agent-cert-file", "", "client certificate for agent mutual TLS")
@@ -427,7 +427,6 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildinfo.NewCollector())
-	checkOpenFiles(c, log)
 	dbURL, err := c.database().resolve()
 	if err != nil {
 		return usageErr(err)
@@ -444,7 +443,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	defer st.Close()
 	pool, err := agentpool.New(agentpool.Config{
 		Timeout: c.AgentTimeout, MaxResponseBytes: c.AgentMaxBytes,
-		MaxIdleConns: max(c.AgentMaxIdle, 1), IdleTimeout: c.AgentIdleTimeout, TLSSessions: c.AgentTLSSessions,
+		MaxIdleConns: idleConns(c, log), IdleTimeout: c.AgentIdleTimeout, TLSSessions: c.AgentTLSSessions,
 		CAFile: c.AgentCAFile, CertFile: c.AgentCertFile, KeyFile: c.AgentKeyFile,
 		Logger: log.Named("agents"), Registerer: reg,
 	})
