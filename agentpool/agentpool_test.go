@@ -37,6 +37,9 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(idleAgentsEnv) != "" { // a child of BenchmarkIdleConnMemory
+		os.Exit(serveIdleAgents())
+	}
 	goleak.VerifyTestMain(m)
 }
 
@@ -802,7 +805,7 @@ type certAuthority struct {
 	pem  []byte
 }
 
-func newCA(t *testing.T, cn string) *certAuthority {
+func newCA(t testing.TB, cn string) *certAuthority {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -830,7 +833,7 @@ func newCA(t *testing.T, cn string) *certAuthority {
 
 // issue signs a leaf certificate for cn with the given usage and returns it
 // as PEM certificate and PEM key.
-func (ca *certAuthority) issue(t *testing.T, cn string, usage x509.ExtKeyUsage) (certPEM, keyPEM []byte) {
+func (ca *certAuthority) issue(t testing.TB, cn string, usage x509.ExtKeyUsage) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -864,7 +867,7 @@ func (ca *certAuthority) issue(t *testing.T, cn string, usage x509.ExtKeyUsage) 
 		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
 }
 
-func writeFile(t *testing.T, dir, name string, data []byte) string {
+func writeFile(t testing.TB, dir, name string, data []byte) string {
 	t.Helper()
 	path := filepath.Join(dir, name)
 	if err := os.WriteFile(path, data, 0o600); err != nil {
