@@ -114,7 +114,7 @@ func New(cfg Config) (*Pool, error) {
 	// sit between every owner and its agents unnoticed.
 	dialer := &net.Dialer{Timeout: cfg.Timeout, KeepAlive: keepAlive}
 	p.tr = &transport{dial: dialer.DialContext, maxIdle: cfg.MaxIdleConns, idleTimeout: cfg.IdleTimeout,
-		maxHeader: maxResponseHeaderBytes, now: func() time.Time { return p.now() }, idle: map[string]*conn{}}
+		maxHeader: maxResponseHeaderBytes, now: func() time.Time { return p.now() }, idle: map[string]*conn{}, slots: map[string]bool{}}
 	if cfg.tlsEnabled() {
 		tlsCfg, err := loadTLS(cfg)
 		if err != nil {

@@ -701,6 +701,55 @@ func TestIdleConnectionsAreCapped(t *testing.T) {
 	})
 }
 
+// With more agents than idle slots, the same agents keep their connection
+// from sweep to sweep and only the others dial, even with every call of a
+// sweep in flight at once (a slot is held while its connection is in use).
+func TestKeptConnectionsStayWithTheirAgents(t *testing.T) {
+	const agents, slots, sweeps = 8, 3, 6
+	addrs := make([]string, agents)
+	opened := make([]func() int, agents)
+	for i := range agents {
+		addrs[i], opened[i] = countingAgent(t, &fakeAgent{})
+	}
+	p := newPool(t, Config{MaxIdleConns: slots})
+	ids := make([]uuid.UUID, agents)
+	for i := range ids {
+		ids[i] = uuid.New()
+	}
+	total := func() (n int) {
+		for _, o := range opened {
+			n += o()
+		}
+		return n
+	}
+	for sweep := range sweeps {
+		before := total()
+		var wg sync.WaitGroup
+		for i := range agents {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := p.ListSandboxes(t.Context(), ids[i], addrs[i]); err != nil {
+					t.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		if dials := total() - before; sweep > 0 && dials != agents-slots {
+			t.Fatalf("sweep %d dialled %d agents, want %d (the %d without a slot)", sweep, dials, agents-slots, agents-slots)
+		}
+	}
+	kept := 0
+	for i := range agents {
+		if opened[i]() == 1 {
+			kept++
+		}
+	}
+	if kept != slots {
+		t.Fatalf("%d agents kept their first connection through %d sweeps, want %d", kept, sweeps, slots)
+	}
+}
+
 func TestConcurrentCallsAndLen(t *testing.T) {
 	addrA, recA := startAgent(t, &fakeAgent{})
 	addrB, recB := startAgent(t, &fakeAgent{})

@@ -19,11 +19,16 @@ import (
 // thousands of agents' connections can stay open between passes for the
 // price of their file descriptors.
 //
-// Idle connections: at most one per agent and maxIdle in all; one returning
-// to a full pool is closed (the ones kept are the ones reused: agents are
-// called round-robin, and evicting the least recently used would evict
-// exactly the next one needed). An idle connection older than idleTimeout
-// is closed.
+// Idle connections: at most one per agent and maxIdle in all. An agent whose
+// connection is kept holds a slot while its connection is in use too, so
+// that with more agents than slots the same agents keep theirs sweep after
+// sweep and the others dial: a slot freed by every call in flight would go
+// to whichever call ends first, and the kept set would drift, each sweep
+// dialling agents that had a connection the sweep before. (Evicting the
+// least recently used would be worse still: agents are called round-robin,
+// so it would evict exactly the next one needed.) A slot is given up when
+// its connection is closed. An idle connection older than idleTimeout is
+// closed.
 //
 // A request on a reused connection that fails before any byte of the answer
 // arrived (the agent closed it while idle) is retried once on a new
@@ -40,12 +45,15 @@ type transport struct {
 
 	mu        sync.Mutex
 	idle      map[string]*conn // by agent ("host:port")
+	slots     map[string]bool  // agents holding a slot: their connection is idle or in use
 	lastSweep time.Time
 }
 
 // conn is one connection to an agent.
 type conn struct {
+	t      *transport
 	key    string
+	slot   bool // it holds its agent's slot (see transport)
 	nc     net.Conn
 	cr     *countingReader
 	br     *bufio.Reader
@@ -135,7 +143,7 @@ func (t *transport) open(ctx context.Context, scheme, addr string) (*conn, error
 		}
 		nc = tc
 	}
-	c := &conn{key: addr, nc: nc, cr: &countingReader{r: nc, limit: -1}}
+	c := &conn{t: t, key: addr, nc: nc, cr: &countingReader{r: nc, limit: -1}}
 	c.attach()
 	return c, nil
 }
@@ -149,6 +157,12 @@ var readers, writers sync.Pool
 func (c *conn) discard() {
 	c.nc.Close()
 	c.release()
+	if c.slot {
+		c.slot = false
+		c.t.mu.Lock()
+		delete(c.t.slots, c.key)
+		c.t.mu.Unlock()
+	}
 }
 
 // release gives c's buffers back (an idle connection needs none: nothing is
@@ -269,7 +283,8 @@ func (t *transport) take(key string) (*conn, bool) {
 	return c, c != nil
 }
 
-// put keeps c idle if there is room; otherwise closes it.
+// put keeps c idle if it holds its agent's slot or a slot is free;
+// otherwise closes it.
 func (t *transport) put(c *conn) {
 	if err := c.nc.SetDeadline(time.Time{}); err != nil {
 		c.discard()
@@ -279,7 +294,11 @@ func (t *transport) put(c *conn) {
 	c.idleAt = now
 	t.mu.Lock()
 	stale := t.sweepLocked(now)
-	keep := t.idle[c.key] == nil && len(t.idle) < t.maxIdle
+	if !c.slot && !t.slots[c.key] && len(t.slots) < t.maxIdle {
+		c.slot = true
+		t.slots[c.key] = true
+	}
+	keep := c.slot && t.idle[c.key] == nil
 	if keep {
 		c.release()
 		t.idle[c.key] = c
