@@ -3,7 +3,6 @@ package deploy
 import (
 	"bytes"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io/fs"
 	"net"
@@ -31,8 +30,6 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 )
-
-var update = flag.Bool("update", false, "rewrite generated files (kubernetes/prometheus-operator/prometheusrule.yaml) instead of checking them")
 
 const (
 	k8sDir            = "kubernetes"
@@ -852,24 +849,11 @@ func prometheusRuleFor(t *testing.T) *monitoringv1.PrometheusRule {
 	return pr
 }
 
-const generatedHeader = `# Code generated from deploy/prometheus/vigil-rules.yml by
-# "go test ./... -run TestPrometheusRule -update" in deploy/. DO NOT EDIT.
-`
-
 // TestPrometheusRuleMatchesRules: the operator's PrometheusRule carries exactly
-// the rules of vigil-rules.yml (which promtool tests). -update rewrites it.
+// the rules of vigil-rules.yml (which promtool tests); deploy/mixin renders
+// both.
 func TestPrometheusRuleMatchesRules(t *testing.T) {
 	want := prometheusRuleFor(t)
-	if *update {
-		b, err := yaml.Marshal(want)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b = bytes.ReplaceAll(b, []byte("  creationTimestamp: null\n"), nil)
-		if err := os.WriteFile(prometheusRuleGen, append([]byte(generatedHeader), b...), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
 	obj, err := decodeStrict(readFile(t, prometheusRuleGen))
 	if err != nil {
 		t.Fatalf("%s: %v", prometheusRuleGen, err)
@@ -881,7 +865,7 @@ func TestPrometheusRuleMatchesRules(t *testing.T) {
 	gj, _ := json.Marshal(got.Spec)
 	wj, _ := json.Marshal(want.Spec)
 	if !bytes.Equal(gj, wj) {
-		t.Errorf("%s is out of date with %s: run `go test ./... -run TestPrometheusRule -update` in deploy/", prometheusRuleGen, rulesFile)
+		t.Errorf("%s is out of date with %s: run `go run ./mixin` in deploy/", prometheusRuleGen, rulesFile)
 	}
 }
 
