@@ -425,6 +425,7 @@ func runReplica(ctx context.Context, c replicaConfig, log hclog.Logger, boundAdd
 	if err := c.validate(); err != nil {
 		return usageErr(err)
 	}
+	setMemoryLimit(log)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildinfo.NewCollector())
 	dbURL, err := c.database().resolve()
