@@ -118,7 +118,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.Sandboxes, "sandboxes", 20, "sandboxes per host")
 	fs.DurationVar(&o.Latency, "latency", 2*time.Millisecond, "base answer delay of every agent (agentsim --latency)")
 	fs.StringVar(&replicas, "replicas", "1,3", "replica counts to measure, comma-separated; the largest (at least 2) also runs failover and handover")
-	fs.StringVar(&transports, "transports", "plain,mtls", "agent transports to measure: plain, mtls")
+	fs.StringVar(&transports, "transports", "mtls,plain", "agent transports to measure, in this order: mtls (production agents speak mutual TLS: the headline) and plain (the reference)")
 	fs.DurationVar(&o.Duration, "duration", 10*time.Second, "window of each measurement: the RPC ceiling, the seed loop, and (at least) the steady sweeps of each configuration")
 	fs.IntVar(&o.Sweeps, "sweeps", 3, "steady sweeps per configuration (more until -duration has passed; fewer, at least 1, once 3 × -duration has); the median is reported")
 	fs.StringVar(&o.Out, "out", filepath.Join("bench", "results"), "directory for <UTC timestamp>.json, latest.json and profiles")
