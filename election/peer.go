@@ -279,11 +279,12 @@ func (ob *observer) look(ctx context.Context, t peerTarget, timeout time.Duratio
 func (ob *observer) revoke(t peerTarget, log hclog.Logger) {
 	result := "revoked"
 	defer func() { ob.n.m.peerRevocations.WithLabelValues(result).Inc() }()
+	now := time.Now()
 	switch {
 	case !ob.sess.Valid():
 		result = "no_session"
 		return
-	case !ob.limit.allow(time.Now()):
+	case !ob.limit.allow(now):
 		result = "rate_limited"
 		log.Warn("not revoking: too many revocations lately", "addr", t.addr)
 		return
@@ -295,7 +296,13 @@ func (ob *observer) revoke(t peerTarget, log hclog.Logger) {
 	_, err := ob.n.cfg.Client.Revoke(rctx, t.lease)
 	switch {
 	case isLeaseGone(err):
+		// Nothing was revoked (another observer was first, or the TTL):
+		// the attempt does not count against this observer's budget, so a
+		// burst of crashes each observer sees is not slowed by the others'
+		// revocations. A broken observer gains nothing: a live peer's lease
+		// is not gone.
 		result = "already_gone"
+		ob.limit.giveBack(now)
 	case err != nil:
 		result = "error"
 		log.Warn("revoking the peer's lease failed; it expires with its TTL", "error", err)
@@ -330,6 +337,18 @@ func (r *revocations) allow(now time.Time) bool {
 	}
 	r.times = append(r.times, now)
 	return true
+}
+
+// giveBack undoes the allow at `at`: that attempt revoked nothing.
+func (r *revocations) giveBack(at time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i, t := range r.times {
+		if t.Equal(at) {
+			r.times = append(r.times[:i], r.times[i+1:]...)
+			return
+		}
+	}
 }
 
 // peerTargets are the other members of the view, each with its lease and

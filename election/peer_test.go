@@ -194,6 +194,24 @@ func TestRevocationsAreRateLimited(t *testing.T) {
 	}
 }
 
+// An attempt that found the lease already gone revoked nothing and is given
+// back: three crashes in one TTL, the first of them revoked by another
+// observer first, are all within this observer's budget.
+func TestAnAttemptOnAGoneLeaseIsGivenBack(t *testing.T) {
+	r := newRevocations(10 * time.Second)
+	t0 := time.Now()
+	if !r.allow(t0) {
+		t.Fatal("the first refused")
+	}
+	r.giveBack(t0)
+	if !r.allow(t0.Add(time.Second)) || !r.allow(t0.Add(2*time.Second)) {
+		t.Fatal("refused after the first attempt was given back")
+	}
+	if r.allow(t0.Add(3 * time.Second)) {
+		t.Fatal("a third revocation within the TTL allowed")
+	}
+}
+
 // PeerHandler answers under the session's lease and holds the connection
 // until the session ends.
 func TestPeerHandlerHoldsUntilTheSessionEnds(t *testing.T) {
