@@ -160,6 +160,10 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		c.LeaseTTL, c.Interval, c.UnreachableAfter = *ttl, *interval, unreachableAfter
 		c.HTTPAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i))
 		c.EventsRedisURL, c.EventsStream, c.Shadow = redisURL, *eventsStream, *shadow
+		// The replicas share this process's open-files limit: each gets its
+		// share of the budget one replica alone would derive.
+		limit, known := openFilesLimit()
+		c.AgentMaxIdle = max(1, agentConnBudget(limit, known, c) / *replicas)
 		if *agentTLS {
 			c.AgentCAFile, c.AgentCertFile, c.AgentKeyFile = pki.CA, pki.ClientCert, pki.ClientKey
 		}
