@@ -60,34 +60,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "vigil_cluster_shards",
 			Help: "The cluster's shard count (fixed at cluster creation).",
 		}),
-		peersWatched: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "vigil_peers_watched",
-			Help: "Other replica processes this replica holds a liveness connection to (crash failover).",
-		}),
-		peersConnected: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "vigil_peers_connected",
-			Help: "Of the watched replica processes, those whose liveness connection is open now (the others are being dialled or left to their lease).",
-		}),
-		peerSuspicions: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_peer_suspicions_total",
-			Help: "Liveness connections to another replica that ended: each is confirmed with one re-dial.",
-		}),
-		peerConfirmations: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_peer_confirmations_total",
-			Help: "Replica processes found gone (re-dial refused, or another incarnation answering): their lease is revoked.",
-		}),
-		peerFalseAlarms: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_peer_false_alarms_total",
-			Help: "Liveness connections that ended while the re-dial found the same incarnation alive: nothing revoked.",
-		}),
-		peerUnconfirmed: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "vigil_peer_unconfirmed_total",
-			Help: "Liveness connections that ended while the re-dial got no answer (timeout, unreachable): left to the lease TTL.",
-		}),
-		peerRevocations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "vigil_peer_revocations_total",
-			Help: "Revocations of a gone replica's lease by result (revoked, already_gone, no_session, rate_limited, error).",
-		}, []string{"result"}),
 	}
 	// Known label values start at zero, so a rate or increase sees even a
 	// process's first loss or anomaly.
@@ -97,14 +69,49 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	for _, k := range anomalyKinds {
 		m.anomalies.WithLabelValues(k)
 	}
+	if reg != nil {
+		reg.MustRegister(m.owned, m.leader, m.acquisitions, m.losses, m.anomalies, m.sessions, m.expirations, m.assignments, m.shards)
+	}
+	m.addPeerMetrics(reg)
+	return m
+}
+
+// addPeerMetrics adds crash failover's metrics (peer observation).
+func (m *metrics) addPeerMetrics(reg prometheus.Registerer) {
+	m.peersWatched = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "vigil_peers_watched",
+		Help: "Other replica processes this replica holds a liveness connection to (crash failover).",
+	})
+	m.peersConnected = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "vigil_peers_connected",
+		Help: "Of the watched replica processes, those whose liveness connection is open now (the others are being dialled or left to their lease).",
+	})
+	m.peerSuspicions = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "vigil_peer_suspicions_total",
+		Help: "Liveness connections to another replica that ended: each is confirmed with one re-dial.",
+	})
+	m.peerConfirmations = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "vigil_peer_confirmations_total",
+		Help: "Replica processes found gone (re-dial refused, or another incarnation answering): their lease is revoked.",
+	})
+	m.peerFalseAlarms = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "vigil_peer_false_alarms_total",
+		Help: "Liveness connections that ended while the re-dial found the same incarnation alive: nothing revoked.",
+	})
+	m.peerUnconfirmed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "vigil_peer_unconfirmed_total",
+		Help: "Liveness connections that ended while the re-dial got no answer (timeout, unreachable): left to the lease TTL.",
+	})
+	m.peerRevocations = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "vigil_peer_revocations_total",
+		Help: "Revocations of a gone replica's lease by result (revoked, already_gone, no_session, rate_limited, error).",
+	}, []string{"result"})
 	for _, r := range []string{"revoked", "already_gone", "no_session", "rate_limited", "error"} {
 		m.peerRevocations.WithLabelValues(r)
 	}
 	if reg != nil {
-		reg.MustRegister(m.owned, m.leader, m.acquisitions, m.losses, m.anomalies, m.sessions, m.expirations, m.assignments, m.shards,
-			m.peersWatched, m.peersConnected, m.peerSuspicions, m.peerConfirmations, m.peerFalseAlarms, m.peerUnconfirmed, m.peerRevocations)
+		reg.MustRegister(m.peersWatched, m.peersConnected, m.peerSuspicions, m.peerConfirmations, m.peerFalseAlarms, m.peerUnconfirmed, m.peerRevocations)
 	}
-	return m
 }
 
 // anomalyKinds are the kind label values of vigil_etcd_anomalies_total.
