@@ -1,0 +1,4 @@
+package store
+
+// ReadHostsSQL is ReadHosts' statement, for the plan test.
+const ReadHostsSQL = readHostsSQL
