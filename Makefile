@@ -59,6 +59,14 @@ bench-smoke: build
 	$(SETUP) --no-promtool
 	$(GO) run ./bench -smoke -bin $(BIN) $(BENCH_FLAGS)
 
+## bench-fleet: the fleet-scale run (about 20 min, not in `make test`): 100,000 hosts × 20 sandboxes over mutual
+## TLS, 10 replicas at the default 30 s interval, each shard's lag and the whole fleet's cost watched for 5 min,
+## then a replica killed; writes bench/results/fleet/<UTC timestamp>.json. BENCH_FLAGS: -hosts 50000, -duration 10m, ...
+.PHONY: bench-fleet
+bench-fleet: build
+	$(SETUP) --no-promtool
+	$(GO) run ./bench -fleet -bin $(BIN) -out bench/results/fleet $(BENCH_FLAGS)
+
 ## chaos: the nemesis harness (chaos/, see chaos/README.md): three etcd processes, agentsim with 1,000 hosts and
 ## churn, 3-5 replicas behind fault proxies, a seeded mix of faults and bad input, a quiet period, then the checker
 ## over the journal, etcd's record and the agents' records; then the same against a build with the fence check

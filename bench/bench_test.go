@@ -47,6 +47,35 @@ func TestSmoke(t *testing.T) {
 	}
 }
 
+// TestFleetSmoke runs `bench -fleet -smoke`: the fleet-scale run's every
+// figure on a small fleet, a replica killed included.
+func TestFleetSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a fleet of real processes; skipped in -short mode")
+	}
+	bin := os.Getenv("VIGIL_BENCH_BIN")
+	if bin == "" {
+		bin = t.TempDir()
+		cmd := exec.Command("go", "build", "-o", bin+string(filepath.Separator), "./cmd/...")
+		cmd.Dir = ".."
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build ./cmd/...: %v\n%s", err, out)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	code := run(ctx, []string{"-fleet", "-smoke", "-bin", bin, "-out", t.TempDir()}, &stdout, &stderr)
+	if code != 0 {
+		t.Fatalf("bench -fleet -smoke exited %d\n--- stdout\n%s\n--- stderr\n%s", code, stdout.String(), stderr.String())
+	}
+	for _, want := range []string{"smoke: ok", "reconcile lag, max over shards and window", "its shards claimed by others, max"} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Fatalf("no %q in the output:\n%s", want, stdout.String())
+		}
+	}
+}
+
 func TestParseMetrics(t *testing.T) {
 	text := `# HELP vigil_reconciles_total Host reconciles.
 # TYPE vigil_reconciles_total counter

@@ -8,6 +8,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,7 +26,7 @@ type cluster struct {
 	own       *ownership
 	ctx       context.Context // ends at close: samplers, watch
 	cancel    context.CancelFunc
-	seq       int
+	seq       int       // guarded by mu: replicas may start at once
 	deadline  time.Time // this step's share of -budget; every wait ends by it
 
 	steadySweep time.Duration // median steady sweep, once measured
@@ -59,20 +60,44 @@ func newCluster(ctx context.Context, e *env, transport string, n int, interval, 
 		c.cancel()
 		return nil, err
 	}
-	for range n {
-		if _, err := c.start(ctx); err != nil {
-			c.close()
-			return nil, err
-		}
+	if err := c.startN(ctx, n); err != nil {
+		c.close()
+		return nil, err
 	}
 	return c, nil
+}
+
+// startN starts n replicas: one after another, or under -fleet all at once,
+// as a fresh deployment does (one rebalance instead of n).
+func (c *cluster) startN(ctx context.Context, n int) error {
+	if !c.e.opts.Fleet {
+		for range n {
+			if _, err := c.start(ctx); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	errs := make(chan error, n)
+	for range n {
+		go func() { _, err := c.start(ctx); errs <- err }()
+	}
+	var first error
+	for range n {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 // start adds one replica and waits for its admin listener.
 func (c *cluster) start(ctx context.Context) (*replica, error) {
 	o := c.e.opts
+	c.mu.Lock()
 	c.seq++
 	id := fmt.Sprintf("%s-r%d", c.name, c.seq)
+	c.mu.Unlock()
 	admin, err := freeAddr()
 	if err != nil {
 		return nil, err
@@ -93,6 +118,9 @@ func (c *cluster) start(ctx context.Context) (*replica, error) {
 	}
 	if o.AgentConcurrency > 0 && c.e.caps.VigilAgentConcurrency {
 		args = append(args, "--agent-concurrency", strconv.Itoa(o.AgentConcurrency))
+	}
+	if o.DBMaxConns > 0 {
+		args = append(args, "--db-max-conns", strconv.Itoa(o.DBMaxConns))
 	}
 	if o.Profile && c.e.caps.VigilDebugPprof {
 		args = append(args, "--debug-pprof")
@@ -133,7 +161,13 @@ const samplePeriod = 250 * time.Millisecond
 
 // sample scrapes r every samplePeriod until it exits or the cluster closes.
 func (c *cluster) sample(r *replica) {
-	t := time.NewTicker(samplePeriod)
+	period := samplePeriod
+	if c.e.opts.Fleet {
+		// Ten replicas of 256 shards' gauges, four times a second, would
+		// be a load of the bench's own.
+		period = time.Second
+	}
+	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
 		select {
@@ -144,7 +178,7 @@ func (c *cluster) sample(r *replica) {
 		case <-t.C:
 		}
 		r.mu.Lock()
-		recent := time.Since(r.lastScrape) < samplePeriod*4/5
+		recent := time.Since(r.lastScrape) < period*4/5
 		r.mu.Unlock()
 		if !recent {
 			if s, err := fetchMetrics(c.ctx, r.admin); err == nil {
@@ -415,18 +449,21 @@ type counters struct {
 	replicas map[string]replicaCounters
 	simCPU   float64
 	pgCPU    float64 // every postgres process on the machine
+	ownCPU   float64 // this process: the embedded etcd, the scrapes
 	tlsFull  float64 // agentsim's full TLS handshakes, all processes; -1: unknown
 }
 
 type replicaCounters struct {
-	cpu        float64
-	statements float64
-	writeTxns  float64
-	active     float64 // active reconciles, any result
-	recovered  float64 // snapshotting -> running transitions
-	agentErrs  float64 // failed ListSandboxes calls
-	hostErrs   float64 // active reconciles that failed in the database (result error)
-	failedTxns float64 // fenced write transactions that failed
+	cpu          float64
+	statements   float64
+	writeTxns    float64
+	active       float64 // active reconciles, any result
+	recovered    float64 // snapshotting -> running transitions
+	agentErrs    float64 // failed ListSandboxes calls
+	hostErrs     float64 // active reconciles that failed in the database (result error)
+	failedTxns   float64 // fenced write transactions that failed
+	sessionsLost float64 // etcd sessions lost (keep-alives unacknowledged, lease expired)
+	claims       float64 // shards acquired
 }
 
 // snapshot reads every counter. A replica whose scrape fails is missing
@@ -447,14 +484,16 @@ func (c *cluster) snapshot(ctx context.Context, f *fleet) (counters, error) {
 		cpu := r.cpu
 		r.mu.Unlock()
 		s.replicas[r.id] = replicaCounters{
-			cpu:        cpu,
-			statements: sc.sum(mStatements, nil),
-			writeTxns:  sc.sum(mWriteTxns, nil),
-			active:     sc.sum(mReconciles, map[string]string{"kind": "active"}),
-			recovered:  sc.sum(mTransitions, map[string]string{"from": "snapshotting", "to": "running"}),
-			agentErrs:  sc.sum(mAgentErrors, map[string]string{"procedure": "ListSandboxes"}),
-			hostErrs:   sc.sum(mReconciles, map[string]string{"kind": "active", "result": "error"}),
-			failedTxns: sc.sum(mWriteTxns, map[string]string{"result": "failed"}),
+			cpu:          cpu,
+			statements:   sc.sum(mStatements, nil),
+			writeTxns:    sc.sum(mWriteTxns, nil),
+			active:       sc.sum(mReconciles, map[string]string{"kind": "active"}),
+			recovered:    sc.sum(mTransitions, map[string]string{"from": "snapshotting", "to": "running"}),
+			agentErrs:    sc.sum(mAgentErrors, map[string]string{"procedure": "ListSandboxes"}),
+			hostErrs:     sc.sum(mReconciles, map[string]string{"kind": "active", "result": "error"}),
+			failedTxns:   sc.sum(mWriteTxns, map[string]string{"result": "failed"}),
+			sessionsLost: sc.sum(mSessionLosses, nil),
+			claims:       sc.sum(mAcquisitions, nil),
 		}
 	}
 	for _, pid := range f.pids() {
@@ -463,6 +502,9 @@ func (c *cluster) snapshot(ctx context.Context, f *fleet) (counters, error) {
 		}
 	}
 	s.pgCPU = postgresCPU()
+	if v, err := procCPU(os.Getpid()); err == nil {
+		s.ownCPU = v
+	}
 	s.tlsFull = f.fullHandshakes(ctx)
 	if s.pg, err = c.e.pgStats(ctx); err != nil {
 		return s, err
@@ -476,25 +518,28 @@ func (c *cluster) snapshot(ctx context.Context, f *fleet) (counters, error) {
 
 // delta is b − a, summed over the replicas present in both.
 type delta struct {
-	window     time.Duration
-	pg         pgStats
-	etcd       etcdStats
-	cpu        float64
-	simCPU     float64
-	pgCPU      float64
-	tlsFull    float64 // -1: unknown
-	statements float64
-	writeTxns  float64
-	active     float64
-	recovered  float64
-	agentErrs  float64
-	hostErrs   float64
-	failedTxns float64
-	replicas   int
+	window       time.Duration
+	pg           pgStats
+	etcd         etcdStats
+	cpu          float64
+	simCPU       float64
+	pgCPU        float64
+	ownCPU       float64
+	tlsFull      float64 // -1: unknown
+	statements   float64
+	writeTxns    float64
+	active       float64
+	recovered    float64
+	agentErrs    float64
+	hostErrs     float64
+	failedTxns   float64
+	sessionsLost float64
+	claims       float64
+	replicas     int
 }
 
 func (b counters) sub(a counters) delta {
-	d := delta{window: b.at.Sub(a.at), pg: b.pg.sub(a.pg), etcd: b.etcd.sub(a.etcd), simCPU: b.simCPU - a.simCPU, pgCPU: b.pgCPU - a.pgCPU, tlsFull: -1}
+	d := delta{window: b.at.Sub(a.at), pg: b.pg.sub(a.pg), etcd: b.etcd.sub(a.etcd), simCPU: b.simCPU - a.simCPU, pgCPU: b.pgCPU - a.pgCPU, ownCPU: b.ownCPU - a.ownCPU, tlsFull: -1}
 	if a.tlsFull >= 0 && b.tlsFull >= 0 {
 		d.tlsFull = b.tlsFull - a.tlsFull
 	}
@@ -512,6 +557,8 @@ func (b counters) sub(a counters) delta {
 		d.agentErrs += rb.agentErrs - ra.agentErrs
 		d.hostErrs += rb.hostErrs - ra.hostErrs
 		d.failedTxns += rb.failedTxns - ra.failedTxns
+		d.sessionsLost += rb.sessionsLost - ra.sessionsLost
+		d.claims += rb.claims - ra.claims
 	}
 	return d
 }

@@ -204,15 +204,17 @@ type capabilities struct {
 
 // Metrics the figures read from the replicas.
 const (
-	mStatements  = "vigil_db_statements_total"
-	mWriteTxns   = "vigil_db_write_transactions_total"
-	mLastSuccess = "vigil_shard_last_reconcile_success_timestamp_seconds"
-	mLastPass    = "vigil_shard_last_pass_timestamp_seconds"
-	mReconciles  = "vigil_reconciles_total"
-	mTransitions = "vigil_sandbox_transitions_total"
-	mAgentErrors = "vigil_agent_rpc_errors_total"
-	mGoroutines  = "go_goroutines"
-	mOpenFDs     = "process_open_fds"
+	mStatements    = "vigil_db_statements_total"
+	mWriteTxns     = "vigil_db_write_transactions_total"
+	mLastSuccess   = "vigil_shard_last_reconcile_success_timestamp_seconds"
+	mLastPass      = "vigil_shard_last_pass_timestamp_seconds"
+	mReconciles    = "vigil_reconciles_total"
+	mTransitions   = "vigil_sandbox_transitions_total"
+	mAgentErrors   = "vigil_agent_rpc_errors_total"
+	mSessionLosses = "vigil_etcd_session_losses_total"
+	mAcquisitions  = "vigil_shard_acquisitions_total"
+	mGoroutines    = "go_goroutines"
+	mOpenFDs       = "process_open_fds"
 )
 
 // detectCapabilities reads the flags from each binary's -h, and which

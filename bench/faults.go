@@ -17,6 +17,7 @@ import (
 type faultStats struct {
 	victim    string
 	moved     int
+	shards    []int           // the moved shards
 	reclaim   []time.Duration // kill/term → owner key put by another replica
 	firstPass []time.Duration // kill/term → first completed pass by the new owner
 	gaps      []time.Duration // SIGTERM: owner key deleted → put by the new owner
@@ -146,7 +147,7 @@ func (c *cluster) follow(ctx context.Context, victim string, moved []int, t time
 	if err != nil && ctx.Err() != nil {
 		return nil, err
 	}
-	st := &faultStats{victim: victim, moved: len(moved)}
+	st := &faultStats{victim: victim, moved: len(moved), shards: moved}
 	for _, s := range moved {
 		r, okR := m.reclaim[s]
 		if okR {

@@ -79,8 +79,9 @@ func startFleet(ctx context.Context, e *env, tls bool, name string) (*fleet, err
 		f.sims = append(f.sims, &agentsim{proc: p, admin: admin, hosts: hosts})
 		offset += hosts
 	}
-	// Registration of 200,000 sandbox rows takes a while on two cores.
-	timeout := 30*time.Second + time.Duration(o.Hosts*o.Sandboxes)*50*time.Microsecond
+	// Registration of 200,000 sandbox rows takes a while on two cores, and
+	// of 2,000,000 by ten processes at once longer per row.
+	timeout := 30*time.Second + time.Duration(o.Hosts*o.Sandboxes)*150*time.Microsecond
 	for _, s := range f.sims {
 		if _, err := poll(ctx, timeout, 100*time.Millisecond, s.name+" ready", func() (bool, string, error) {
 			if s.exited() {

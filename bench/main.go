@@ -70,6 +70,7 @@ type options struct {
 	Out              string
 	Bin              string
 	Smoke            bool
+	Fleet            bool
 	Strict           bool
 	Profile          bool
 	Shards           int
@@ -82,6 +83,7 @@ type options struct {
 	ChangeFraction   float64
 	InFlight         int
 	AgentConcurrency int
+	DBMaxConns       int
 	HostsPerAgentsim int
 	SweepTimeout     time.Duration
 	UnreachableHosts int
@@ -124,6 +126,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.Out, "out", filepath.Join("bench", "results"), "directory for <UTC timestamp>.json, latest.json and profiles")
 	fs.StringVar(&o.Bin, "bin", "bin", "directory holding the vigil and agentsim binaries (go build -o bin/ ./cmd/...)")
 	fs.BoolVar(&o.Smoke, "smoke", false, "small fleet, every configuration briefly; check that every figure is produced and sane, exit 1 otherwise")
+	fs.BoolVar(&o.Fleet, "fleet", false, "the fleet-scale run instead (make bench-fleet): a large fleet at vigil's default interval and lease TTL, its lag and cost watched for -duration, then a replica killed; see fleetscale.go. Its own defaults apply to every flag not given (100,000 hosts, 10 replicas, mtls, 30s interval, 5m)")
 	fs.BoolVar(&o.Strict, "strict", false, "with -smoke: also fail on figures that are n/a because vigil or agentsim lacks a metric or flag")
 	fs.BoolVar(&o.Profile, "profile", false, "save a CPU profile of the replica during the 1-replica steady plain sweeps (needs vigil --debug-pprof)")
 	fs.IntVar(&o.Shards, "shards", 256, "shard count of every cluster")
@@ -136,6 +139,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.Float64Var(&o.ChangeFraction, "change-fraction", 0.05, "fraction of sandboxes put into a state vigil must change before the changing sweep")
 	fs.IntVar(&o.InFlight, "in-flight", 64, "concurrent calls of the RPC ceiling loop")
 	fs.IntVar(&o.AgentConcurrency, "agent-concurrency", 0, "replicas' --agent-concurrency (0: vigil's default)")
+	fs.IntVar(&o.DBMaxConns, "db-max-conns", 0, "replicas' --db-max-conns (0: vigil's default); the cluster holds replicas × (this + 1) Postgres connections")
 	fs.IntVar(&o.HostsPerAgentsim, "hosts-per-agentsim", 2500, "hosts per agentsim process (each process has a 20,000 open-file limit)")
 	fs.DurationVar(&o.SweepTimeout, "sweep-timeout", 2*time.Minute, "give up on a sweep (or a settle) after this long")
 	fs.IntVar(&o.UnreachableHosts, "unreachable-hosts", 5, "hosts that stop heartbeating in the unreachable-detection measurement")
@@ -152,16 +156,8 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if o.Smoke {
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		for name, v := range smokeDefaults {
-			if !set[name] {
-				if err := fs.Set(name, v); err != nil {
-					return o, err
-				}
-			}
-		}
+	if err := applyDefaults(fs, o); err != nil {
+		return o, err
 	}
 	var err error
 	if o.Replicas, err = parseInts(replicas); err != nil {
@@ -207,6 +203,35 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("-budget %s is too short", o.Budget)
 	}
 	return o, nil
+}
+
+// applyDefaults sets the -smoke, -fleet or -fleet -smoke defaults of every
+// flag not given explicitly.
+func applyDefaults(fs *flag.FlagSet, o options) error {
+	var defaults map[string]string
+	switch {
+	case o.Fleet && o.Smoke:
+		defaults = fleetSmokeDefaults
+	case o.Fleet:
+		defaults = fleetDefaults
+	case o.Smoke:
+		defaults = smokeDefaults
+	default:
+		return nil
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for name, v := range defaults {
+		if !set[name] {
+			if err := fs.Set(name, v); err != nil {
+				return err
+			}
+		}
+	}
+	if o.Fleet && o.Smoke && !set["out"] {
+		return fs.Set("out", smokeDefaults["out"])
+	}
+	return nil
 }
 
 func parseInts(s string) ([]int, error) {
@@ -259,7 +284,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	log := newProgress(stderr)
-	rep, runErr := runBench(ctx, o, log)
+	bench := runBench
+	if o.Fleet {
+		bench = runFleetScale
+	}
+	rep, runErr := bench(ctx, o, log)
 	rep.print(stdout)
 	if ctx.Err() != nil {
 		fmt.Fprintf(stderr, "bench: interrupted; no results written\n")

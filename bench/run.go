@@ -238,7 +238,7 @@ func runConfig(ctx context.Context, e *env, rep *report, fl *fleet, ref *refResu
 
 	profiled := func() {}
 	if o.Profile && n == 1 {
-		profiled = startProfile(ctx, e, rep, c.liveReplicas()[0], label, tr)
+		profiled = startProfile(ctx, e, rep, c.liveReplicas()[0], label, "1replica-steady-"+tr)
 	}
 	log.printf("%s: steady sweeps (at least %d and %s)", label, o.Sweeps, o.Duration)
 	st, err := c.measureSteady(ctx, fl, o.Sweeps, o.Duration)
@@ -343,7 +343,7 @@ func runFaults(ctx context.Context, e *env, rep *report, c *cluster, fl *fleet, 
 
 // startProfile starts fetching a CPU profile of r, to overlap the steady
 // sweeps; the function it returns waits for it and records the outcome.
-func startProfile(ctx context.Context, e *env, rep *report, r *replica, label, transport string) (wait func()) {
+func startProfile(ctx context.Context, e *env, rep *report, r *replica, label, name string) (wait func()) {
 	if !e.caps.VigilDebugPprof {
 		rep.Notes = append(rep.Notes, "profile: vigil has no --debug-pprof yet")
 		return func() {}
@@ -353,7 +353,7 @@ func startProfile(ctx context.Context, e *env, rep *report, r *replica, label, t
 	var err error
 	go func() {
 		defer close(done)
-		path, err = saveProfile(ctx, r, e.opts, rep.Started, transport)
+		path, err = saveProfile(ctx, r, e.opts, rep.Started, name)
 	}()
 	return func() {
 		<-done
@@ -368,7 +368,7 @@ func startProfile(ctx context.Context, e *env, rep *report, r *replica, label, t
 
 // saveProfile fetches a CPU profile of r over max(5 s, -duration) and writes
 // it beside the results.
-func saveProfile(ctx context.Context, r *replica, o options, started time.Time, transport string) (string, error) {
+func saveProfile(ctx context.Context, r *replica, o options, started time.Time, name string) (string, error) {
 	secs := max(5, int(o.Duration.Seconds()))
 	b, err := r.profile(ctx, secs)
 	if err != nil {
@@ -377,7 +377,7 @@ func saveProfile(ctx context.Context, r *replica, o options, started time.Time, 
 	if err := os.MkdirAll(o.Out, 0o755); err != nil {
 		return "", err
 	}
-	p := filepath.Join(o.Out, started.Format("20060102T150405Z")+"-cpu-1replica-steady-"+transport+".pprof")
+	p := filepath.Join(o.Out, started.Format("20060102T150405Z")+"-cpu-"+name+".pprof")
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		return "", err
 	}
