@@ -50,6 +50,7 @@ var vigilMetrics = map[string]metricInfo{
 	"vigil_bad_rows_total":                                 {kind: counter, labels: []string{"kind"}},
 	"vigil_db_statements_total":                            {kind: counter},
 	"vigil_db_write_transactions_total":                    {kind: counter, labels: []string{"result"}},
+	"vigil_fence_database_changes_total":                   {kind: counter},
 	"vigil_cluster_shards":                                 {kind: gauge},
 	"vigil_agent_bad_addresses_total":                      {kind: counter, labels: []string{"reason"}, values: map[string][]string{"reason": {"empty", "too_long", "bad_scheme", "userinfo", "query", "path", "no_port", "bad_port", "bad_host"}}},
 	"vigil_build_info":                                     {kind: gauge, labels: []string{"version", "revision", "goversion"}},

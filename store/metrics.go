@@ -14,6 +14,8 @@ type metrics struct {
 	statements prometheus.Counter
 	writes     *prometheus.CounterVec // result
 	volumes    prometheus.Gauge
+
+	databaseChanges prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -30,6 +32,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vigil_volumes_table",
 			Help: "1 when the control plane's database has a volumes table, whose volumes vigil detaches from the sandboxes it stops (rule 11); 0 without one.",
 		}),
+		databaseChanges: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vigil_fence_database_changes_total",
+			Help: "Fenced write transactions refused because the database is not the one (system identifier and timeline) this replica raised the shard's fence on: a failover happened since. Each is a loss of the shard, claimed again under a new token (also counted as fenced).",
+		}),
 	}
 	for _, r := range []string{"committed", "fenced", "failed"} {
 		m.writes.WithLabelValues(r)
@@ -37,7 +43,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.statements, m.writes, m.volumes} {
+	for _, c := range []prometheus.Collector{m.statements, m.writes, m.volumes, m.databaseChanges} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

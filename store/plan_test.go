@@ -87,4 +87,3 @@ type planNode struct {
 	Relation string     `json:"Relation Name"`
 	Plans    []planNode `json:"Plans"`
 }
-

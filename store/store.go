@@ -105,6 +105,7 @@ type Store struct {
 	log     hclog.Logger
 	recheck time.Duration
 	vol     volumesProbe
+	raised  raisedOn
 }
 
 // Open connects a pool. Every connection runs with the configured session
@@ -183,27 +184,29 @@ func (s *Store) RaiseFence(ctx context.Context, f Fence) error {
 		return fmt.Errorf("store: raise fence for shard %d: token %d must be positive", f.Shard, f.Token)
 	}
 	var token int64
+	var id Identity
 	err := s.pool.QueryRow(ctx, `
 		insert into vigil_shard_fences (shard, token, owner, updated_at)
 		values ($1, $2, $3, now())
 		on conflict (shard) do update
 		   set token = excluded.token, owner = excluded.owner, updated_at = now()
 		 where vigil_shard_fences.token < excluded.token
-		returning token`, f.Shard, f.Token, f.Replica).Scan(&token)
+		returning token, `+identitySQL, f.Shard, f.Token, f.Replica).Scan(&token, &id.System, &id.Timeline)
 	if errors.Is(err, pgx.ErrNoRows) {
 		// Not raised: the stored token is equal or higher.
-		var cur int64
-		if err := s.pool.QueryRow(ctx, `select token from vigil_shard_fences where shard = $1`, f.Shard).Scan(&cur); err != nil {
+		err = s.pool.QueryRow(ctx, `select token, `+identitySQL+` from vigil_shard_fences where shard = $1`, f.Shard).
+			Scan(&token, &id.System, &id.Timeline)
+		if err != nil {
 			return fmt.Errorf("store: raise fence for shard %d: %w", f.Shard, err)
 		}
-		if cur == f.Token {
-			return nil
+		if token != f.Token {
+			return fmt.Errorf("raise fence for shard %d to %d (stored %d): %w", f.Shard, f.Token, token, ErrFenced)
 		}
-		return fmt.Errorf("raise fence for shard %d to %d (stored %d): %w", f.Shard, f.Token, cur, ErrFenced)
 	}
 	if err != nil {
 		return fmt.Errorf("store: raise fence for shard %d: %w", f.Shard, err)
 	}
+	s.raised.set(f, id)
 	return nil
 }
 
@@ -218,19 +221,26 @@ func (s *Store) FenceToken(ctx context.Context, shard int) (int64, error) {
 }
 
 // WithFence runs fn in a transaction that first takes the shard's fence row
-// FOR SHARE and checks that it still holds f.Token. The row lock is held
+// FOR SHARE and checks that it still holds f.Token, on the database (system
+// and timeline) this Store raised it on (ErrDatabaseChanged otherwise: see
+// docs/fencing.md, "Across a database failover"). The row lock is held
 // until commit, so a successor's RaiseFence waits for this transaction and a
 // transaction begun after the raise sees the new token and fails with
 // ErrFenced without writing. fn's error rolls everything back.
 func (s *Store) WithFence(ctx context.Context, f Fence, fn func(tx pgx.Tx) error) error {
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var tok int64
-		err := tx.QueryRow(ctx, `select token from vigil_shard_fences where shard = $1 for share`, f.Shard).Scan(&tok)
+		var id Identity
+		err := tx.QueryRow(ctx, `select token, `+identitySQL+` from vigil_shard_fences where shard = $1 for share`, f.Shard).
+			Scan(&tok, &id.System, &id.Timeline)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("shard %d has no fence: %w", f.Shard, ErrFenced)
 		}
 		if err != nil {
 			return fmt.Errorf("store: check fence of shard %d: %w", f.Shard, err)
+		}
+		if err := s.raised.check(f, id); err != nil {
+			return err
 		}
 		if tok != f.Token {
 			return fmt.Errorf("shard %d fence is %d, ours %d: %w", f.Shard, tok, f.Token, ErrFenced)
@@ -238,6 +248,10 @@ func (s *Store) WithFence(ctx context.Context, f Fence, fn func(tx pgx.Tx) error
 		return fn(tx)
 	})
 	s.m.writeTx(err)
+	if isDatabaseChanged(err) {
+		s.m.databaseChanges.Inc()
+		s.log.Warn("fenced write refused: the database changed since the shard's fence was raised; the shard is claimed again", "shard", f.Shard, "token", f.Token, "error", err)
+	}
 	return err
 }
 

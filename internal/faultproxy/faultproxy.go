@@ -27,13 +27,13 @@ const (
 // target connection per client connection, until told otherwise.
 // Its methods are safe for concurrent use.
 type Proxy struct {
-	target string
-	ln     net.Listener
-	ctx    context.Context // ends at Close; bounds dials to the target
-	stop   context.CancelFunc
-	wg     sync.WaitGroup // every goroutine the proxy started
+	ln   net.Listener
+	ctx  context.Context // ends at Close; bounds dials to the target
+	stop context.CancelFunc
+	wg   sync.WaitGroup // every goroutine the proxy started
 
 	mu       sync.Mutex
+	target   string
 	mode     mode
 	changed  chan struct{} // closed and replaced whenever mode changes
 	links    map[*link]struct{}
@@ -65,6 +65,18 @@ func New(target string) (*Proxy, error) {
 // Addr is the host:port clients dial instead of the target.
 func (p *Proxy) Addr() string {
 	return p.ln.Addr().String()
+}
+
+// Retarget moves the proxy to another target, as a virtual IP, a DNS name
+// or a connection pooler moves to a promoted standby: every current
+// connection is reset, and new ones reach target. Traffic then flows (a Cut
+// or Blackhole ends).
+func (p *Proxy) Retarget(target string) {
+	p.mu.Lock()
+	p.target = target
+	p.mu.Unlock()
+	p.Cut()
+	p.Heal()
 }
 
 // Cut is a hard partition: every current connection is reset (both the
@@ -192,7 +204,10 @@ func (p *Proxy) run(l *link) {
 	}
 	var d net.Dialer
 	ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
-	server, err := d.DialContext(ctx, "tcp", p.target)
+	p.mu.Lock()
+	target := p.target
+	p.mu.Unlock()
+	server, err := d.DialContext(ctx, "tcp", target)
 	cancel()
 	if err != nil {
 		return
