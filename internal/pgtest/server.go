@@ -106,6 +106,7 @@ func (s *Server) start(t testing.TB) {
 	t.Helper()
 	s.cmd = s.command(filepath.Join(s.bindir, "postgres"), "-D", s.dir, "-p", strconv.Itoa(s.port), "-k", s.dir,
 		"-c", "listen_addresses=127.0.0.1", "-c", "max_connections=50")
+	s.cmd.SysProcAttr.Setpgid = true // Kill ends the postmaster and its backends at once
 	logf, err := os.Create(filepath.Join(os.TempDir(), fmt.Sprintf("vigil-pgtest-%d.log", s.port)))
 	if err != nil {
 		t.Fatal(err)
@@ -146,19 +147,32 @@ func (s *Server) URL(db string) string {
 }
 
 // Kill ends the server the way a crashed machine does: SIGKILL to the
-// postmaster, whose backends then exit. Unflushed and unreplicated commits
-// are whatever they are. Killing twice is a no-op.
+// postmaster and every backend at once, and waits until none is left (a
+// backend still attached to the shared memory would stop a restart).
+// Unflushed and unreplicated commits are whatever they are. Killing twice is
+// a no-op.
 func (s *Server) Kill() {
 	if s.cmd == nil || s.cmd.Process == nil {
 		return
 	}
+	pgid := s.cmd.Process.Pid
+	gone := func() bool { return errors.Is(syscall.Kill(-pgid, 0), syscall.ESRCH) }
 	select {
 	case <-s.done:
-		return
+		if gone() {
+			return
+		}
 	default:
 	}
-	_ = s.cmd.Process.Kill()
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
 	<-s.done
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
+		if gone() {
+			return
+		}
+		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Restart starts a killed server again on its data (a standby resumes
