@@ -19,15 +19,7 @@ func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a fleet of real processes; skipped in -short mode")
 	}
-	bin := os.Getenv("VIGIL_BENCH_BIN")
-	if bin == "" {
-		bin = t.TempDir()
-		cmd := exec.Command("go", "build", "-o", bin+string(filepath.Separator), "./cmd/...")
-		cmd.Dir = ".."
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build ./cmd/...: %v\n%s", err, out)
-		}
-	}
+	bin := benchBin(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
@@ -53,15 +45,7 @@ func TestFleetSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a fleet of real processes; skipped in -short mode")
 	}
-	bin := os.Getenv("VIGIL_BENCH_BIN")
-	if bin == "" {
-		bin = t.TempDir()
-		cmd := exec.Command("go", "build", "-o", bin+string(filepath.Separator), "./cmd/...")
-		cmd.Dir = ".."
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build ./cmd/...: %v\n%s", err, out)
-		}
-	}
+	bin := benchBin(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
@@ -74,6 +58,22 @@ func TestFleetSmoke(t *testing.T) {
 			t.Fatalf("no %q in the output:\n%s", want, stdout.String())
 		}
 	}
+}
+
+// benchBin is a directory with vigil and agentsim built from this tree, or
+// VIGIL_BENCH_BIN's prebuilt ones.
+func benchBin(t *testing.T) string {
+	t.Helper()
+	bin := os.Getenv("VIGIL_BENCH_BIN")
+	if bin == "" {
+		bin = t.TempDir()
+		cmd := exec.Command("go", "build", "-o", bin+string(filepath.Separator), "./cmd/...")
+		cmd.Dir = ".."
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build ./cmd/...: %v\n%s", err, out)
+		}
+	}
+	return bin
 }
 
 func TestParseMetrics(t *testing.T) {

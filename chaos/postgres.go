@@ -2,13 +2,10 @@ package chaos
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -16,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/vigil-sh/vigil/internal/pgtest"
 	"github.com/vigil-sh/vigil/internal/vigiltest"
 )
 
@@ -33,32 +31,8 @@ type privatePostgres struct {
 	proc   *vigiltest.Process
 }
 
-// postgresBindir finds the server binaries: pg_config's, else the newest
-// Debian layout.
-func postgresBindir() (string, error) {
-	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
-		d := strings.TrimSpace(string(out))
-		if _, err := os.Stat(filepath.Join(d, "initdb")); err == nil {
-			return d, nil
-		}
-	}
-	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
-	sort.Slice(dirs, func(i, j int) bool { return versionOf(dirs[i]) < versionOf(dirs[j]) })
-	for i := len(dirs) - 1; i >= 0; i-- {
-		if _, err := os.Stat(filepath.Join(dirs[i], "initdb")); err == nil {
-			return dirs[i], nil
-		}
-	}
-	return "", errors.New("no Postgres server binaries (initdb) found")
-}
-
-func versionOf(dir string) int {
-	v, _ := strconv.Atoi(filepath.Base(filepath.Dir(dir)))
-	return v
-}
-
 func startPrivatePostgres(ctx context.Context, logDir string) (*privatePostgres, error) {
-	bindir, err := postgresBindir()
+	bindir, err := pgtest.ServerBindir()
 	if err != nil {
 		return nil, err
 	}
@@ -66,17 +40,9 @@ func startPrivatePostgres(ctx context.Context, logDir string) (*privatePostgres,
 	if p.dir, err = os.MkdirTemp("", "vigil-chaos-pg-"); err != nil {
 		return nil, err
 	}
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			return nil, fmt.Errorf("running as root needs the postgres user: %w", err)
-		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		p.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-		if err := os.Chown(p.dir, uid, gid); err != nil {
-			return nil, err
-		}
+	if p.cred, err = pgtest.ServerCredential(p.dir); err != nil {
+		p.remove()
+		return nil, err
 	}
 	addr, err := vigiltest.FreePort()
 	if err != nil {

@@ -66,7 +66,7 @@ func (s *Server) StartStandby(t testing.TB) *Server {
 
 func newServer(t testing.TB) *Server {
 	t.Helper()
-	bindir, err := serverBindir()
+	bindir, err := ServerBindir()
 	if err != nil {
 		t.Fatalf("pgtest: %v", err)
 	}
@@ -75,17 +75,8 @@ func newServer(t testing.TB) *Server {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Kill(); _ = os.RemoveAll(s.dir) })
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			t.Fatalf("pgtest: running as root needs the postgres user: %v", err)
-		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-		if err := os.Chown(s.dir, uid, gid); err != nil {
-			t.Fatal(err)
-		}
+	if s.cred, err = ServerCredential(s.dir); err != nil {
+		t.Fatalf("pgtest: %v", err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -236,9 +227,9 @@ func (s *Server) CaughtUp(t testing.TB, sb *Server) {
 	}
 }
 
-// serverBindir finds the server binaries: pg_config's, else the newest
+// ServerBindir finds the server binaries: pg_config's, else the newest
 // Debian layout.
-func serverBindir() (string, error) {
+func ServerBindir() (string, error) {
 	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
 		d := strings.TrimSpace(string(out))
 		if _, err := os.Stat(filepath.Join(d, "initdb")); err == nil {
@@ -254,4 +245,23 @@ func serverBindir() (string, error) {
 		}
 	}
 	return "", errors.New("no Postgres server binaries (initdb) found")
+}
+
+// ServerCredential is who a server of the machine's installation runs as:
+// nil (this process's user), or the postgres user when this process is root
+// (Postgres refuses root), to whom dir is then given.
+func ServerCredential(dir string) (*syscall.Credential, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		return nil, fmt.Errorf("running as root needs the postgres user: %w", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	if err := os.Chown(dir, uid, gid); err != nil {
+		return nil, err
+	}
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
 }
