@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,11 +37,11 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	shards := fs.Int("shards", 256, "shard count")
 	ttl := fs.Duration("lease-ttl", 5*time.Second, "etcd lease TTL of the replicas")
 	interval := fs.Duration("interval", 10*time.Second, "active reconcile period")
-	etcdClient := fs.String("etcd-client-addr", "127.0.0.1:2379", "embedded etcd client address")
-	etcdPeer := fs.String("etcd-peer-addr", "127.0.0.1:2380", "embedded etcd peer address")
+	etcdClient := fs.String("etcd-client-addr", "127.0.0.1:2379", "embedded etcd client address (port 0: any free port)")
+	etcdPeer := fs.String("etcd-peer-addr", "127.0.0.1:2380", "embedded etcd peer address (port 0: any free port)")
 	etcdDir := fs.String("etcd-dir", "", "embedded etcd data directory (default: a fresh temporary directory)")
-	httpBase := fs.Int("http-base-port", 9090, "admin port of the first replica; the others follow")
-	simAdmin := fs.String("agentsim-admin-addr", "127.0.0.1:7070", "agent simulator control API")
+	httpBase := fs.Int("http-base-port", 9090, "admin port of the first replica; the others follow (0: any free port for each)")
+	simAdmin := fs.String("agentsim-admin-addr", "127.0.0.1:7070", "agent simulator control API (port 0: any free port)")
 	cluster := fs.String("cluster", "dev", "cluster name")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level")
@@ -77,13 +78,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		defer os.RemoveAll(d)
 		dir = d
 	}
-	etcd, err := embedetcd.StartEmbedded(ctx, embedetcd.EmbedConfig{Name: "vigil-dev", Dir: dir, ClientURL: "http://" + *etcdClient, PeerURL: "http://" + *etcdPeer,
+	etcd, err := embedetcd.StartEmbedded(ctx, embedetcd.EmbedConfig{Name: "vigil-dev", Dir: dir, ClientURL: embedURL(*etcdClient), PeerURL: embedURL(*etcdPeer),
 		Logger: zap.NewNop()}) // its shutdown chatter would bury the replicas' logs
 	if err != nil {
 		return fmt.Errorf("embedded etcd: %w", err)
 	}
 	defer etcd.Close()
-	endpoint := *etcdClient
+	endpoint := strings.TrimPrefix(embedetcd.ClientEndpoints(etcd)[0], "http://")
 	log.Info("embedded etcd ready", "endpoint", endpoint, "dir", dir)
 
 	simCfg := agentsim.Config{
@@ -137,6 +138,7 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		if err != nil {
 			return fmt.Errorf("--agentsim-admin-addr: %w", err)
 		}
+		*simAdmin = ln.Addr().String() // the port it got, for the banner
 		srv := newHTTPServer(sim.AdminHandler())
 		go func() { _ = srv.Serve(ln) }()
 		defer srv.Close()
@@ -152,13 +154,13 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 			redisURL = ""
 		}
 	}
-	var addrs []string
+	bound := make([]chan string, *replicas)
 	for i := 0; i < *replicas; i++ {
 		c := defaultReplicaConfig() // `vigil run`'s defaults, but for:
 		c.EtcdEndpoints, c.DatabaseURL, c.Cluster, c.Shards = endpoint, *dbURL, *cluster, *shards
 		c.ReplicaID = fmt.Sprintf("dev-%d-%s", i+1, randSuffix())
 		c.LeaseTTL, c.Interval, c.UnreachableAfter = *ttl, *interval, unreachableAfter
-		c.HTTPAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(*httpBase+i))
+		c.HTTPAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(adminPort(*httpBase, i)))
 		c.EventsRedisURL, c.EventsStream, c.Shadow = redisURL, *eventsStream, *shadow
 		// The replicas share this process's open-files limit: each gets its
 		// share of the budget one replica alone would derive.
@@ -167,17 +169,19 @@ func runDev(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		if *agentTLS {
 			c.AgentCAFile, c.AgentCertFile, c.AgentKeyFile = pki.CA, pki.ClientCert, pki.ClientKey
 		}
-		addrs = append(addrs, c.HTTPAddr)
+		bound[i] = make(chan string, 1)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := runReplica(runCtx, c, log.Named(c.ReplicaID), nil); err != nil {
+			if err := runReplica(runCtx, c, log.Named(c.ReplicaID), func(a string) { bound[i] <- a }); err != nil {
 				errs <- fmt.Errorf("replica %s: %w", c.ReplicaID, err)
 			}
 		}()
 	}
 
-	fmt.Fprintf(stdout, `
+	addrs, first := boundAddrs(ctx, bound, errs)
+	if first == nil && ctx.Err() == nil {
+		fmt.Fprintf(stdout, `
 vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s, agents over %s.
 
   metrics:    %s
@@ -191,17 +195,52 @@ vigil dev is running: %d replicas, %d simulated hosts, %d shards, lease TTL %s, 
 
 Ctrl-C stops everything.
 `, *replicas, *hosts, *shards, *ttl, transport(*agentTLS), metricsURLs(addrs), addrs[0], endpoint, *cluster, endpoint, *cluster, endpoint, *cluster, *simAdmin, *dbURL, eventsLine(redisURL, *eventsStream, *shadow), shadowLine(*shadow, *dbURL))
-
-	var first error
-	select {
-	case <-ctx.Done():
-	case first = <-errs:
+		select {
+		case <-ctx.Done():
+		case first = <-errs:
+		}
+	}
+	if first != nil {
 		log.Error("stopping after a failure", "error", first)
 	}
 	cancel()
 	wg.Wait()
 	log.Info("dev cluster stopped")
 	return first
+}
+
+// boundAddrs waits until every replica listens and returns their admin
+// addresses in order, or the first replica's failure, or nothing when ctx
+// ends first.
+func boundAddrs(ctx context.Context, bound []chan string, errs <-chan error) ([]string, error) {
+	addrs := make([]string, len(bound))
+	for i, ch := range bound {
+		select {
+		case addrs[i] = <-ch:
+		case err := <-errs:
+			return nil, err
+		case <-ctx.Done():
+			return nil, nil
+		}
+	}
+	return addrs, nil
+}
+
+// adminPort is replica i's admin port: base+i, or 0 (any) when base is 0.
+func adminPort(base, i int) int {
+	if base == 0 {
+		return 0
+	}
+	return base + i
+}
+
+// embedURL is the embedded etcd's URL for addr; empty (the embedder picks a
+// free port and retries if another process takes it first) for port 0.
+func embedURL(addr string) string {
+	if _, port, err := net.SplitHostPort(addr); err == nil && port == "0" {
+		return ""
+	}
+	return "http://" + addr
 }
 
 // devUnreachableAfter is the dev cluster's heartbeat threshold: shorter than

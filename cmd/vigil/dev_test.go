@@ -3,9 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"os/exec"
-	"strconv"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,25 +19,13 @@ import (
 	"github.com/vigil-sh/vigil/internal/redistest"
 )
 
-// freePortPair finds two consecutive free loopback ports (vigil dev gives
-// replica i the admin port base+i).
-func freePortPair(t *testing.T) int {
-	t.Helper()
-	for range 50 {
-		a, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := a.Addr().(*net.TCPAddr).Port
-		b, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
-		a.Close()
-		if err == nil {
-			b.Close()
-			return p
-		}
+// bannerAdmins is the replicas' admin addresses as the banner prints them.
+func bannerAdmins(out string) []string {
+	var addrs []string
+	for _, m := range regexp.MustCompile(`http://([0-9.:]+)/metrics`).FindAllStringSubmatch(out, -1) {
+		addrs = append(addrs, m[1])
 	}
-	t.Fatal("no two consecutive free ports")
-	return 0
+	return addrs
 }
 
 // `vigil dev --agent-tls` is a whole cluster over the production transport:
@@ -49,7 +36,6 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 		t.Skip("end-to-end test with real processes; skipped in -short mode")
 	}
 	bin := vigilBinary(t)
-	base := freePortPair(t)
 	dbURL := pgtest.New(t)
 	stream := "vigil-e2e:dev:" + uuid.NewString()[:8] + ":events"
 	rdb := redis.NewClient(&redis.Options{Addr: machineRedis})
@@ -63,8 +49,10 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 	cmd := exec.Command(bin, "dev", "--agent-tls", "--hosts", "20", "--replicas", "2", "--shards", "16",
 		"--interval", "500ms", "--lease-ttl", "2s", "--churn", "0", "--mishaps", "0",
 		"--database-url", dbURL, "--events-redis-url", redistest.URL(), "--events-stream", stream,
-		"--etcd-client-addr", freePort(t), "--etcd-peer-addr", freePort(t),
-		"--http-base-port", strconv.Itoa(base), "--agentsim-admin-addr", freePort(t))
+		// Port 0 everywhere: vigil dev binds whatever is free and the banner
+		// says where; ports picked here and bound later could be taken between.
+		"--etcd-client-addr", "127.0.0.1:0", "--etcd-peer-addr", "127.0.0.1:0",
+		"--http-base-port", "0", "--agentsim-admin-addr", "127.0.0.1:0")
 	cmd.Env = cleanEnv()
 	var out logBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -78,9 +66,14 @@ func TestDevClusterOverMutualTLS(t *testing.T) {
 		_ = cmd.Process.Kill()
 		<-exited
 	})
-	reps := []*replica{{Admin: "127.0.0.1:" + strconv.Itoa(base)}, {Admin: "127.0.0.1:" + strconv.Itoa(base+1)}}
+	var reps []*replica
 	deadline := time.Now().Add(60 * time.Second)
 	for {
+		if reps == nil {
+			if a := bannerAdmins(out.String()); len(a) == 2 {
+				reps = []*replica{{Admin: a[0]}, {Admin: a[1]}}
+			}
+		}
 		owned, ok, agentErrs := 0.0, 0.0, 0.0
 		for _, r := range reps {
 			m, err := r.Metrics()
