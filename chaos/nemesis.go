@@ -70,6 +70,8 @@ var nemeses = []nemesis{
 	{kind: "etcd-slow-peers", weight: 1, ok: always, run: (*env).nemEtcdSlowPeers},
 	{kind: "postgres-outage", weight: 1, ok: always, run: (*env).nemPostgresOutage},
 	{kind: "postgres-restart", weight: 1, ok: func(e *env) bool { return e.pg != nil }, run: (*env).nemPostgresRestart},
+	{kind: "failover-async", weight: 2, ok: func(e *env) bool { return e.pg != nil }, run: nemFailover(false)},
+	{kind: "failover-sync", weight: 2, ok: func(e *env) bool { return e.pg != nil }, run: nemFailover(true)},
 	{kind: "redis-outage", weight: 1, ok: func(e *env) bool { return e.events != nil }, run: (*env).nemRedisOutage},
 	{kind: "rolling-restart", weight: 1, ok: always, run: (*env).nemRollingRestart},
 	{kind: "scale-up", weight: 1, ok: func(e *env) bool { return len(e.live()) < e.cfg.MaxReplicas }, run: (*env).nemScaleUp},

@@ -49,6 +49,7 @@ type member struct {
 // countedSeries are scraped from every replica and summed over the run.
 var countedSeries = []string{
 	"vigil_fence_rejections_total",
+	"vigil_fence_database_changes_total",
 	`vigil_db_write_transactions_total{result="fenced"}`,
 	`vigil_db_write_transactions_total{result="committed"}`,
 	"vigil_etcd_sessions_total",

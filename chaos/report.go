@@ -73,7 +73,16 @@ type Report struct {
 	PeersWatched    []string       // vigil_peers_watched of each live replica at its last scrape
 	PeersExpected   int            // the other live replicas each should watch
 
-	FenceRejections      float64 // Postgres fence, summed over replicas
+	FenceRejections float64 // Postgres fence, summed over replicas
+	// Postgres failovers (the failover-* faults): how many by replication
+	// mode, what they lost, and the fenced writes refused because the
+	// database had changed since their fence was raised (each followed by
+	// a new claim: ownership verified again in etcd before the next write).
+	Failovers            map[string]int
+	LostJournal          int
+	LostRaises           int
+	LostEvents           int
+	DatabaseChanges      float64 // vigil_fence_database_changes_total, summed over replicas
 	FencedTransactions   float64 // vigil_db_write_transactions_total{result="fenced"}
 	AgentFenceRejections int     // DestroySandbox refused for a stale token
 	DestroysAccepted     int
@@ -148,8 +157,25 @@ func (e *env) check(h *history) *Report {
 	}
 	add := func(cat string, items ...string) { rep.Violations[cat] = append(rep.Violations[cat], items...) }
 
-	add(vStale, staleWrites(h.journal, h.raises)...)
-	dh, st := doubleActing(h.journal)
+	// The safety checks count what failovers lost as having happened: its
+	// writers acted on it.
+	e.mu.Lock()
+	losses := append([]*lostCommits(nil), e.losses...)
+	e.mu.Unlock()
+	rep.Failovers = map[string]int{}
+	lostEvents := map[string]bool{}
+	for _, l := range losses {
+		rep.Failovers[l.mode]++
+		rep.LostJournal += len(l.journal)
+		rep.LostRaises += len(l.raises)
+		for id := range l.events {
+			lostEvents[id] = true
+		}
+	}
+	rep.LostEvents = len(lostEvents)
+	journal, raises := withLost(h.journal, h.raises, losses)
+	add(vStale, staleWrites(journal, raises)...)
+	dh, st := doubleActing(journal)
 	add(vDouble, dh...)
 	add(vShared, st...)
 	wrong, late := e.ownership(h.journal)
@@ -212,7 +238,9 @@ func (e *env) check(h *history) *Report {
 		if h.streamMissed > 0 {
 			add(vEventsLost, fmt.Sprintf("the harness missed %d stream entries (trimmed by MAXLEN before it read them): the events check is incomplete", h.streamMissed))
 		}
-		r := compareEvents(h.audits, h.outbox, h.stream)
+		// An event whose outbox row a failover lost was published before
+		// the loss; the checks hold the stream against what survived.
+		r := compareEvents(h.audits, h.outbox, withoutEvents(h.stream, lostEvents))
 		rep.EventsExpected, rep.EventsCommitted, rep.EventsPublished = r.Expected, r.Committed, r.Published
 		rep.EventsLost, rep.EventsDup, rep.EventsSpurious, rep.EventsOutOfOrder = len(r.Lost), len(r.Duplicates), len(r.Spurious)+len(r.BadPayload), len(r.OutOfOrder)
 		rep.EventsBeyond, rep.EventsDrain, rep.EventsDrained = h.beyond, h.drainTime, h.drainErr == nil
@@ -289,6 +317,7 @@ func (e *env) check(h *history) *Report {
 
 	for _, m := range members {
 		rep.FenceRejections += m.counter("vigil_fence_rejections_total")
+		rep.DatabaseChanges += m.counter("vigil_fence_database_changes_total")
 		rep.FencedTransactions += m.counter(`vigil_db_write_transactions_total{result="fenced"}`)
 		rep.EventsOldestMax = max(rep.EventsOldestMax, m.oldestPending())
 		for _, s := range countedSeries {
@@ -536,6 +565,10 @@ func (r *Report) print(w io.Writer) {
 		r.PartitionMoves, r.Partitions, r.PartitionMovesLeader, r.PartitionsLeader)
 	for _, t := range r.Targets {
 		p("target missed: %s", t)
+	}
+	if len(r.Failovers) > 0 {
+		p("Postgres failovers: %d synchronous, %d asynchronous; lost with them %d journal rows, %d fence raises, %d events (counted as having happened by the safety checks); fenced writes refused because the database changed: %.0f (each shard then claimed again)",
+			r.Failovers["sync"], r.Failovers["async"], r.LostJournal, r.LostRaises, r.LostEvents, r.DatabaseChanges)
 	}
 	p("fence rejections: Postgres %.0f (fenced transactions %.0f), agents %d (of %d destroys accepted)", r.FenceRejections, r.FencedTransactions, r.AgentFenceRejections, r.DestroysAccepted)
 	p("history: %d journal rows, %d fence raises, %d writes begun after their owner key was deleted (committed before the successor's raise), %d etcd leader changes, %d watch resumes, %d replica processes",

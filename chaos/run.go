@@ -137,8 +137,9 @@ type env struct {
 	etcd     *etcdCluster
 	dbURL    string
 	dropDB   func()
-	pg       *privatePostgres // nil: the machine's server
-	db       *pgxpool.Pool    // the harness's own, direct
+	pg       *pgHA          // nil: the machine's server
+	losses   []*lostCommits // what each failover lost, in order (guarded by mu)
+	db       *pgxpool.Pool  // the harness's own, direct
 	rec      *vigiltest.Recorder
 	work     *workload
 	events   *eventsCheck // nil when vigil has no events yet
@@ -235,11 +236,12 @@ func (e *env) setup(ctx context.Context) error {
 	e.logf("etcd: 3 members up")
 	admin := adminURL()
 	if e.cfg.PrivatePostgres {
-		if e.pg, err = startPrivatePostgres(ctx, filepath.Join(e.dir, "logs")); err != nil {
+		if e.pg, err = startPGHA(ctx, filepath.Join(e.dir, "logs")); err != nil {
 			return fmt.Errorf("the run's own Postgres: %w", err)
 		}
 		admin = e.pg.adminURL()
-		e.logf("postgres: a server of the run's own on port %d (postgres-restart on)", e.pg.port)
+		e.logf("postgres: a primary of the run's own on port %d with a streaming standby on port %d, reached at %s (postgres-restart and failovers on)",
+			e.pg.primary.port, e.pg.standby.port, e.pg.vip.Addr())
 	}
 	if e.dbURL, e.dropDB, err = createDatabase(ctx, admin); err != nil {
 		return fmt.Errorf("postgres: %w", err)
@@ -315,8 +317,7 @@ func (e *env) teardown() {
 		e.dropDB()
 	}
 	if e.pg != nil {
-		_ = e.pg.stop()
-		e.pg.remove()
+		e.pg.stop()
 	}
 }
 
@@ -381,6 +382,34 @@ func BrokenBuild(cfg Config) Config {
 	cfg.Duration = 45 * time.Second
 	cfg.Kinds = []string{"delete-owner-keys", "pause", "kill"}
 	return cfg
+}
+
+// FailoverBrokenBuild is the configuration of the run that proves the
+// failover nemesis bites: vigil built with -tags chaos_noidentity (a fenced
+// transaction does not notice that the database is not the one its fence
+// was raised on) under asynchronous failovers that lose successors' raises.
+func FailoverBrokenBuild(cfg Config) Config {
+	cfg.BuildTags = append(append([]string(nil), cfg.BuildTags...), "chaos_noidentity")
+	cfg.Duration = time.Minute
+	cfg.Kinds = []string{"failover-async"}
+	cfg.PrivatePostgres = true
+	return cfg
+}
+
+// FailoversOn reports whether cfg's runs include Postgres failovers.
+func FailoversOn(cfg Config) bool {
+	if !cfg.PrivatePostgres {
+		return false
+	}
+	if len(cfg.Kinds) == 0 {
+		return true
+	}
+	for _, k := range cfg.Kinds {
+		if strings.HasPrefix(k, "failover-") {
+			return true
+		}
+	}
+	return false
 }
 
 // Caught reports whether a run of the broken build was caught writing

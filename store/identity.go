@@ -66,7 +66,7 @@ func (r *raisedOn) check(f Fence, now Identity) error {
 	switch {
 	case !ok:
 		return fmt.Errorf("shard %d fence %d was not raised by %s: %w", f.Shard, f.Token, f.Replica, ErrFenced)
-	case was != now:
+	case was != now && compareIdentity:
 		return fmt.Errorf("shard %d fence %d raised on %s, now on %s: %w", f.Shard, f.Token, was, now, ErrDatabaseChanged)
 	}
 	return nil

@@ -69,34 +69,50 @@ func main() {
 	failed := rep.Failed
 	if !skipBroken {
 		// The test must bite: the same harness against a build whose fence
-		// check is disabled has to fail.
-		bcfg := chaos.BrokenBuild(cfg)
-		// Its files are kept only if it was not caught (the surprise).
-		dir, err := os.MkdirTemp("", "vigil-chaos-broken-")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "chaos:", err)
-			os.Exit(2)
+		// check is disabled has to fail, and, when failovers are in the mix,
+		// against a build that does not notice a failover.
+		broken := []chaos.Config{chaos.BrokenBuild(cfg)}
+		if chaos.FailoversOn(cfg) {
+			broken = append(broken, chaos.FailoverBrokenBuild(cfg))
 		}
-		bcfg.Dir = dir
-		fmt.Printf("\n==== the broken build (-tags chaos_nofence, %s of %s) must be caught\n", bcfg.Duration, strings.Join(bcfg.Kinds, ", "))
-		brep, err := chaos.Run(ctx, bcfg)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "chaos: broken-build run:", err)
-			os.Exit(2)
+		var verdicts []string
+		for _, bcfg := range broken {
+			caught, summary, ok := runBroken(ctx, bcfg)
+			if !ok {
+				os.Exit(2)
+			}
+			verdicts = append(verdicts, fmt.Sprintf("%v caught: %v (%s)", bcfg.BuildTags, caught, summary))
+			if !caught {
+				fmt.Println("the test does not bite: the broken build was not caught")
+				failed = true
+			}
 		}
-		caught := brep.Caught()
-		if caught {
-			os.RemoveAll(dir)
-		} else {
-			fmt.Println("files of the broken-build run:", dir)
-		}
-		fmt.Printf("\n==== verdict: run %s; broken build caught: %v (%s)\n", rep.Summary(), caught, brep.Summary())
-		if !caught {
-			fmt.Println("the test does not bite: the broken build was not caught")
-			failed = true
-		}
+		fmt.Printf("\n==== verdict: run %s; broken builds %s\n", rep.Summary(), strings.Join(verdicts, "; "))
 	}
 	if failed {
 		os.Exit(1)
 	}
+}
+
+// runBroken runs one broken build; ok is false if the run could not be
+// carried out. Its files are kept only if it was not caught (the surprise).
+func runBroken(ctx context.Context, bcfg chaos.Config) (caught bool, summary string, ok bool) {
+	dir, err := os.MkdirTemp("", "vigil-chaos-broken-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "chaos:", err)
+		return false, "", false
+	}
+	bcfg.Dir = dir
+	fmt.Printf("\n==== the broken build (-tags %s, %s of %s) must be caught\n", strings.Join(bcfg.BuildTags, ","), bcfg.Duration, strings.Join(bcfg.Kinds, ", "))
+	brep, err := chaos.Run(ctx, bcfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "chaos: broken-build run:", err)
+		return false, "", false
+	}
+	if brep.Caught() {
+		os.RemoveAll(dir)
+	} else {
+		fmt.Println("files of the broken-build run:", dir)
+	}
+	return brep.Caught(), brep.Summary(), true
 }
