@@ -77,6 +77,15 @@ chaos:
 	$(SETUP) --no-promtool
 	$(GO) run ./chaos/cmd/chaos -duration $(DURATION) $(if $(SEED),-seed $(SEED)) $(CHAOS_FLAGS)
 
+## soak: the long run (chaos/soak.go, not in `make test`): 3 replicas over 2,000 hosts with churn, events and a
+## fault every 3 minutes on the run's own Postgres pair; samples RSS, heap, goroutines, fds, Postgres connections,
+## outbox and journal rows, etcd keys and revision every 30 s, and fails if any keeps growing past the warm-up (a
+## fitted slope). DURATION= (default 2h). Table, samples and plot in chaos/results/soak/<UTC time>/.
+.PHONY: soak
+soak:
+	$(SETUP) --no-promtool
+	$(GO) run ./chaos/cmd/chaos -soak -duration $(if $(filter command line environment,$(origin DURATION)),$(DURATION),2h) $(if $(SEED),-seed $(SEED)) $(CHAOS_FLAGS)
+
 ## check: formatting, vet, module tidiness and generated-code drift.
 check: fmt vet tidy generate-check
 

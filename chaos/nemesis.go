@@ -166,7 +166,11 @@ func (e *env) nemeses(ctx context.Context, end time.Time) error {
 			f.healed.Sub(f.start).Round(time.Millisecond), at.Sub(f.healed).Round(time.Millisecond))
 		// A short seeded gap, so faults do not always land on the same
 		// phase of the passes.
-		if err := hold(ctx, time.Duration(e.rng.Int64N(int64(e.cfg.Interval)))); err != nil {
+		gap := e.cfg.FaultGap
+		if gap == 0 {
+			gap = time.Duration(e.rng.Int64N(int64(e.cfg.Interval)))
+		}
+		if err := hold(ctx, min(gap, time.Until(end))); err != nil {
 			return err
 		}
 	}

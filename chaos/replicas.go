@@ -272,6 +272,9 @@ func (e *env) startMember(ctx context.Context) (*member, error) {
 		"--db-max-conns", "4",
 		"--log-format", "json",
 	}
+	if e.cfg.JournalRetention > 0 {
+		args = append(args, "--journal-retention", e.cfg.JournalRetention.String())
+	}
 	if e.events != nil {
 		ru, err := url.Parse(e.cfg.RedisURL)
 		if err != nil {

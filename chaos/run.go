@@ -51,6 +51,14 @@ type Config struct {
 	TransientGrace   time.Duration // default 10s
 	SnapshotGrace    time.Duration // default 20s
 	ChurnPerSecond   float64       // default 20
+	// HeartbeatInterval is agentsim's, default 1s.
+	HeartbeatInterval time.Duration
+	// FaultGap is the quiet time after each fault settles; default a
+	// seeded fraction of the interval (the soak spaces its faults out).
+	FaultGap time.Duration
+	// JournalRetention is given to every replica (--journal-retention);
+	// 0: vigil's default.
+	JournalRetention time.Duration
 
 	// Kinds restricts the faults to these kinds (see nemeses); empty: all
 	// the kinds this machine supports.
@@ -109,6 +117,9 @@ func (c *Config) defaults() {
 	}
 	if c.ChurnPerSecond == 0 {
 		c.ChurnPerSecond = 20
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = time.Second
 	}
 	if c.Quiet == 0 {
 		c.Quiet = max(c.SnapshotGrace, c.TransientGrace, c.UnreachableAfter) + 4*c.Interval + c.LeaseTTL
@@ -182,21 +193,11 @@ func moduleRoot() (string, error) {
 // runs that could not be carried out (the cluster would not start); a run
 // that found violations returns a Report whose Failed is true.
 func Run(ctx context.Context, cfg Config) (*Report, error) {
-	cfg.defaults()
-	e := &env{cfg: cfg, start: time.Now(), out: cfg.Out, rng: rand.New(rand.NewPCG(uint64(cfg.Seed), 0x6368616f73))}
-	e.cluster = fmt.Sprintf("chaos-%d-%d", cfg.Seed, time.Now().Unix()%100000)
-	e.layout = election.NewLayout("/vigil", e.cluster)
-	e.dir = cfg.Dir
-	if e.dir == "" {
-		d, err := os.MkdirTemp("", "vigil-chaos-")
-		if err != nil {
-			return nil, err
-		}
-		e.dir = d
-	}
-	if err := os.MkdirAll(filepath.Join(e.dir, "logs"), 0o755); err != nil {
+	e, err := newEnv(cfg)
+	if err != nil {
 		return nil, err
 	}
+	cfg = e.cfg
 	e.logf("chaos run: seed %d, faults for %s then %s quiet, %d hosts, %d shards, lease TTL %s, replicas %d..%d, build tags %v, files in %s",
 		cfg.Seed, cfg.Duration, cfg.Quiet, cfg.Hosts, cfg.Shards, cfg.LeaseTTL, cfg.Replicas, cfg.MaxReplicas, cfg.BuildTags, e.dir)
 	defer e.teardown()
@@ -213,6 +214,26 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		rep.Dir = e.dir
 	}
 	return rep, nil
+}
+
+// newEnv fills cfg's defaults and makes the run's directory.
+func newEnv(cfg Config) (*env, error) {
+	cfg.defaults()
+	e := &env{cfg: cfg, start: time.Now(), out: cfg.Out, rng: rand.New(rand.NewPCG(uint64(cfg.Seed), 0x6368616f73))}
+	e.cluster = fmt.Sprintf("chaos-%d-%d", cfg.Seed, time.Now().Unix()%100000)
+	e.layout = election.NewLayout("/vigil", e.cluster)
+	e.dir = cfg.Dir
+	if e.dir == "" {
+		d, err := os.MkdirTemp("", "vigil-chaos-")
+		if err != nil {
+			return nil, err
+		}
+		e.dir = d
+	}
+	if err := os.MkdirAll(filepath.Join(e.dir, "logs"), 0o755); err != nil {
+		return nil, err
+	}
+	return e, nil
 }
 
 func (e *env) setup(ctx context.Context) error {

@@ -55,7 +55,7 @@ type hostFault struct {
 
 func startWorkload(ctx context.Context, e *env) (*workload, error) {
 	sim, err := agentsim.New(agentsim.Config{
-		DatabaseURL: e.dbURL, Hosts: e.cfg.Hosts, HeartbeatInterval: time.Second,
+		DatabaseURL: e.dbURL, Hosts: e.cfg.Hosts, HeartbeatInterval: e.cfg.HeartbeatInterval,
 		Teams: 8, SharedFraction: 0.1, SandboxesPerHost: 3, Seed: e.cfg.Seed, Latency: time.Millisecond,
 	})
 	if err != nil {

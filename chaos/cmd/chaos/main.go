@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -29,7 +30,7 @@ func main() {
 	fs.Int64Var(&cfg.Seed, "seed", 0, "seed of the fault schedule and the workload (0: from the clock)")
 	fs.DurationVar(&cfg.Duration, "duration", 10*time.Minute, "length of the fault phase (a quiet period follows)")
 	fs.DurationVar(&cfg.Quiet, "quiet", 0, "length of the quiet period before the final checks (default: every grace twice)")
-	fs.IntVar(&cfg.Hosts, "hosts", 1000, "simulated hosts")
+	fs.IntVar(&cfg.Hosts, "hosts", 1000, "simulated hosts (the soak: 2,000)")
 	fs.IntVar(&cfg.Shards, "shards", 64, "shards")
 	fs.IntVar(&cfg.Replicas, "replicas", 3, "replicas at the start and the floor of scale-down")
 	fs.IntVar(&cfg.MaxReplicas, "max-replicas", 5, "ceiling of scale-up")
@@ -37,6 +38,13 @@ func main() {
 	fs.StringVar(&kinds, "kinds", "", "comma-separated fault kinds to use (default all): "+strings.Join(chaos.NemesisKinds(), ","))
 	fs.StringVar(&tags, "tags", "", "build tags for vigil, e.g. chaos_nofence (the broken build)")
 	fs.BoolVar(&broken, "broken", false, "run only the broken build (fence check disabled, -tags chaos_nofence) under this run's settings; exits 0 if the checker catches it")
+	var soak bool
+	var soakOut string
+	var soakEvery time.Duration
+	fs.BoolVar(&soak, "soak", false, "a soak instead of a chaos run (make soak): 3 replicas over 2,000 hosts, a fault every -fault-gap, sampled every -sample-every; fails if anything keeps growing")
+	fs.StringVar(&soakOut, "soak-out", "", "the soak's results directory (default chaos/results/soak/<UTC time>)")
+	fs.DurationVar(&soakEvery, "sample-every", 30*time.Second, "the soak's sampling period")
+	fs.DurationVar(&cfg.FaultGap, "fault-gap", 0, "quiet time after each fault settles (default: a seeded fraction of the interval; the soak's: 3m)")
 	fs.BoolVar(&skipBroken, "skip-broken-check", false, "do not follow the run with the broken-build run that proves the checker bites")
 	fs.StringVar(&cfg.Dir, "dir", "", "keep binaries, logs and the history here (default: a temporary directory, kept only on failure)")
 	fs.BoolVar(&cfg.PrivatePostgres, "private-postgres", true, "run Postgres as a server of the run's own (and restart it as a fault) instead of using the machine's shared server")
@@ -53,6 +61,9 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if soak {
+		os.Exit(runSoak(ctx, cfg, soakOut, soakEvery))
+	}
 	rep, err := chaos.Run(ctx, cfg)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "chaos:", err)
@@ -115,4 +126,24 @@ func runBroken(ctx context.Context, bcfg chaos.Config) (caught bool, summary str
 		fmt.Println("files of the broken-build run:", dir)
 	}
 	return brep.Caught(), brep.Summary(), true
+}
+
+// runSoak runs the soak and returns the exit code: 0 pass, 1 something kept
+// growing (or a fault was not recovered from, or a replica crashed), 2 the
+// soak could not be carried out.
+func runSoak(ctx context.Context, cfg chaos.Config, out string, every time.Duration) int {
+	cfg = chaos.SoakConfig(cfg)
+	if out == "" {
+		out = filepath.Join("chaos", "results", "soak", time.Now().UTC().Format("20060102T150405Z"))
+	}
+	res, err := chaos.Soak(ctx, cfg, chaos.SoakOptions{Every: every, Out: out})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "soak:", err)
+		return 2
+	}
+	fmt.Printf("\n%s\nresults in %s\n", res.Table(chaos.SoakOptions{Every: every}), out)
+	if res.Failed() {
+		return 1
+	}
+	return 0
 }
