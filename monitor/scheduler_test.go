@@ -226,3 +226,27 @@ func TestRelayBacksOffAndJournalTrimsHourly(t *testing.T) {
 		}
 	})
 }
+
+// The trim runs at the shard's phase of its period counted from the Unix
+// epoch, not an hour after each claim: a shard that changes owners more
+// often than hourly is trimmed all the same, by whoever owns it then.
+// Shard 2 of 4, retention 24h: hourly, at half past.
+func TestJournalTrimsAtTheShardsPhaseWhateverTheOwner(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		st := &fakeStore{hosts: hostsOf(2, 4, 1), reconnects: make(chan uuid.UUID)}
+		rcfg := monitor.RunnerConfig{Replica: "a", Shards: 4, Interval: time.Hour, JournalRetention: 24 * time.Hour}
+		for _, own := range [][2]time.Duration{{0, 20 * time.Minute}, {25 * time.Minute, 40 * time.Minute}, {45 * time.Minute, 100 * time.Minute}} {
+			time.Sleep(own[0] - time.Since(epoch))
+			stop := ownShard(t, st, monitor.Config{}, rcfg, 2)
+			time.Sleep(own[1] - time.Since(epoch))
+			stop()
+		}
+		var got []time.Duration
+		for _, at := range st.trims {
+			got = append(got, at.Sub(epoch))
+		}
+		if want := []time.Duration{30 * time.Minute, 90 * time.Minute}; !slices.Equal(got, want) {
+			t.Fatalf("journal trims at %v, want %v", got, want)
+		}
+	})
+}

@@ -22,7 +22,9 @@ import (
 //	full       every Interval, over every host of the shard
 //	reconnect  at once, over hosts that just came back online (rule 8)
 //	passive    at once, over hosts the stale scan found (rule 1)
-//	trim       about hourly, the shard's old journal rows
+//	trim       the shard's old journal rows, at the shard's phase of
+//	           trimPeriod counted from the Unix epoch (so whoever owns the
+//	           shard then trims it, however often it moves)
 //	relay      with events on: after writes, at the claim (a backlog left by
 //	           the previous owner) and, while Redis fails, with backoff
 //
@@ -103,7 +105,9 @@ func (w *shardWork) run(ctx context.Context) error {
 	w.phase = time.Duration(int64(cfg.Interval) * int64(w.f.Shard) / int64(cfg.Shards))
 	w.full = time.NewTimer(0)
 	defer w.full.Stop()
-	trim := time.NewTicker(time.Hour)
+	trimEvery := trimPeriod(cfg.JournalRetention)
+	trimPhase := time.Duration(int64(trimEvery) * int64(w.f.Shard) / int64(cfg.Shards))
+	trim := time.NewTimer(untilPhase(time.Now(), trimEvery, trimPhase))
 	defer trim.Stop()
 	relayWake, relayRetry := w.relayChannels()
 	for {
@@ -114,6 +118,7 @@ func (w *shardWork) run(ctx context.Context) error {
 			w.due[fullPass] = true
 		case <-trim.C:
 			w.due[trimPass] = cfg.JournalRetention > 0
+			trim.Reset(untilPhase(time.Now(), trimEvery, trimPhase))
 		case <-w.stale.trig.C():
 		case <-w.reconnects.trig.C():
 		case <-relayWake:
@@ -192,6 +197,12 @@ func (w *shardWork) startDue(ctx context.Context) {
 func (w *shardWork) start(k passKind, pass func() passDone) {
 	w.running[k] = true
 	go func() { w.done <- pass() }()
+}
+
+// trimPeriod is how often a shard's journal is trimmed: hourly, or a
+// quarter of a retention shorter than four hours (at least a minute).
+func trimPeriod(retention time.Duration) time.Duration {
+	return min(time.Hour, max(retention/4, time.Minute))
 }
 
 // untilPhase is the time from now to the next instant t with t ≡ phase
