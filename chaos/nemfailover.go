@@ -39,6 +39,9 @@ func nemFailover(sync bool) func(*env, context.Context, *fault) error {
 		}
 		m := e.victim()
 		cutOff := m.id != e.rec.State().Leader && len(e.live()) >= 3 && e.rng.IntN(2) == 0
+		if e.cfg.FailoverCutOff {
+			m, cutOff = e.nonLeader(), true
+		}
 		e.lose(f, m)
 		var wake func()
 		var how string
@@ -190,4 +193,21 @@ func (e *env) dbName() string {
 		return ""
 	}
 	return strings.TrimPrefix(u.Path, "/")
+}
+
+// nonLeader picks a live replica other than the vigil leader (any, if the
+// leader is alone).
+func (e *env) nonLeader() *member {
+	leader := e.rec.State().Leader
+	live := e.live()
+	var pool []*member
+	for _, m := range live {
+		if m.id != leader {
+			pool = append(pool, m)
+		}
+	}
+	if len(pool) == 0 {
+		return live[e.rng.IntN(len(live))]
+	}
+	return pool[e.rng.IntN(len(pool))]
 }

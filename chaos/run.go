@@ -56,6 +56,10 @@ type Config struct {
 	// FaultGap is the quiet time after each fault settles; default a
 	// seeded fraction of the interval (the soak spaces its faults out).
 	FaultGap time.Duration
+	// FailoverCutOff makes every failover's old owner the cut-off one
+	// (keys deleted while it believes in its lease) rather than, half the
+	// time, a paused one, whose own lease deadline already stops it.
+	FailoverCutOff bool
 	// JournalRetention is given to every replica (--journal-retention);
 	// 0: vigil's default.
 	JournalRetention time.Duration
@@ -409,11 +413,15 @@ func BrokenBuild(cfg Config) Config {
 // failover nemesis bites: vigil built with -tags chaos_noidentity (a fenced
 // transaction does not notice that the database is not the one its fence
 // was raised on) under asynchronous failovers that lose successors' raises.
+// Every failover cuts its old owner off believing in its lease (a paused
+// owner's own lease deadline stops it on waking, whatever the database
+// says), with a lease of 8 s so that the failover fits inside it on a
+// loaded machine.
 func FailoverBrokenBuild(cfg Config) Config {
 	cfg.BuildTags = append(append([]string(nil), cfg.BuildTags...), "chaos_noidentity")
 	cfg.Duration = time.Minute
 	cfg.Kinds = []string{"failover-async"}
-	cfg.PrivatePostgres = true
+	cfg.PrivatePostgres, cfg.FailoverCutOff, cfg.LeaseTTL = true, true, 8*time.Second
 	return cfg
 }
 
