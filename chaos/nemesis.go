@@ -311,11 +311,11 @@ func (e *env) nemPauseInTx(ctx context.Context, f *fault) error {
 	m := e.victim()
 	e.lose(f, m)
 	f.inTx = true
+	// A replica that owns no healthy host (just started, or every host of
+	// its shards faulty) cannot be caught in a write: it is paused or cut
+	// off all the same.
 	hosts := e.hostsOf(f)
-	if len(hosts) == 0 {
-		return fmt.Errorf("no host in the shards of %s", m.id)
-	}
-	for attempt := 0; attempt < 4; attempt++ {
+	for attempt := 0; attempt < 4 && len(hosts) > 0; attempt++ {
 		caught, err := e.catchInWrite(ctx, m, hosts[e.rng.IntN(len(hosts))], func() error { e.markLost(f); return e.stop(m) })
 		if err != nil {
 			return err
@@ -426,10 +426,10 @@ func (e *env) nemPausePGStalled(ctx context.Context, f *fault) error {
 func (e *env) nemStallInTx(ctx context.Context, f *fault) error {
 	m := e.victim()
 	e.lose(f, m)
+	// A replica that owns no healthy host (just started, or every host of
+	// its shards faulty) cannot be caught in a write: it is paused or cut
+	// off all the same.
 	hosts := e.hostsOf(f)
-	if len(hosts) == 0 {
-		return fmt.Errorf("no host in the shards of %s", m.id)
-	}
 	cut := func() error {
 		e.markLost(f)
 		m.pgPx.Blackhole()
@@ -437,7 +437,7 @@ func (e *env) nemStallInTx(ctx context.Context, f *fault) error {
 		return nil
 	}
 	f.detail = "not caught inside a transaction; cut off"
-	for attempt := 0; attempt < 4; attempt++ {
+	for attempt := 0; attempt < 4 && len(hosts) > 0; attempt++ {
 		caught, err := e.catchInWrite(ctx, m, hosts[e.rng.IntN(len(hosts))], cut)
 		if err != nil {
 			m.healEtcd()
